@@ -1,0 +1,43 @@
+"""The one exception type for user mistakes.
+
+A `UserError` carries a single line that names the file, the field (or line) and what was expected.
+Entry points catch it, print ``error: <message>`` to stderr and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from typing import Callable, Iterable, NoReturn
+
+
+class UserError(Exception):
+    """A problem with the user's input: config, data, paths or earlier runs. Exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # always one line
+
+
+def nearest(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean X?)' for the closest of `choices`, or '' when nothing is close."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def fail(message: str) -> NoReturn:
+    """Print one line to stderr and exit 2."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(UserError.exit_code)
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:
+    """Run a command-line `main`, turning a UserError into one line and exit code 2."""
+    try:
+        code = main(argv)
+    except UserError as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code or 0)
