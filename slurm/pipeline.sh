@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# slurm/pipeline.sh: submit stage 1 -> 2 -> 3 as three jobs chained with --dependency=afterok,
+# and print their job ids. Run it from the checkout (not with sbatch):
+#
+#   bash slurm/pipeline.sh [sbatch options ...]
+#   RUN_NAME=qed-7b RECIPE1=... RECIPE2=... RECIPE3=... bash slurm/pipeline.sh --time=48:00:00
+#
+# The arguments are sbatch options for every stage (they override the #SBATCH header).
+# RECIPE1, RECIPE2, RECIPE3 pick each stage's recipe (default: the stage script's); the other
+# launcher variables (RUN_NAME, RUNS_ROOT, DS_CONFIG, ...; see slurm/launch.sh) reach every job
+# through sbatch's environment. Stages 2 and 3 find the earlier stages' run folders under
+# $RUNS_ROOT/$RUN_NAME/ by themselves. STAGES="2 3" submits only those stages (stage 1 done).
+# A failed stage cancels the stages after it (--kill-on-invalid-dep=yes).
+# Prints one line per stage:  stage<N> <job id> <log file>
+set -eo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+LOG_DIR=${TAGSCALE_LOG_DIR:-logs}
+mkdir -p "$LOG_DIR"   # sbatch needs the log folder to exist at submit time
+dep=()
+for n in ${STAGES:-1 2 3}; do
+  recipe_var=RECIPE$n
+  out=$(
+    unset RECIPE
+    [ -n "${!recipe_var}" ] && export RECIPE=${!recipe_var}
+    sbatch --parsable --output="$LOG_DIR/%x-%j.out" "${dep[@]}" "$@" "$HERE/stage$n.sh"
+  )
+  id=${out%%;*}
+  echo "stage$n $id $LOG_DIR/tagscale-stage$n-$id.out"
+  dep=(--dependency=afterok:"$id" --kill-on-invalid-dep=yes)
+done

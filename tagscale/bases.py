@@ -1,0 +1,148 @@
+"""Frozen bases: any local Hugging Face causal-LM folder, the embedded pretrained default, or a random-init shape.
+
+Nothing is downloaded: a name that is not a local folder is a clear error. Under ZeRO-3 the caller opens
+`dist.zero3_base_context` first, so transformers builds the model already partitioned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+
+from tagscale.cache import cache_dir
+from tagscale.config import BaseConfig
+from tagscale.errors import UserError, nearest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub, even by accident
+
+# Random-init shapes. LLaMA shapes follow the published configs (vocab 32000); the small ones serve tests and
+# the cost curve of the scaling sweep.
+SHAPES: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512),
+    "llama-20m": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=32000),
+    "llama-100m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                       num_key_value_heads=8, vocab_size=32000),
+    "llama-350m": dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=16, num_attention_heads=16,
+                       num_key_value_heads=16, vocab_size=32000),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16,
+                     num_key_value_heads=16, vocab_size=32000),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000),
+    "llama-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                      num_key_value_heads=40, vocab_size=32000),
+    "llama-34b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48, num_attention_heads=64,
+                      num_key_value_heads=8, vocab_size=32000),
+    "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                      num_key_value_heads=8, vocab_size=32000),
+}
+
+
+@dataclass
+class LoadedBase:
+    model: torch.nn.Module
+    tokenizer: object
+    identity: dict
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer built locally (256 byte tokens + <pad> <s> </s>) for random-init shapes."""
+    folder = cache_dir() / "tokenizers" / "bytes"
+    if (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({ch: i + 3 for i, ch in enumerate(sorted(alphabet))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tmp = folder.with_name(f"bytes.tmp{os.getpid()}")
+    fast.save_pretrained(tmp)
+    try:
+        tmp.replace(folder)
+    except OSError:  # another rank got there first
+        pass
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def preset_config(name: str) -> LlamaConfig:
+    if name not in SHAPES:
+        raise UserError(f"base.preset: unknown shape {name!r}{nearest(name, SHAPES)}; known: {', '.join(SHAPES)}")
+    return LlamaConfig(**SHAPES[name], max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def resolve_folder(path: str) -> Path:
+    """A local model folder from ``base.path``; ``embedded:<name>`` is prepared once from its package."""
+    if path.startswith("embedded:"):
+        from tagscale.embedded import EMBEDDED_BASES
+
+        name = path.split(":", 1)[1]
+        if name not in EMBEDDED_BASES:
+            raise UserError(f"base.path: unknown embedded base {name!r}{nearest(name, EMBEDDED_BASES)}; "
+                            f"known: {', '.join(EMBEDDED_BASES)}")
+        return Path(EMBEDDED_BASES[name]())
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        hint = " (looks like a hub id: tagscale never downloads; fetch it first and give the local folder)" \
+            if "/" in path and not path.startswith(("/", ".", "~")) else ""
+        raise UserError(f"base.path: {path}: no such local folder{hint}")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"base.path: {folder}: not a Hugging Face model folder (no config.json)")
+    return folder
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def load_base(cfg: BaseConfig) -> LoadedBase:
+    """Load (or build) the frozen base and its tokenizer. Call inside `dist.zero3_base_context` for ZeRO-3."""
+    dtype = resolve_dtype(cfg.dtype)
+    if cfg.preset:
+        config = preset_config(cfg.preset)
+        config._attn_implementation = cfg.attention
+        torch.manual_seed(cfg.seed)  # the same random base on every rank and every run
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attention)
+        tokenizer = byte_tokenizer()
+        source = f"preset:{cfg.preset}"
+    else:
+        folder = resolve_folder(cfg.path)
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except (ValueError, OSError, json.JSONDecodeError) as err:
+            raise UserError(f"base.path: {folder}/config.json: not a readable model config ({str(err).splitlines()[0]})") from None
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise UserError(f"base.path: {folder}: model_type {config.model_type!r} is not a causal language model")
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=cfg.attention)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        source = cfg.path
+    if cfg.activation_checkpointing != "none":
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": cfg.activation_checkpointing == "reentrant"})
+    model.train()  # checkpointing only acts in training mode; the base is frozen either way
+    embedding = model.get_input_embeddings()
+    identity = {
+        "source": source,
+        "model_type": model.config.model_type,
+        "hidden_size": int(model.config.hidden_size),
+        "num_layers": int(model.config.num_hidden_layers),
+        "embedding_rows": int(getattr(embedding, "num_embeddings", model.config.vocab_size)),
+        "num_parameters": int(sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())),
+    }
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedBase(model, tokenizer, identity)

@@ -1,0 +1,451 @@
+"""The run configuration: typed dataclasses, one docstring per field, validated at construction.
+
+Precedence: stage preset < recipe YAML < ``key=value`` overrides on the command line. Every mistake
+is a `UserError` that names the recipe file, the dotted field and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from tagscale.errors import UserError, nearest
+
+TAG_NAME = re.compile(r"<[A-Za-z][A-Za-z0-9_\-]*>")
+
+
+@dataclass
+class BaseConfig:
+    """The frozen base model."""
+
+    path: Optional[str] = None
+    """A local Hugging Face causal-LM folder, or ``embedded:<name>`` (e.g. ``embedded:smollm2-135m``)."""
+    preset: Optional[str] = None
+    """A random-init shape preset instead of a folder (``tiny``, ``llama-7b``, ``llama-13b``, ``llama-70b`` ...)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights dtype; ``auto`` is bfloat16 on GPUs and float32 on CPU."""
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    """Attention implementation passed to transformers."""
+    activation_checkpointing: Literal["none", "reentrant", "nonreentrant"] = "none"
+    """Recompute each decoder layer in backward to save activation memory."""
+    seed: int = 0
+    """Seed of the random init of shape presets."""
+
+
+@dataclass
+class HeadConfig:
+    """A linear head on a function tag: reads the final normed hidden state at the tag's last vector."""
+
+    type: Literal["regression", "classification"] = "regression"
+    """Regression (MSE) or classification (cross-entropy)."""
+    outputs: int = 1
+    """k: outputs of a regression head, classes of a classification head."""
+    standardize: bool = True
+    """Regression only: train on (y - mean) / std of the training labels; predictions are mapped back."""
+
+
+@dataclass
+class TagConfig:
+    """A tag trained by this run."""
+
+    name: str = ""
+    """Its name as written in templates, e.g. ``<Protein>``."""
+    kind: Literal["domain", "function"] = "domain"
+    """Domain tags give context before specialised data; function tags stand for a task."""
+    p: int = 10
+    """Number of vectors (of the base's hidden size)."""
+    init: Literal["mean", "random", "text"] = "mean"
+    """mean: the mean token embedding rescaled to the mean token norm (paper 3.1); random; text: embeddings of init_text."""
+    init_text: Optional[str] = None
+    """Text whose token embeddings initialise the tag (init: text), repeated or cut to p vectors."""
+    head: Optional[HeadConfig] = None
+    """A linear head (function tags only)."""
+
+
+@dataclass
+class DataConfig:
+    """Where a task's examples come from: a JSONL/CSV file, or a built-in offline source."""
+
+    path: Optional[str] = None
+    """A .jsonl (one object per line) or .csv file whose fields the template names."""
+    builtin: Optional[str] = None
+    """A built-in offline source (tagscale.sources), e.g. ``qed``, ``translation``."""
+    options: dict = field(default_factory=dict)
+    """Options of the built-in source (sizes, languages ...)."""
+    limit: Optional[int] = None
+    """Use at most this many examples."""
+
+
+@dataclass
+class TaskConfig:
+    """One task of the mixture: a template, its data, and what is learned from it."""
+
+    name: str = ""
+    """A short name for logs and metrics."""
+    template: str = ""
+    """The input, with tags (``<SMILES>``) and fields (``{smiles}``)."""
+    target: Optional[str] = None
+    """Text task: the target text template (cross-entropy on its tokens only)."""
+    head: Optional[str] = None
+    """Head task: the function tag whose head predicts ``label``."""
+    label: Optional[str] = None
+    """Head task: the field holding the number (regression) or class index (classification)."""
+    weight: float = 1.0
+    """Share of each global batch in a mixture."""
+    train: DataConfig = field(default_factory=DataConfig)
+    """Training examples."""
+    eval: Optional[DataConfig] = None
+    """Held-out examples."""
+
+    @property
+    def loss(self) -> str:
+        """``head``, ``target`` (text task) or ``lm`` (next-token prediction on the template's text, stage 1)."""
+        return "head" if self.head else "target" if self.target is not None else "lm"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the loop."""
+
+    steps: int = 100
+    """Optimizer steps."""
+    micro_batch: int = 4
+    """Examples per rank per forward."""
+    global_batch: int = 8
+    """Examples per optimizer step over all ranks; accumulation = global / (micro x ranks)."""
+    lr: float = 1e-3
+    """Peak learning rate of the tags."""
+    head_lr: Optional[float] = None
+    """Peak learning rate of the heads (default: lr)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.03
+    """Share of steps of linear warm-up."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up."""
+    grad_clip: float = 0.0
+    """Clip the gradient norm (0: off)."""
+    seed: int = 0
+    """Seed of data order and random tag init."""
+    max_length: int = 512
+    """Longest tokenized example."""
+    too_long: Literal["skip", "error"] = "skip"
+    """What to do with an example longer than max_length: skip and count it, or stop with an error."""
+    padding_side: Literal["right", "left"] = "right"
+    """Where padding goes (positions are computed from the attention mask, so both are exact)."""
+    prefix_split: Literal["auto", "on", "off"] = "auto"
+    """Run the frozen prefix before the first trainable tag once without autograd (exact; auto: on in stages 2-3)."""
+    log_every: int = 1
+    """Log metrics every N steps."""
+    eval_every: int = 0
+    """Evaluate the eval sets every N steps (0: only at the end)."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N steps (0: only on a signal)."""
+    keep_checkpoints: int = 2
+    """Resumable checkpoints kept."""
+    resume: str = "auto"
+    """auto: resume from the newest complete checkpoint in the output folder; never; or a checkpoint path."""
+
+
+@dataclass
+class OutputConfig:
+    """The run folder."""
+
+    dir: str = "runs/default"
+    """Tags, heads, run.json, metrics.jsonl and checkpoints go here."""
+
+
+@dataclass
+class WandbConfig:
+    """Experiment tracking (rank 0 only)."""
+
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    """offline writes under the run folder; online needs network access."""
+    project: str = "tagscale"
+    """Project name."""
+
+
+@dataclass
+class RunConfig:
+    """A whole run: one stage of Tag-LLM."""
+
+    stage: Literal[1, 2, 3] = 1
+    """1: domain tags (next-token); 2: single-domain function tags; 3: cross-domain function tags."""
+    enrich: bool = False
+    """Stages 2-3: keep the domain tags of earlier runs trainable too ("enrichment")."""
+    base: BaseConfig = field(default_factory=BaseConfig)
+    """The frozen base."""
+    tags: list[TagConfig] = field(default_factory=list)
+    """Tags trained by this run (tags of earlier runs come from from_runs)."""
+    from_runs: list[str] = field(default_factory=list)
+    """Earlier run folders whose tags this run uses (later folders win)."""
+    tasks: list[TaskConfig] = field(default_factory=list)
+    """The task mixture."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """The run folder."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Tracking."""
+    source: str = "<config>"
+    """The recipe file the config came from (set by the loader; used in messages)."""
+
+    @property
+    def trained_kind(self) -> str:
+        """The tag kind a stage trains: domain in stage 1, function in stages 2-3."""
+        return "domain" if self.stage == 1 else "function"
+
+    @property
+    def use_prefix_split(self) -> bool:
+        """The exact prefix split is on where asked, or by default where everything before the function tag is frozen."""
+        if self.train.prefix_split == "auto":
+            return self.stage >= 2 and not self.enrich
+        return self.train.prefix_split == "on"
+
+    def tag(self, name: str) -> Optional[TagConfig]:
+        """The trained tag of that name, if this run trains it."""
+        return next((t for t in self.tags if t.name == name), None)
+
+    def to_dict(self) -> dict:
+        """The fully resolved config as plain data."""
+        return dataclasses.asdict(self)
+
+
+# Each stage is a preset of the same config: defaults that the recipe and the command line override.
+STAGE_PRESETS: dict[int, dict] = {
+    1: {"train": {"lr": 1e-3, "prefix_split": "off"}},
+    2: {"train": {"lr": 1e-3}},
+    3: {"train": {"lr": 1e-3}},
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building typed config from plain data, with errors that name the file and the dotted field.
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " (or null)"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    bad = UserError(f"{source}: {where}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], where, source)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) is type(choices[choices.index(value)]):
+            return value
+        raise bad
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and typing.get_args(tp)[0] is str:
+            value = [str(value)]  # `from_runs=path` on the command line means a list of one
+        if not isinstance(value, list):
+            raise bad
+        return [_convert(v, typing.get_args(tp)[0], f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return build(tp, value, source, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise bad
+    raise bad
+
+
+def build(cls: type, data: dict, source: str = "<config>", prefix: str = "") -> Any:
+    """Make dataclass `cls` from a mapping; unknown keys and wrong types are UserErrors naming the field."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names or key == "source":
+            raise UserError(f"{source}: {where}: unknown key{nearest(str(key), names)}")
+        kwargs[key] = _convert(value, hints[key], where, source)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _apply_override(data: dict, text: str) -> None:
+    """Apply one ``a.b.c=value`` (value parsed as YAML; list items by index, ``tasks.0.weight=2``)."""
+    if "=" not in text:
+        raise UserError(f"command line: {text!r}: expected key=value (e.g. train.steps=10)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"command line: {key}: {'.'.join(parts[:i])} has {len(node)} items; "
+                                f"expected an index below {len(node)}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise UserError(f"command line: {key}: {'.'.join(parts[:i + 1])} is not a mapping")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise UserError(f"command line: {key}: expected an index below {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a recipe, put it over its stage preset, apply ``key=value`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    for text in overrides:
+        _apply_override(data, text)
+    stage = data.get("stage", 1)
+    if stage not in STAGE_PRESETS:
+        raise UserError(f"{path}: stage: expected 1, 2 or 3, got {stage!r}")
+    cfg = build(RunConfig, _merge(STAGE_PRESETS[stage], data), str(path))
+    cfg.source = str(path)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check what the types alone cannot; each problem names the field and the fix."""
+    src = cfg.source
+    if (cfg.base.path is None) == (cfg.base.preset is None):
+        raise UserError(f"{src}: base: set exactly one of base.path (a local model folder) and base.preset (a random-init shape)")
+    seen: set[str] = set()
+    for i, tag in enumerate(cfg.tags):
+        where = f"{src}: tags[{i}]"
+        if not TAG_NAME.fullmatch(tag.name):
+            raise UserError(f"{where}.name: expected a name like <Protein>, got {tag.name!r}")
+        if tag.name in seen:
+            raise UserError(f"{where}.name: {tag.name} is defined twice")
+        seen.add(tag.name)
+        if tag.p < 1:
+            raise UserError(f"{where}.p: expected a positive number of vectors, got {tag.p}")
+        if tag.head and tag.kind != "function":
+            raise UserError(f"{where}.head: only function tags carry heads; {tag.name} is a {tag.kind} tag")
+        if tag.head and tag.head.outputs < 1:
+            raise UserError(f"{where}.head.outputs: expected a positive number, got {tag.head.outputs}")
+        if tag.head and tag.head.type == "classification" and tag.head.outputs < 2:
+            raise UserError(f"{where}.head.outputs: a classification head needs at least 2 classes")
+        if tag.init == "text" and not tag.init_text:
+            raise UserError(f"{where}.init_text: init: text needs the text whose embeddings start the tag")
+        if tag.kind != cfg.trained_kind and not (cfg.enrich and tag.kind == "domain"):
+            maker = "stage 1" if tag.kind == "domain" else "stage 2 or 3"
+            raise UserError(f"{where}: stage {cfg.stage} trains {cfg.trained_kind} tags; {tag.name} is a "
+                            f"{tag.kind} tag, which {maker} makes (or set enrich: true in stages 2-3)")
+    if not cfg.tasks:
+        raise UserError(f"{src}: tasks: expected at least one task")
+    names: set[str] = set()
+    for i, task in enumerate(cfg.tasks):
+        where = f"{src}: tasks[{i}]"
+        if not task.name:
+            raise UserError(f"{where}.name: expected a short task name")
+        if task.name in names:
+            raise UserError(f"{where}.name: task {task.name!r} is defined twice")
+        names.add(task.name)
+        if not task.template.strip():
+            raise UserError(f"{where}.template: expected an input template")
+        if task.head and task.target is not None:
+            raise UserError(f"{where}: set head (a numeric task) or target (a text task), not both")
+        if task.head:
+            tag = cfg.tag(task.head)
+            if tag is None or tag.head is None:
+                raise UserError(f"{where}.head: {task.head} must be a function tag with a head trained in this run")
+            if task.head not in task.template:
+                raise UserError(f"{where}.template: a head task must contain its function tag {task.head}")
+            if not task.label:
+                raise UserError(f"{where}.label: a head task needs the field that holds its label")
+        if task.weight <= 0:
+            raise UserError(f"{where}.weight: expected a positive weight, got {task.weight}")
+        for part, data in (("train", task.train), ("eval", task.eval)):
+            if data is not None and part == "train" and (data.path is None) == (data.builtin is None):
+                raise UserError(f"{where}.train: set exactly one of path (a .jsonl/.csv file) and builtin")
+            if data is not None and part == "eval" and data.path is not None and data.builtin is not None:
+                raise UserError(f"{where}.eval: set one of path and builtin, not both")
+    t = cfg.train
+    for name in ("steps", "micro_batch", "global_batch", "max_length", "log_every"):
+        if getattr(t, name) < 1:
+            raise UserError(f"{src}: train.{name}: expected a positive integer, got {getattr(t, name)}")
+    for name in ("eval_every", "save_every", "keep_checkpoints"):
+        if getattr(t, name) < 0:
+            raise UserError(f"{src}: train.{name}: expected 0 or more, got {getattr(t, name)}")
+    if t.lr <= 0 or (t.head_lr is not None and t.head_lr <= 0):
+        raise UserError(f"{src}: train.lr: expected a positive learning rate")
+    if not 0 <= t.warmup_ratio < 1:
+        raise UserError(f"{src}: train.warmup_ratio: expected a value in [0, 1), got {t.warmup_ratio}")
+    if t.global_batch % t.micro_batch:
+        raise UserError(f"{src}: train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch})")
+    if len(cfg.tasks) > t.global_batch:
+        raise UserError(f"{src}: train.global_batch ({t.global_batch}) must hold at least one example of each of the {len(cfg.tasks)} tasks")
+
+
+def grad_accumulation(cfg: RunConfig, world_size: int) -> int:
+    """Accumulation steps so that micro x accumulation x ranks = global batch; a contradiction names the numbers."""
+    t = cfg.train
+    per_step = t.micro_batch * world_size
+    if t.global_batch % per_step:
+        raise UserError(f"{cfg.source}: train.global_batch ({t.global_batch}) is not a multiple of train.micro_batch "
+                        f"({t.micro_batch}) x ranks ({world_size}) = {per_step}")
+    return t.global_batch // per_step

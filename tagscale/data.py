@@ -1,0 +1,331 @@
+"""Examples: records read from files or built-in sources, templates filled and tokenized, batches collated.
+
+A template is text with tags (``<SMILES>``) and fields (``{smiles}``). Text pieces are tokenized on their
+own and each tag becomes its p placeholder ids. Batches are a pure function of the step (the mixture
+sampler keeps no state), so a resumed run sees exactly the batches an uninterrupted one would, on any
+number of ranks. No distributed imports: ranks come in as plain integers.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from tagscale.config import TAG_NAME, DataConfig, RunConfig, TaskConfig
+from tagscale.errors import UserError
+
+IGNORE = -100
+FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+# ---------------------------------------------------------------------------------------------
+# reading records
+
+def read_records(data: DataConfig, where: str, split: str) -> list[dict]:
+    """Records (dicts of fields) from a .jsonl or .csv file, or from a built-in offline source."""
+    if data.builtin is not None:
+        from tagscale.sources import load_builtin
+
+        records = load_builtin(data.builtin, split, dict(data.options))
+        origin = f"builtin {data.builtin}"
+    else:
+        path = Path(data.path)
+        origin = str(path)
+        if not path.is_file():
+            raise UserError(f"{where}.path: {path}: no such data file")
+        if path.suffix == ".jsonl":
+            records = []
+            with path.open() as handle:
+                for line_no, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise UserError(f"{path}: line {line_no}: not valid JSON ({err.msg})") from None
+                    if not isinstance(record, dict):
+                        raise UserError(f"{path}: line {line_no}: expected a JSON object of fields")
+                    record["_line"] = line_no
+                    records.append(record)
+        elif path.suffix == ".csv":
+            with path.open(newline="") as handle:
+                records = [dict(row, _line=i + 2) for i, row in enumerate(csv.DictReader(handle))]
+        else:
+            raise UserError(f"{where}.path: {path}: expected a .jsonl or .csv file")
+    if data.limit is not None:
+        records = records[:data.limit]
+    if not records:
+        raise UserError(f"{where}: {origin}: no examples (the dataset is empty)")
+    for record in records:
+        record.setdefault("_origin", origin)
+    return records
+
+
+def _record_where(record: dict) -> str:
+    line = record.get("_line")
+    return f"{record.get('_origin', '<data>')}" + (f": line {line}" if line else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# templates and encoding
+
+def template_tags(template: str) -> list[str]:
+    """The tag names a template uses, in order."""
+    return TAG_NAME.findall(template)
+
+
+def fill(template: str, record: dict) -> str:
+    def field_value(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in record:
+            raise UserError(f"{_record_where(record)}: field {name!r} (named by the template) is missing")
+        return str(record[name])
+
+    return FIELD.sub(field_value, template)
+
+
+@dataclass
+class Example:
+    """One tokenized example."""
+
+    ids: list[int]
+    lm_targets: list[int]
+    """lm_targets[t]: the token to predict from position t, or IGNORE."""
+    task: int
+    head_index: int = -1
+    head_pos: int = -1
+    head_target: list[float] = field(default_factory=list)
+    split: int = 0
+    """First position whose computation depends on a trainable parameter (the exact prefix split point)."""
+    record: Optional[dict] = None
+
+
+class Encoder:
+    """Turns (task, record) into token ids with tag placeholders, and targets."""
+
+    def __init__(self, tokenizer, placeholders: dict[str, list[int]], trainable_tags: set[str],
+                 head_names: list[str], max_length: int):
+        self.tokenizer = tokenizer
+        self.placeholders = placeholders
+        self.trainable_tags = trainable_tags
+        self.head_names = head_names
+        self.max_length = max_length
+        probe = tokenizer("a").input_ids
+        bos = tokenizer.bos_token_id
+        self.bos = [bos] if bos is not None and probe and probe[0] == bos else []
+        self.eos = tokenizer.eos_token_id
+
+    @functools.lru_cache(maxsize=None)
+    def _segments(self, template: str) -> tuple:
+        parts = re.split(f"({TAG_NAME.pattern})", template)
+        return tuple(("tag", p) if TAG_NAME.fullmatch(p) else ("text", p) for p in parts if p)
+
+    def _text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+    def prompt(self, template: str, record: dict) -> tuple[list[int], list[bool], dict[str, int]]:
+        """Ids of a filled template, a flag per id marking tag placeholders, and each tag's last position."""
+        ids, is_tag, last = list(self.bos), [False] * len(self.bos), {}
+        for kind, piece in self._segments(template):
+            if kind == "tag":
+                ids += self.placeholders[piece]
+                is_tag += [True] * len(self.placeholders[piece])
+                last[piece] = len(ids) - 1
+            else:
+                new = self._text_ids(fill(piece, record))
+                ids += new
+                is_tag += [False] * len(new)
+        return ids, is_tag, last
+
+    def encode(self, task: TaskConfig, task_index: int, record: dict, with_target: bool = True) -> Example:
+        ids, is_tag, last = self.prompt(task.template, record)
+        targets = [IGNORE] * len(ids)
+        example = Example(ids, targets, task_index, record=record)
+        if task.loss == "lm":
+            for t in range(1, len(ids)):  # every text token after the first, tags excluded
+                if not is_tag[t]:
+                    targets[t - 1] = ids[t]
+        elif task.loss == "target" and with_target:
+            target = self._text_ids(fill(task.target, record)) + ([self.eos] if self.eos is not None else [])
+            start = len(ids)
+            ids += target
+            is_tag += [False] * len(target)
+            targets += [IGNORE] * len(target)
+            for t in range(start, len(ids)):
+                targets[t - 1] = ids[t]
+        elif task.loss == "head":
+            example.head_index = self.head_names.index(task.head)
+            example.head_pos = last[task.head]
+            value = record.get(task.label)
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise UserError(f"{_record_where(record)}: field {task.label!r}: expected a number, got {value!r}") from None
+            if not math.isfinite(number):
+                raise UserError(f"{_record_where(record)}: field {task.label!r}: expected a finite number, got {value!r}")
+            example.head_target = [number]
+        trainable_at = [t for t, i in enumerate(ids) if is_tag[t] and self._tag_at(i) in self.trainable_tags]
+        loss_at = [example.head_pos] if example.head_pos >= 0 else [t for t, y in enumerate(targets) if y != IGNORE]
+        example.split = min(trainable_at[:1] + loss_at[:1] + [len(ids) - 1])
+        return example
+
+    @functools.lru_cache(maxsize=None)
+    def _tag_at(self, placeholder: int) -> Optional[str]:
+        return next((name for name, ids in self.placeholders.items() if placeholder in ids), None)
+
+
+def encode_task(encoder: Encoder, task: TaskConfig, task_index: int, records: list[dict], too_long: str,
+                where: str, with_target: bool = True) -> tuple[list[Example], int]:
+    """Encode every record; returns the examples and how many were skipped as too long."""
+    examples, skipped = [], 0
+    for record in records:
+        example = encoder.encode(task, task_index, record, with_target)
+        if len(example.ids) > encoder.max_length:
+            if too_long == "error":
+                raise UserError(f"{_record_where(record)}: {len(example.ids)} tokens, longer than train.max_length "
+                                f"({encoder.max_length}); raise it or set train.too_long: skip")
+            skipped += 1
+            continue
+        examples.append(example)
+    if not examples:
+        raise UserError(f"{where}: every example is longer than train.max_length ({encoder.max_length})")
+    return examples, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# the mixture sampler: batches as a pure function of the step
+
+class MixtureSampler:
+    """Global batches drawn from several tasks in fixed shares, epoch by epoch without replacement per task."""
+
+    def __init__(self, task_sizes: list[int], weights: list[float], global_batch: int, seed: int):
+        self.sizes = task_sizes
+        self.seed = seed
+        share = np.array(weights, dtype=float) / sum(weights) * global_batch
+        counts = np.maximum(np.floor(share).astype(int), 1)
+        while counts.sum() < global_batch:  # largest remainder first
+            counts[np.argmax(share - counts)] += 1
+        while counts.sum() > global_batch:
+            counts[np.argmax(counts)] -= 1
+        self.counts = counts.tolist()
+
+    @functools.lru_cache(maxsize=64)
+    def _permutation(self, task: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, task, epoch]).permutation(self.sizes[task])
+
+    def global_batch(self, step: int) -> list[tuple[int, int]]:
+        """(task, index) pairs of the step's global batch."""
+        out = []
+        for task, count in enumerate(self.counts):
+            for pos in range(step * count, (step + 1) * count):
+                epoch, offset = divmod(pos, self.sizes[task])
+                out.append((task, int(self._permutation(task, epoch)[offset])))
+        return out
+
+
+def micro_batches(pairs: list[tuple[int, int]], lengths: dict[tuple[int, int], int], micro: int, rank: int,
+                  world: int) -> list[list[tuple[int, int]]]:
+    """This rank's micro-batches of a global batch, in accumulation order.
+
+    The global batch is sorted by length (less padding), cut into micro-batches, and micro-batch j goes to
+    rank j % world: the same micro-batches whatever the number of ranks, so losses agree across world sizes.
+    """
+    ordered = sorted(pairs, key=lambda pair: -lengths[pair])
+    chunks = [ordered[i:i + micro] for i in range(0, len(ordered), micro)]
+    return [chunk for j, chunk in enumerate(chunks) if j % world == rank]
+
+
+# ---------------------------------------------------------------------------------------------
+# collation
+
+def collate(examples: list[Example], pad_id: int, padding_side: str = "right", split_layout: bool = False,
+            target_width: int = 1) -> dict[str, torch.Tensor]:
+    """Pad a micro-batch into tensors. Positions come from the attention mask, so padding never shifts them.
+
+    With `split_layout`, each prefix (before the example's split point) is left-padded to a common length so
+    that the trainable part of every row starts at one column, `prefix_len`; the rest is right-padded.
+    """
+    if split_layout:
+        cut = max(e.split for e in examples)
+        lead = [cut - e.split for e in examples]
+    else:
+        longest = max(len(e.ids) for e in examples)
+        lead = [longest - len(e.ids) if padding_side == "left" else 0 for e in examples]
+    width = max(lead[i] + len(e.ids) for i, e in enumerate(examples))
+    n = len(examples)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    lm_targets = torch.full((n, width), IGNORE, dtype=torch.long)
+    head_pos = torch.zeros(n, dtype=torch.long)
+    head_index = torch.full((n,), -1, dtype=torch.long)
+    head_target = torch.zeros((n, target_width), dtype=torch.float32)
+    for i, e in enumerate(examples):
+        span = slice(lead[i], lead[i] + len(e.ids))
+        input_ids[i, span] = torch.tensor(e.ids)
+        attention[i, span] = 1
+        lm_targets[i, span] = torch.tensor(e.lm_targets)
+        if e.head_index >= 0:
+            head_index[i] = e.head_index
+            head_pos[i] = lead[i] + e.head_pos
+            head_target[i, :len(e.head_target)] = torch.tensor(e.head_target)
+    batch = {"input_ids": input_ids, "attention_mask": attention,
+             "position_ids": (attention.cumsum(1) - 1).clamp(min=0), "lm_targets": lm_targets,
+             "head_pos": head_pos, "head_index": head_index, "head_target": head_target}
+    if split_layout:
+        batch["prefix_len"] = torch.tensor(max(e.split for e in examples))
+    return batch
+
+
+def tags_in_tasks(cfg: RunConfig) -> list[str]:
+    """Every tag the run's templates use, in first-use order."""
+    seen: dict[str, None] = {}
+    for task in cfg.tasks:
+        for name in template_tags(task.template) + template_tags(task.target or ""):
+            seen[name] = None
+    return list(seen)
+
+
+@dataclass
+class TrainData:
+    """Every task's encoded training examples and the sampler over them."""
+
+    examples: list[list[Example]]
+    sampler: MixtureSampler
+    skipped: dict[str, int]
+
+    def lengths(self, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
+        return {pair: len(self.examples[pair[0]][pair[1]].ids) for pair in pairs}
+
+    def rank_micro_batches(self, step: int, micro: int, rank: int, world: int) -> list[list[Example]]:
+        pairs = self.sampler.global_batch(step)
+        chunks = micro_batches(pairs, self.lengths(pairs), micro, rank, world)
+        return [[self.examples[t][i] for t, i in chunk] for chunk in chunks]
+
+    def label_stats(self, task_index: int) -> tuple[float, float]:
+        """Mean and standard deviation of a head task's training labels (std 1 when constant)."""
+        values = np.array([e.head_target[0] for e in self.examples[task_index]], dtype=np.float64)
+        std = float(values.std())
+        return float(values.mean()), std if std > 0 else 1.0
+
+
+def build_train_data(cfg: RunConfig, encoder: Encoder) -> TrainData:
+    """Read, encode and index every task's training data."""
+    examples, skipped = [], {}
+    for i, task in enumerate(cfg.tasks):
+        where = f"{cfg.source}: tasks[{i}].train"
+        records = read_records(task.train, where, "train")
+        encoded, n_skipped = encode_task(encoder, task, i, records, cfg.train.too_long, where)
+        examples.append(encoded)
+        skipped[task.name] = n_skipped
+    sampler = MixtureSampler([len(e) for e in examples], [t.weight for t in cfg.tasks], cfg.train.global_batch,
+                             cfg.train.seed)
+    return TrainData(examples, sampler, skipped)

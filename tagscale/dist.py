@@ -1,0 +1,275 @@
+"""Everything distributed: the one module of tagscale that imports deepspeed and torch.distributed.
+
+Model, tag, head and data code stay single-device; they reach ZeRO-3 only through the helpers here
+(`gathered`, `zero3_base_context`, `build_engine`, the portable state functions and the collectives).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from tagscale.errors import UserError
+
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+import deepspeed  # noqa: E402  (after DS_ACCELERATOR: DeepSpeed picks its accelerator on import)
+import torch.distributed as torch_dist  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+from deepspeed.utils import (  # noqa: E402
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
+
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+# ---------------------------------------------------------------------------------------------
+# process group
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init() -> None:
+    """Join the process group set up by a launcher, or make a world of one for `python -m tagscale.train`."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # a plain single process: a world of one on this host
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    """This rank's compute device."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (returns a new tensor on the compute device)."""
+    out = values.detach().to(device(), torch.float64 if values.is_floating_point() else values.dtype).clone()
+    if torch_dist.is_initialized() and world_size() > 1:
+        torch_dist.all_reduce(out)
+    return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when any rank says so (a step-boundary agreement, e.g. on a signal)."""
+    return bool(all_reduce_sum(torch.tensor([1 if flag else 0])).item() > 0)
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's object, in rank order."""
+    if not torch_dist.is_initialized() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's object on every rank."""
+    if not torch_dist.is_initialized() or world_size() == 1:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shutdown() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed config
+
+def load_ds_config(path: str | Path, cfg_source: str, micro_batch: int, grad_accum: int) -> dict:
+    """Read a DeepSpeed JSON and write the batch sizes into it: the recipe is their one source."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such DeepSpeed config (--ds_config)")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(ds, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    wanted = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
+              "train_batch_size": micro_batch * grad_accum * world_size()}
+    recipe_keys = {"train_micro_batch_size_per_gpu": "train.micro_batch",
+                   "gradient_accumulation_steps": "global_batch / (micro_batch x ranks)",
+                   "train_batch_size": "train.global_batch"}
+    for key, value in wanted.items():
+        if key in ds and ds[key] != "auto" and ds[key] != value:
+            raise UserError(f"{path}: {key} is {ds[key]} but the recipe {cfg_source} gives {value} "
+                            f"({recipe_keys[key]}; micro {micro_batch} x accumulation {grad_accum} x ranks "
+                            f"{world_size()}): remove the key from the DeepSpeed config, the recipe sets it")
+        ds[key] = value
+    ds.setdefault("zero_optimization", {})
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def ds_dtype(ds: dict) -> torch.dtype:
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+@contextlib.contextmanager
+def zero3_base_context(ds: dict) -> Iterator[None]:
+    """While open, transformers builds models inside `deepspeed.zero.Init`: each rank only ever holds its shard."""
+    if zero_stage(ds) != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep_alive = HfDeepSpeedConfig(ds)  # transformers reads the ZeRO-3 state through a weak reference
+    try:
+        yield
+    finally:
+        del keep_alive
+
+
+def is_partitioned(param: torch.nn.Parameter) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def full_shape(param: torch.nn.Parameter) -> torch.Size:
+    """The unpartitioned shape (ZeRO-3 leaves shape [0] on the local tensor)."""
+    return torch.Size(param.ds_shape) if is_partitioned(param) else param.shape
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.nn.Parameter], modify: bool = False) -> Iterator[None]:
+    """Gather ZeRO-3 partitioned parameters whole on every rank (a no-op when nothing is partitioned).
+
+    With `modify`, rank 0's edits are broadcast and re-partitioned on exit. Collective: every rank calls it.
+    """
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# engine
+
+def build_engine(model: torch.nn.Module, param_groups: list[dict], ds: dict, lr_lambda) -> Any:
+    """The DeepSpeed engine over `model`; only the parameters in `param_groups` reach the optimizer.
+
+    Tags and heads are tiny: the persistence threshold keeps them whole on every rank (no gathers).
+    """
+    zero = ds["zero_optimization"]
+    if zero_stage(ds) == 3:
+        largest = max(p.numel() for g in param_groups for p in g["params"])
+        zero["stage3_param_persistence_threshold"] = max(int(zero.get("stage3_param_persistence_threshold", 0)),
+                                                         largest + 1)
+    fused = torch.cuda.is_available()  # one fused kernel for the whole small parameter set on GPUs
+    optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    return engine
+
+
+def trainable_named_params(engine: Any) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+
+
+def full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
+    """The whole fp32 value of a parameter: the optimizer's master copy when it has one. Collective."""
+    if param.requires_grad and is_partitioned(param):
+        return safe_get_full_fp32_param(param).detach().float().cpu()
+    with gathered([param]):
+        return param.detach().float().cpu().clone()
+
+
+def _inner_optimizer(engine: Any) -> torch.optim.Optimizer:
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def portable_state(engine: Any) -> dict:
+    """Trainable weights, Adam moments and step count, world-size independent. Collective; every rank returns it."""
+    state: dict = {"params": {}, "exp_avg": {}, "exp_avg_sq": {}}
+    for name, param in trainable_named_params(engine):
+        state["params"][name] = full_fp32(param)
+        for key in ADAM_STATES:
+            value = safe_get_full_optimizer_state(param, key) if is_partitioned(param) else \
+                _inner_optimizer(engine).state.get(param, {}).get(key)
+            state[key][name] = None if value is None else value.detach().float().cpu().clone()
+    steps = [s.get("step") for s in _inner_optimizer(engine).state.values() if "step" in s]
+    state["adam_step"] = float(steps[0]) if steps else 0.0
+    state["scheduler"] = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
+    state["global_steps"] = int(engine.global_steps)
+    return state
+
+
+def load_portable_state(engine: Any, state: dict) -> None:
+    """Restore what `portable_state` wrote, whatever the number of ranks then and now."""
+    for name, param in trainable_named_params(engine):
+        if name not in state["params"]:
+            raise UserError(f"checkpoint lacks the trainable parameter {name}")
+        if is_partitioned(param):
+            safe_set_full_fp32_param(param, state["params"][name].to(device()))
+        else:
+            with torch.no_grad():
+                param.copy_(state["params"][name])
+        for key in ADAM_STATES:
+            value = state[key].get(name)
+            if value is None:
+                continue
+            if is_partitioned(param):
+                safe_set_full_optimizer_state(param, value.to(device()), key)
+            else:
+                _inner_optimizer(engine).state.setdefault(param, {})[key] = value.clone().to(param.device)
+    for group_state in _inner_optimizer(engine).state.values():
+        if "step" in group_state:
+            group_state["step"] = torch.tensor(state["adam_step"]) if torch.is_tensor(group_state["step"]) \
+                else state["adam_step"]
+    if state.get("scheduler") is not None and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(state["scheduler"])
+    engine.global_steps = state["global_steps"]

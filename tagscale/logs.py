@@ -1,0 +1,111 @@
+"""What a run tells its user: the trainable count, a progress bar, metrics.jsonl and wandb (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from tagscale import dist
+from tagscale.config import RunConfig
+
+
+def numel(param: torch.nn.Parameter) -> int:
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+class RunLog:
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, identity: dict, skipped: dict[str, int]):
+        self.cfg = cfg
+        self.main = dist.is_main()
+        self.folder = Path(cfg.output.dir)
+        self.trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+        self.total = sum(numel(p) for p in model.parameters())
+        self.identity = identity
+        self.skipped = skipped
+        self.started = time.perf_counter()
+        self.tokens_seen = 0
+        self.last: dict = {}
+        self.bar = None
+        self.wandb = None
+        if not self.main:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        print(f"trainable parameters: {self.trainable:,} of {self.total:,} "
+              f"({100 * self.trainable / self.total:.4f}%)", flush=True)
+        for task, count in skipped.items():
+            if count:
+                print(f"task {task}: skipped {count} examples longer than train.max_length ({cfg.train.max_length})")
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=cfg.train.steps, desc=f"stage {cfg.stage}", unit="step", dynamic_ncols=True,
+                        disable=os.environ.get("TAGSCALE_PROGRESS", "1") == "0")
+        if cfg.wandb.mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.wandb.project, dir=str(self.folder), mode=cfg.wandb.mode,
+                                    config=cfg.to_dict(), id=self._wandb_id(), resume="allow")
+
+    def _wandb_id(self) -> str:
+        """One wandb run per tagscale run, resumed into after a requeue."""
+        path = self.folder / ".wandb_id"
+        if not path.is_file():
+            import uuid
+
+            path.write_text(uuid.uuid4().hex[:12])
+        return path.read_text().strip()
+
+    def resumed(self, checkpoint: Path, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step)
+            self.bar.write(f"resumed from {checkpoint} at step {step}")
+
+    def reduce_step(self, losses: list[float], tokens: int) -> tuple[float, int]:
+        """Mean micro-batch loss and real tokens over all ranks. Collective."""
+        totals = dist.all_reduce_sum(torch.tensor([sum(losses), len(losses), tokens], dtype=torch.float64))
+        return float(totals[0] / totals[1]), int(totals[2])
+
+    def step(self, step: int, loss: float, parts: dict, lr: list[float], tokens: int, seconds: float) -> None:
+        if not self.main:
+            return
+        self.tokens_seen += tokens
+        record = {"step": step, "loss": loss, **{f"loss/{k}": v for k, v in parts.items()}, "lr": lr[0],
+                  "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9), "step_s": seconds,
+                  "elapsed_s": time.perf_counter() - self.started}
+        self.last = record
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps:
+            self.write(record)
+
+    def write(self, record: dict) -> None:
+        if not self.main:
+            return
+        with (self.folder / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def preempted(self, step: int) -> None:
+        if self.main:
+            (self.folder / "PREEMPTED").write_text(f"{step}\n")
+            self.bar.write(f"stopped on a signal at step {step}; checkpoint written, resume by running again")
+            self.close()
+
+    def summary(self) -> dict:
+        return {"trainable_parameters": self.trainable, "total_parameters": self.total,
+                "skipped_too_long": self.skipped, "final_loss": self.last.get("loss")}
+
+    def finish(self, folder: Path) -> None:
+        if self.main:
+            self.bar.write(f"done: tags and heads in {folder}")
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,143 @@
+"""The tagged model: a frozen base, a bank of tags spliced by hooks, and linear heads on function tags.
+
+No distributed code here: ZeRO-3 sees only ordinary module calls. Every rank makes the same module calls on
+every forward (the LM head whenever the run has a text task, every head always), because under ZeRO-3 a
+module called on one rank and not another waits forever for its parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tagscale.tags import TagBank, TagSplice
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A head on a function tag."""
+
+    tag: str
+    type: str  # regression | classification
+    outputs: int
+
+
+class Head(nn.Module):
+    """A linear map from the hidden state at a function tag to k outputs.
+
+    Regression heads train on standardised labels; `mean` and `std` map predictions back to label units.
+    """
+
+    def __init__(self, spec: HeadSpec, hidden_size: int):
+        super().__init__()
+        self.spec = spec
+        self.linear = nn.Linear(hidden_size, spec.outputs)
+        nn.init.zeros_(self.linear.weight)  # starts at the label mean: no random first predictions
+        nn.init.zeros_(self.linear.bias)
+        self.register_buffer("mean", torch.zeros(spec.outputs))
+        self.register_buffer("std", torch.ones(spec.outputs))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, d) -> (n, k) in standardised units (regression) or logits (classification)."""
+        return self.linear(hidden.to(self.linear.weight.dtype))
+
+    def to_label_units(self, output: torch.Tensor) -> torch.Tensor:
+        return output * self.std + self.mean if self.spec.type == "regression" else output.argmax(-1)
+
+
+class TaggedModel(nn.Module):
+    """Base + tags + heads. `forward(**batch)` returns the training loss of a micro-batch."""
+
+    def __init__(self, base: nn.Module, bank: TagBank, head_specs: list[HeadSpec], uses_lm_head: bool):
+        super().__init__()
+        for param in base.parameters():
+            param.requires_grad_(False)
+        self.base = base
+        self.bank = bank
+        self.head_names = [h.tag for h in head_specs]
+        self.heads = nn.ModuleList(Head(h, bank.hidden_size) for h in head_specs)
+        self.uses_lm_head = uses_lm_head
+        self.splice = TagSplice(base.get_input_embeddings(), bank)
+        self.last_losses: dict[str, float] = {}
+
+    # -- pieces -------------------------------------------------------------------------------
+    def decoder(self) -> nn.Module:
+        """The base without its LM head: returns final, normed hidden states."""
+        return self.base.get_decoder()
+
+    def hidden_states(self, input_ids, attention_mask, position_ids, prefix_len: int = 0) -> torch.Tensor:
+        """Final normed hidden states (B, S - prefix_len, d) of the positions from `prefix_len` on.
+
+        With `prefix_len` > 0 (the exact prefix split) the frozen prefix runs once without autograd and the
+        rest attends to its key/value cache: nothing before the first trainable tag can receive a gradient.
+        """
+        decoder = self.decoder()
+        if prefix_len <= 0:
+            return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False).last_hidden_state
+        with torch.no_grad():
+            prefix = decoder(input_ids=input_ids[:, :prefix_len], attention_mask=attention_mask[:, :prefix_len],
+                             position_ids=position_ids[:, :prefix_len], use_cache=True)
+        return decoder(input_ids=input_ids[:, prefix_len:], attention_mask=attention_mask,
+                       position_ids=position_ids[:, prefix_len:], past_key_values=prefix.past_key_values,
+                       use_cache=True).last_hidden_state
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.base.get_output_embeddings()(hidden)
+        softcap = getattr(self.base.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    def head_outputs(self, hidden: torch.Tensor, head_pos: torch.Tensor, head_index: torch.Tensor) -> list[torch.Tensor]:
+        """Each head's raw outputs on its own rows (every head is called, possibly on zero rows)."""
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return [head(hidden[rows[head_index == j], head_pos[head_index == j]]) for j, head in enumerate(self.heads)]
+
+    # -- training loss ----------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                lm_targets: torch.Tensor, head_pos: torch.Tensor, head_index: torch.Tensor,
+                head_target: torch.Tensor, prefix_len: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Text: cross-entropy on target tokens only, logits computed only there. Heads: MSE or CE per head.
+
+        lm_targets[b, t] is the token to predict from position t (IGNORE elsewhere); head_pos[b] is the
+        position of the last vector of example b's function tag and head_index[b] its head (-1: none).
+        """
+        split = int(prefix_len) if prefix_len is not None else 0
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, split)
+        lm_targets = lm_targets[:, split:]
+        head_pos = head_pos - split
+        losses: dict[str, torch.Tensor] = {}
+        total = hidden.new_zeros((), dtype=torch.float32)
+        if self.uses_lm_head:
+            at_target = lm_targets != IGNORE
+            logits = self.lm_logits(hidden[at_target]).float()
+            ce_sum = F.cross_entropy(logits, lm_targets[at_target], reduction="sum")
+            losses["text"] = ce_sum / at_target.sum().clamp(min=1)
+            total = total + losses["text"]
+        for j, output in enumerate(self.head_outputs(hidden, head_pos, head_index)):
+            spec = self.heads[j].spec
+            target = head_target[head_index == j]
+            if spec.type == "regression":
+                scaled = (target[:, :spec.outputs] - self.heads[j].mean) / self.heads[j].std
+                loss_sum = F.mse_loss(output.float(), scaled.float(), reduction="sum") / spec.outputs
+            else:
+                loss_sum = F.cross_entropy(output.float(), target[:, 0].long(), reduction="sum")
+            losses[spec.tag] = loss_sum / max(int(target.shape[0]), 1)
+            total = total + losses[spec.tag]
+        self.last_losses = {k: float(v.detach()) for k, v in losses.items()}
+        return total
+
+    # -- prediction -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_heads(self, input_ids, attention_mask, position_ids, head_pos, head_index) -> list[torch.Tensor]:
+        """Each head's predictions in label units on its rows."""
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
+        return [self.heads[j].to_label_units(out.float()) for j, out in
+                enumerate(self.head_outputs(hidden, head_pos, head_index))]

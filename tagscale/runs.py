@@ -1,0 +1,276 @@
+"""Run folders: reading earlier runs' tags, assembling this run's model, writing outputs and checkpoints.
+
+A run folder holds ``tags.safetensors`` (every tag the run used: trained here or inherited), ``heads.safetensors``,
+``run.json`` (tag names, kinds, p, d, base identity, stage, the fully resolved config, status), ``metrics.jsonl``
+and resumable ``checkpoints/step-N/``. Never any base weight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ContextManager, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tagscale.config import RunConfig
+from tagscale.data import tags_in_tasks, template_tags
+from tagscale.errors import UserError
+from tagscale.model import HeadSpec, TaggedModel
+from tagscale.tags import TagBank, TagSpec, init_bank
+
+FORMAT = 1
+# Settings a resumed or extended run may change without being "another config".
+RESUMABLE_KEYS = {("train", "steps"), ("train", "resume"), ("train", "save_every"), ("train", "log_every"),
+                  ("train", "eval_every"), ("train", "keep_checkpoints"), ("output", "dir"), ("wandb",), ("source",)}
+
+
+@dataclass
+class InheritedTag:
+    name: str
+    kind: str
+    vectors: torch.Tensor
+    run: str
+
+
+@dataclass
+class RunPlan:
+    """Which tags the run uses, which it trains, and where the others come from."""
+
+    specs: list[TagSpec]
+    inherited: dict[str, InheritedTag] = field(default_factory=dict)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def read_run_json(folder: Path, where: str) -> dict:
+    meta_path = folder / "run.json"
+    if not folder.is_dir():
+        raise UserError(f"{where}: {folder}: no such run folder")
+    if not meta_path.is_file():
+        raise UserError(f"{where}: {folder}: not a tagscale run folder (no run.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{meta_path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "tags" not in meta:
+        raise UserError(f"{meta_path}: not a tagscale run.json (expected format {FORMAT} with a tags field)")
+    return meta
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file; a missing, truncated or corrupt file is one clear line."""
+    if not path.is_file():
+        raise UserError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"{path}: truncated or corrupt safetensors file ({str(err).splitlines()[0][:120]})") from None
+
+
+def load_earlier_runs(cfg: RunConfig, hidden_size: int) -> dict[str, InheritedTag]:
+    """Tags of the runs in from_runs (later runs win), checked against the base's hidden size."""
+    found: dict[str, InheritedTag] = {}
+    for i, path in enumerate(cfg.from_runs):
+        folder = Path(path)
+        meta = read_run_json(folder, f"{cfg.source}: from_runs[{i}]")
+        if meta.get("status") != "complete":
+            raise UserError(f"{folder}/run.json: status is {meta.get('status')!r}; the run did not finish (expected 'complete')")
+        tensors = load_tensors(folder / "tags.safetensors")
+        for name, info in meta["tags"].items():
+            if name not in tensors:
+                raise UserError(f"{folder}/tags.safetensors: lacks tag {name} listed in run.json")
+            vectors = tensors[name]
+            if vectors.ndim != 2 or vectors.shape[1] != hidden_size:
+                raise UserError(f"{folder}/tags.safetensors: tag {name} has width {vectors.shape[-1]}, but the base's "
+                                f"hidden size is {hidden_size} (tags only work with the base they were trained on)")
+            found[name] = InheritedTag(name, info["kind"], vectors.float(), str(folder))
+    return found
+
+
+def plan_tags(cfg: RunConfig, inherited: dict[str, InheritedTag]) -> RunPlan:
+    """Decide each used tag's source; refuse to start when a needed tag is neither trained nor inherited."""
+    used = tags_in_tasks(cfg)
+    for i, tag in enumerate(cfg.tags):
+        if tag.name not in used:
+            raise UserError(f"{cfg.source}: tags[{i}]: {tag.name} is not used by any task template")
+        if tag.name in inherited:
+            raise UserError(f"{cfg.source}: tags[{i}]: {tag.name} is already trained by {inherited[tag.name].run}; "
+                            f"drop it from tags (to reuse it) or from from_runs (to train it anew)")
+    specs, kept = [], {}
+    for name in used:
+        mine = cfg.tag(name)
+        if mine is not None:
+            specs.append(TagSpec(name, mine.kind, mine.p, trainable=True))
+        elif name in inherited:
+            tag = inherited[name]
+            trainable = cfg.enrich and tag.kind == "domain"
+            specs.append(TagSpec(name, tag.kind, tag.vectors.shape[0], trainable=trainable))
+            kept[name] = tag
+        else:
+            task = next(t for t in cfg.tasks if name in template_tags(t.template) + template_tags(t.target or ""))
+            is_function = name == task.head or template_tags(task.template)[-1:] == [name]
+            maker = "stage 2 or 3 (a function tag)" if is_function else "stage 1 (a domain tag)"
+            where = f"from_runs ({', '.join(cfg.from_runs)})" if cfg.from_runs else "from_runs (empty)"
+            raise UserError(f"{cfg.source}: task {task.name!r} needs tag {name}, which stage {cfg.stage} does not "
+                            f"train and no earlier run in {where} provides; it is made by {maker}: "
+                            f"train it there and list that run folder in from_runs")
+    return RunPlan(specs, kept)
+
+
+def assemble(cfg: RunConfig, base, plan: RunPlan, gathered: Callable[[list], ContextManager]) -> TaggedModel:
+    """The tagged model: a bank with inherited tags copied in and new tags initialised from the base embedding."""
+    model = base.model
+    embedding = model.get_input_embeddings()
+    first_id = base.identity["embedding_rows"]
+    bank = TagBank(plan.specs, base.identity["hidden_size"], first_id)
+    for name, tag in plan.inherited.items():
+        with torch.no_grad():
+            bank.param(name).copy_(tag.vectors)
+    init_of = {}
+    for tag in cfg.tags:
+        text_ids = base.tokenizer(tag.init_text, add_special_tokens=False).input_ids if tag.init == "text" else None
+        init_of[tag.name] = (tag.init, text_ids)
+    init_bank(bank, init_of, embedding, gathered, cfg.train.seed)
+    heads = [HeadSpec(t.name, t.head.type, t.head.outputs) for t in cfg.tags if t.head is not None]
+    uses_lm_head = any(task.loss != "head" for task in cfg.tasks)
+    return TaggedModel(model, bank, heads, uses_lm_head)
+
+
+def param_groups(model: TaggedModel, cfg: RunConfig) -> list[dict]:
+    """Only tags and heads reach the optimizer: tags at train.lr, heads at train.head_lr."""
+    tags = [p for p in model.bank.parameters() if p.requires_grad]
+    heads = [p for p in model.heads.parameters() if p.requires_grad]
+    groups = [{"params": tags, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}]
+    if heads:
+        groups.append({"params": heads, "lr": cfg.train.head_lr or cfg.train.lr, "weight_decay": cfg.train.weight_decay})
+    return [g for g in groups if g["params"]]
+
+
+def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
+    """Linear warm-up, then cosine or linear decay to zero, or constant."""
+    import math
+
+    total = cfg.train.steps
+    warmup = int(round(cfg.train.warmup_ratio * total))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.train.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if cfg.train.schedule == "cosine" else 1 - progress
+
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------
+# this run's folder
+
+def _comparable(config: dict) -> dict:
+    out = json.loads(json.dumps(config, default=str))
+    for key in RESUMABLE_KEYS:
+        node = out
+        for part in key[:-1]:
+            node = node.get(part, {})
+        node.pop(key[-1], None)
+    return out
+
+
+def check_output_folder(cfg: RunConfig) -> Optional[dict]:
+    """Refuse a folder that holds a run of another config; return its run.json when it holds this one."""
+    folder = Path(cfg.output.dir)
+    meta_path = folder / "run.json"
+    if not meta_path.is_file():
+        if folder.is_dir() and any(p.name not in {"checkpoints", "wandb", "PREEMPTED"} for p in folder.iterdir()):
+            if not (folder / "checkpoints").is_dir():
+                raise UserError(f"output.dir: {folder} holds files that are not a tagscale run; choose an empty or new folder")
+        return None
+    meta = read_run_json(folder, "output.dir")
+    if _comparable(meta.get("config", {})) != _comparable(cfg.to_dict()):
+        theirs, mine = _comparable(meta.get("config", {})), _comparable(cfg.to_dict())
+        diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+        raise UserError(f"output.dir: {folder} holds a run of another config (differs in: {', '.join(diff)}); "
+                        f"choose a new output.dir, nothing there was changed")
+    return meta
+
+
+def run_metadata(cfg: RunConfig, model: TaggedModel, plan: RunPlan, identity: dict, status: str, step: int,
+                 extra: dict) -> dict:
+    tags = {}
+    for spec in plan.specs:
+        tags[spec.name] = {"kind": spec.kind, "p": spec.p, "trained_here": spec.trainable,
+                           "from": plan.inherited[spec.name].run if spec.name in plan.inherited else "this run"}
+    heads = {h.spec.tag: {"type": h.spec.type, "outputs": h.spec.outputs} for h in model.heads}
+    return {"format": FORMAT, "status": status, "stage": cfg.stage, "step": step, "tags": tags, "heads": heads,
+            "hidden_size": identity["hidden_size"], "base": identity, "config": cfg.to_dict(), **extra}
+
+
+def save_outputs(folder: Path, tag_values: dict[str, torch.Tensor], head_values: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write tags, heads and run.json; run.json last, so 'complete' means everything else is there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, values in (("tags.safetensors", tag_values), ("heads.safetensors", head_values)):
+        tmp = folder / f".{name}.tmp"
+        save_file({k: v.contiguous() for k, v in values.items()}, str(tmp))
+        tmp.replace(folder / name)
+    write_json_atomic(folder / "run.json", meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# resumable checkpoints
+
+def checkpoint_dirs(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a checkpoint is complete once its COMPLETE marker exists)."""
+    root = folder / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / "COMPLETE").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def write_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
+    """Write atomically: a temporary folder, then a rename; keep the newest `keep` checkpoints."""
+    root = folder / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(state, tmp / "state.pt")
+    (tmp / "COMPLETE").write_text(str(step))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.replace(final)
+    for old in checkpoint_dirs(folder)[:-max(keep, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_resume_point(cfg: RunConfig) -> Optional[Path]:
+    """The checkpoint to resume from: none, the newest complete one (auto), or a given path."""
+    if cfg.train.resume == "never":
+        return None
+    if cfg.train.resume != "auto":
+        path = Path(cfg.train.resume)
+        if not (path / "COMPLETE").is_file():
+            raise UserError(f"train.resume: {path}: not a complete tagscale checkpoint (no COMPLETE marker)")
+        return path
+    found = checkpoint_dirs(Path(cfg.output.dir))
+    return found[-1] if found else None
+
+
+def read_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as err:
+        raise UserError(f"{path}/state.pt: unreadable checkpoint ({str(err).splitlines()[0][:120]})") from None

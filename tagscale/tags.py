@@ -1,0 +1,155 @@
+"""Tags: p learnable vectors each, spliced into the base's own input-embedding output by two hooks.
+
+Each tag owns p placeholder ids at or above the base's embedding rows, ids the vocabulary never uses,
+so the embedding matrix is never resized, copied or made trainable. A forward pre-hook maps placeholders
+to id 0 before the base lookup; a forward hook writes the tag vectors over those rows. Both are single
+vectorised operations over the whole batch, and because they sit on the base's module,
+``model(input_ids=...)`` and ``model.generate(input_ids=...)`` work with tags unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class TagSpec:
+    """What a tag is: its name, kind, length and whether this run trains it."""
+
+    name: str
+    kind: str
+    p: int
+    trainable: bool
+
+
+class TagBank(nn.Module):
+    """All tags of a run. Tag i is the direct parameter ``tag{i}`` of shape (p, d).
+
+    Direct parameters (not a ParameterDict) so that ZeRO-3, which gathers a module's own parameters
+    when that module is called, gathers them when the hook calls the bank.
+    """
+
+    def __init__(self, specs: list[TagSpec], hidden_size: int, first_id: int):
+        super().__init__()
+        self.specs = list(specs)
+        self.hidden_size = hidden_size
+        self.first_id = first_id
+        self.offsets: dict[str, int] = {}
+        offset = 0
+        for i, spec in enumerate(self.specs):
+            self.register_parameter(f"tag{i}", nn.Parameter(torch.zeros(spec.p, hidden_size),
+                                                            requires_grad=spec.trainable))
+            self.offsets[spec.name] = offset
+            offset += spec.p
+        self.num_vectors = offset
+
+    def index(self, name: str) -> int:
+        return next(i for i, s in enumerate(self.specs) if s.name == name)
+
+    def param(self, name: str) -> nn.Parameter:
+        return getattr(self, f"tag{self.index(name)}")
+
+    def placeholder_ids(self, name: str) -> list[int]:
+        """The p ids that stand for `name` in input_ids."""
+        start = self.first_id + self.offsets[name]
+        return list(range(start, start + self.specs[self.index(name)].p))
+
+    def table(self) -> torch.Tensor:
+        """All tag vectors stacked in placeholder order: (num_vectors, d)."""
+        return torch.cat([getattr(self, f"tag{i}") for i in range(len(self.specs))], dim=0)
+
+    def forward(self, tag_index: torch.Tensor) -> torch.Tensor:
+        """Vectors for indices into the stacked table. Input (...,) long; output (..., d)."""
+        return F.embedding(tag_index, self.table())
+
+
+class TagSplice:
+    """The two hooks on the base's input-embedding module that put tag vectors at placeholder positions."""
+
+    def __init__(self, embedding: nn.Module, bank: TagBank):
+        self.bank = bank
+        self._pending: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._handles = [embedding.register_forward_pre_hook(self._before),
+                         embedding.register_forward_hook(self._after)]
+
+    def _before(self, module: nn.Module, args: tuple):
+        input_ids = args[0]
+        is_tag = input_ids >= self.bank.first_id
+        self._pending = (is_tag, (input_ids - self.bank.first_id).clamp(min=0))
+        return (input_ids.masked_fill(is_tag, 0),) + tuple(args[1:])
+
+    def _after(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        is_tag, tag_index = self._pending
+        self._pending = None
+        # The bank is called on every forward, tags or not, so every ZeRO-3 rank makes the same module calls.
+        vectors = self.bank(tag_index).to(output.dtype)
+        return torch.where(is_tag.unsqueeze(-1), vectors, output)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def embedding_stats(weight: torch.Tensor, scale: float = 1.0, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean token embedding and mean token norm, in fp32, chunked so no fp32 copy of the matrix is made."""
+    total = torch.zeros(weight.shape[1], dtype=torch.float64)
+    norm_sum = 0.0
+    for start in range(0, weight.shape[0], chunk):
+        rows = weight[start:start + chunk].detach().to(torch.float64) * scale
+        total += rows.sum(0).cpu()
+        norm_sum += rows.norm(dim=1).sum().item()
+    mean = total / weight.shape[0]
+    return mean.float(), torch.tensor(norm_sum / weight.shape[0], dtype=torch.float32)
+
+
+def initial_vectors(init: str, p: int, weight: torch.Tensor, scale: float, generator: torch.Generator,
+                    text_ids: Optional[list[int]] = None) -> torch.Tensor:
+    """The starting value of a tag (p, d) from the base's embedding matrix (whole, e.g. inside a ZeRO-3 gather).
+
+    mean: the mean token embedding rescaled to the mean token-embedding norm, p copies (paper section 3.1);
+    random: Gaussian vectors with the mean token norm; text: the embeddings of `text_ids`, repeated or cut to p.
+    `scale` is the embedding module's output scale (Gemma multiplies by sqrt(d)): tags live in output space.
+    """
+    mean, mean_norm = embedding_stats(weight, scale)
+    if init == "mean":
+        return (mean / mean.norm().clamp(min=1e-12) * mean_norm).repeat(p, 1)
+    if init == "random":
+        vectors = torch.randn(p, weight.shape[1], generator=generator)
+        return vectors / vectors.norm(dim=1, keepdim=True) * mean_norm
+    if init == "text":
+        if not text_ids:
+            raise ValueError("init 'text' needs token ids")
+        rows = weight[torch.tensor(text_ids)].detach().float().cpu() * scale
+        reps = -(-p // len(text_ids))
+        return rows.repeat(reps, 1)[:p]
+    raise ValueError(f"unknown init {init!r}")
+
+
+def embedding_scale(embedding: nn.Module) -> float:
+    """The factor an embedding module applies to its looked-up rows (1 for nn.Embedding)."""
+    scale = getattr(embedding, "embed_scale", 1.0)
+    return float(scale.item() if torch.is_tensor(scale) else scale)
+
+
+def init_bank(bank: TagBank, init_of: dict[str, tuple[str, Optional[list[int]]]], embedding: nn.Module,
+              gathered: Callable[[list], ContextManager], seed: int) -> None:
+    """Initialise the bank's tags named in `init_of` (name -> (mode, text ids)) from the base embedding.
+
+    `gathered` wraps the one embedding weight in a ZeRO-3 gather (collective: every rank calls it).
+    """
+    if not init_of:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    weight = embedding.weight
+    with gathered([weight]):
+        for name, (mode, text_ids) in init_of.items():
+            param = bank.param(name)
+            value = initial_vectors(mode, bank.specs[bank.index(name)].p, weight, embedding_scale(embedding),
+                                    generator, text_ids)
+            with torch.no_grad():
+                param.copy_(value.to(param.dtype))
