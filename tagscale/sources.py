@@ -94,6 +94,7 @@ def _seeded_sample(items: list, n: int, seed: int) -> list:
 
 def _parse_smiles(smiles: str, where: str):
     """RDKit molecule of `smiles`; UserError naming `where` if RDKit cannot parse it."""
+    _require("rdkit", "rdkit")
     from rdkit import Chem, RDLogger
 
     RDLogger.DisableLog("rdApp.*")  # we report bad SMILES ourselves, in one line
@@ -106,10 +107,12 @@ def _parse_smiles(smiles: str, where: str):
 def _check_protein(seq: str, where: str) -> str:
     """Upper-cased `seq`; UserError naming `where` if it has characters outside the amino-acid alphabet."""
     seq = seq.strip().upper()
+    if not seq:
+        raise UserError(f"{where}: expected a protein sequence, got an empty field")
     bad = sorted(set(seq) - PROTEIN_ALPHABET)
-    if not seq or bad:
-        what = f"characters {''.join(bad)!r} outside" if bad else "an empty sequence, not"
-        raise UserError(f"{where}: protein sequence has {what} the amino-acid alphabet {''.join(sorted(PROTEIN_ALPHABET))}")
+    if bad:
+        raise UserError(f"{where}: protein sequence has characters {''.join(bad)!r} outside the amino-acid alphabet "
+                        f"{''.join(sorted(PROTEIN_ALPHABET))}")
     return seq
 
 

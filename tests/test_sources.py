@@ -244,6 +244,7 @@ def _broken_copy(tmp_path: Path, source: Path, row: int, column: str, value: str
         ("tdc_dc", DC_FIXTURE, 0, "Drug1_ID", None, r"missing column\(s\) Drug1_ID"),
         ("tdc_ba", BA_FIXTURE, 6, "Target", "MKTAYIAK1QR", r"line 8, column Target: protein sequence has characters '1'"),
         ("tdc_ba", BA_FIXTURE, 2, "Drug", "not a smiles", r"line 4, column Drug: invalid SMILES 'not a smiles'"),
+        ("tdc_ba", BA_FIXTURE, 3, "Target", " ", r"line 5, column Target: expected a protein sequence, got an empty field"),
         ("tdc_ba", BA_FIXTURE, 5, "Y", "", r"line 7, column Y: expected a number, got ''"),
         ("tdc_ba", BA_FIXTURE, 1, "Year", "soon", r"line 3, column Year: expected a number, got 'soon'"),
     ],
