@@ -11,6 +11,7 @@ A config names one of these bases as `base.path: embedded:<name>`; the core look
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -89,6 +90,13 @@ def save_plain_folder(tokenizer, model, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it, so set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def cached_base_folder(name: str, gguf_path: Callable[[], Path]) -> Path:
     """`cache_dir()/bases/<name>`, built from `gguf_path()` on first call; written atomically (temp folder + rename)."""
     folder = cache_dir() / "bases" / name
@@ -100,6 +108,7 @@ def cached_base_folder(name: str, gguf_path: Callable[[], Path]) -> Path:
     # Build beside the destination (same filesystem) so the final rename is atomic; a killed run leaves only a
     # `.tmp-*` folder that is never mistaken for a finished base.
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=folder.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; a shared cache must stay readable by others
     try:
         save_plain_folder(tokenizer, model, staging)
         try:

@@ -7,6 +7,7 @@ happens once per machine; each run still loads the GGUF once (~25 s) to compare 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,15 @@ def test_failed_build_leaves_no_folder_and_success_is_reused(monkeypatch, tmp_pa
     assert embedded.cached_base_folder("toy", lambda: tmp_path / "toy.gguf") == folder
     assert len(loads) == 2  # the killed run and the good one; the third call read the cache
     assert sorted(p.name for p in bases.iterdir()) == ["toy"]
+
+
+def test_built_folder_is_readable_by_others(monkeypatch, tmp_path):
+    monkeypatch.setenv("TAGSCALE_CACHE", str(tmp_path))
+    monkeypatch.setattr(embedded, "load_gguf", lambda path: ("tok", FakeModel()))
+    monkeypatch.setattr(embedded, "save_plain_folder", lambda t, m, folder: (folder / "config.json").write_text("{}"))
+    old_mask = os.umask(0o022)
+    try:
+        folder = embedded.cached_base_folder("toy", lambda: tmp_path / "toy.gguf")
+    finally:
+        os.umask(old_mask)
+    assert folder.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700: a cluster's shared cache is read by every user

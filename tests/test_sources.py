@@ -161,6 +161,7 @@ def test_second_call_reads_the_cache_and_new_options_make_a_new_file(monkeypatch
     # defaults written out give the same key as defaults left out
     assert sources.load_builtin("translation", "train", {**options, "seed": 0, "n_test": 500}) == first
     assert path.stat().st_mtime_ns == mtime
+    assert path.stat().st_mode & 0o044 == 0o044  # group/other can read a shared cache (mkstemp alone gives 0600)
     with pytest.raises(AssertionError, match="recomputed"):
         sources.load_builtin("translation", "train", {**options, "n": 301})
 
