@@ -79,8 +79,7 @@ PROCS=${TAGSCALE_PROCS_PER_NODE:-$SLURM_GPUS_ON_NODE}
 [ -n "$PROCS" ] || die "no GPUs allocated: request them in the header (--gpus-per-node) or set TAGSCALE_PROCS_PER_NODE"
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
-HOSTFILE=$RUN_DIR/hostfile   # on the shared file system, like the run folder: every node reads it
-scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$PROCS/" > "$HOSTFILE"
+mapfile -t hostfile < <(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$PROCS/")
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
 if [ -n "$SLURM_ARRAY_JOB_ID" ]; then
@@ -91,16 +90,20 @@ fi
 say "stage $STAGE, job $JOB (restart ${SLURM_RESTART_COUNT:-0}), $SLURM_NNODES node(s) [$SLURM_JOB_NODELIST]" \
     "x $PROCS rank(s), master $MASTER_ADDR:$MASTER_PORT"
 say "recipe $RECIPE, run folder $RUN_DIR${from:+, from $from}"
-echo "$JOB $(date -Iseconds) restart=${SLURM_RESTART_COUNT:-0}" \
-     "log=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *StdOut=//p')" >> "$RUN_DIR/slurm_jobs.txt"
+# which job (and log) ran which stage, beside the run folders (the trainer owns what is inside them)
+echo "$(date -Iseconds) stage$STAGE job $JOB restart ${SLURM_RESTART_COUNT:-0} $RUN_DIR" \
+     "log $(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *StdOut=//p')" >> "$(dirname "$RUN_DIR")/slurm-jobs.txt"
 
-# One launcher per node; `\$SLURM_NODEID` is expanded on each node. `trap '' USR1 TERM`: the
-# deepspeed launcher would die of USR1 (and on TERM kill its ranks at once); ignoring them lets
-# the ranks, which get the signal too, checkpoint and exit 0 (shared/notes/slurm.md A.5).
+# One launcher per node; `\$SLURM_NODEID` is expanded on each node, which writes its own copy of
+# the hostfile (no shared /tmp needed). `trap '' USR1 TERM`: the deepspeed launcher would die of
+# USR1 (and on TERM kill its ranks at once); ignoring them lets the ranks, which get the signal
+# too, checkpoint and exit 0 (shared/notes/slurm.md A.5).
 train=("$ROOT/tagscale/train.py" --ds_config "$DS_CONFIG" --config "$RECIPE"
        "output.dir=$RUN_DIR" "${overrides[@]}" "$@")
-cmd="trap '' USR1 TERM; exec deepspeed --hostfile $(printf %q "$HOSTFILE") --no_ssh --node_rank \$SLURM_NODEID"
+cmd="trap '' USR1 TERM; hostfile=\$(mktemp); printf '%s\n' $(printf '%q ' "${hostfile[@]}")> \$hostfile"
+cmd="$cmd; deepspeed --hostfile \$hostfile --no_ssh --node_rank \$SLURM_NODEID"
 cmd="$cmd --master_addr $MASTER_ADDR --master_port $MASTER_PORT $(printf '%q ' "${train[@]}")"
+cmd="$cmd; rc=\$?; rm -f \$hostfile; exit \$rc"
 say "srun: $cmd"
 
 # srun in the background so that a USR1/TERM sent to this batch shell (--signal=B:..., scancel -b,
