@@ -7,6 +7,7 @@ module called on one rank and not another waits forever for its parameters.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -84,9 +85,10 @@ class TaggedModel(nn.Module):
         with torch.no_grad():
             prefix = decoder(input_ids=input_ids[:, :prefix_len], attention_mask=attention_mask[:, :prefix_len],
                              position_ids=position_ids[:, :prefix_len], use_cache=True)
+        cache = prefix.cache if hasattr(prefix, "cache") else prefix.past_key_values
+        kwarg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
         return decoder(input_ids=input_ids[:, prefix_len:], attention_mask=attention_mask,
-                       position_ids=position_ids[:, prefix_len:], past_key_values=prefix.past_key_values,
-                       use_cache=True).last_hidden_state
+                       position_ids=position_ids[:, prefix_len:], use_cache=True, **{kwarg: cache}).last_hidden_state
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.base.get_output_embeddings()(hidden)

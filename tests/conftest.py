@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny random-init LLaMA built locally (no download) and a runner for the real entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+os.chdir(ROOT)  # recipes name data and run folders relative to the repository root
+os.environ.setdefault("TAGSCALE_PROGRESS", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    """The `tiny` shape preset with its byte tokenizer, in fp32, eval mode."""
+    from tagscale.bases import load_base
+    from tagscale.config import BaseConfig
+
+    base = load_base(BaseConfig(preset="tiny"))
+    base.model.eval()
+    return base
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+LAUNCH_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
+               "CROSS_SIZE", "LOCAL_WORLD_SIZE"}
+
+
+def train(recipe: str, *overrides: str, ranks: int = 1, ds_config: str = "ds_configs/zero3_cpu.json",
+          timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the trainer as a user does: `python -m tagscale.train` (1 rank) or the real `deepspeed` launcher."""
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "tagscale.train"]
+    else:
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), "tagscale/train.py"]
+    cmd += ["--ds_config", ds_config, "--config", recipe, *overrides]
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}  # an in-process world must not leak in
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def tags_of(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "tags.safetensors"))

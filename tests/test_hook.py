@@ -1,0 +1,108 @@
+"""The hooked splice equals tag vectors concatenated by hand into inputs_embeds (plain PyTorch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tagscale.data import collate, Example
+from tagscale.model import TaggedModel
+from tagscale.tags import TagBank, TagSpec
+
+SPECS = [TagSpec("<A>", "domain", 3, False), TagSpec("<B>", "function", 2, True)]
+
+
+@pytest.fixture()
+def tagged(tiny_base):
+    torch.manual_seed(0)
+    rows = tiny_base.identity["embedding_rows"]
+    bank = TagBank(SPECS, tiny_base.identity["hidden_size"], rows)
+    with torch.no_grad():
+        for spec in SPECS:
+            bank.param(spec.name).normal_()
+    model = TaggedModel(tiny_base.model, bank, [], uses_lm_head=True)
+    yield model
+    model.splice.remove()
+
+
+def segments(bank):
+    """Three examples, tags at different positions: (segment list, ids) where a segment is token ids or a tag name."""
+    return [[[5, 6], "<A>", [7, 8, 9], "<B>"],
+            ["<A>", [10, 11, 12, 13, 14, 15], "<B>", [16]],
+            [[17], "<B>", [18, 19], "<A>", [20, 21, 22, 23]]]
+
+
+def by_hand(model, example) -> torch.Tensor:
+    """Reference: torch.cat of token embeddings and tag vectors."""
+    embed = model.base.get_input_embeddings()
+    parts = [model.bank.param(s) if isinstance(s, str) else embed(torch.tensor(s)) for s in example]
+    return torch.cat(parts, dim=0)
+
+
+def ids_of(model, example) -> list[int]:
+    out = []
+    for s in example:
+        out += model.bank.placeholder_ids(s) if isinstance(s, str) else s
+    return out
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_hooked_forward_equals_hand_built_inputs_embeds(tagged, side):
+    exs = segments(tagged.bank)
+    batch = collate([Example(ids_of(tagged, e), [-100] * len(ids_of(tagged, e)), 0) for e in exs], 0, side)
+    mask = batch["attention_mask"]
+    ref = torch.zeros(len(exs), mask.shape[1], tagged.bank.hidden_size)
+    for i, e in enumerate(exs):
+        vecs = by_hand(tagged, e)
+        cols = mask[i].nonzero().squeeze(1)
+        ref[i, cols] = vecs
+    with torch.no_grad():
+        hooked = tagged.base(input_ids=batch["input_ids"], attention_mask=mask,
+                             position_ids=batch["position_ids"]).logits
+        tagged.splice.remove()  # the reference runs the plain base
+        plain = tagged.base(inputs_embeds=ref, attention_mask=mask, position_ids=batch["position_ids"]).logits
+        tagged.splice = type(tagged.splice)(tagged.base.get_input_embeddings(), tagged.bank)
+    real = mask.bool()
+    assert (hooked[real] - plain[real]).abs().max().item() <= 1e-6
+    # and the splice is not a no-op: without tags the logits differ
+    assert (hooked[real] - tagged.base(input_ids=batch["input_ids"].clamp(max=100), attention_mask=mask,
+                                       position_ids=batch["position_ids"]).logits[real]).abs().max() > 1e-3
+
+
+def test_left_and_right_padding_agree(tagged):
+    exs = segments(tagged.bank)
+    out = {}
+    for side in ("left", "right"):
+        batch = collate([Example(ids_of(tagged, e), [-100] * len(ids_of(tagged, e)), 0) for e in exs], 0, side)
+        with torch.no_grad():
+            logits = tagged.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 position_ids=batch["position_ids"]).logits
+        out[side] = [logits[i, batch["attention_mask"][i].bool()] for i in range(len(exs))]
+    for left, right in zip(out["left"], out["right"]):
+        assert (left - right).abs().max().item() <= 1e-5
+
+
+def test_generate_with_tags_matches_inputs_embeds(tagged):
+    example = [[5, 6], "<A>", [7, 8], "<B>"]
+    ids = torch.tensor([ids_of(tagged, example)])
+    with torch.no_grad():
+        hooked = tagged.base.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                      do_sample=False, pad_token_id=0)
+        tagged.splice.remove()
+        embeds = by_hand(tagged, example).unsqueeze(0)
+        plain = tagged.base.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                     do_sample=False, pad_token_id=0)
+        tagged.splice = type(tagged.splice)(tagged.base.get_input_embeddings(), tagged.bank)
+    assert hooked[0, ids.shape[1]:].tolist() == plain[0, -8:].tolist()
+
+
+def test_gradient_reaches_only_trainable_tags(tagged):
+    exs = segments(tagged.bank)
+    batch = collate([Example(ids_of(tagged, e), [3] * len(ids_of(tagged, e)), 0) for e in exs], 0, "right")
+    tagged.base.train()
+    loss = tagged(**batch)
+    loss.backward()
+    assert tagged.bank.param("<B>").grad is not None and tagged.bank.param("<B>").grad.abs().sum() > 0
+    assert tagged.bank.param("<A>").grad is None
+    assert all(p.grad is None for p in tagged.base.parameters())
+    tagged.base.eval()

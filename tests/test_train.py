@@ -1,0 +1,78 @@
+"""The trainer end to end on the tiny base: stage chaining, the real launcher on 2 CPU ranks, checkpointing modes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import metrics, tags_of, train
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Stages 1 -> 2 -> 3 on the tiny base, each through `python -m tagscale.train`."""
+    root = tmp_path_factory.mktemp("chain")
+    out = {s: root / f"stage{s}" for s in (1, 2, 3)}
+    logs = {}
+    logs[1] = train("tests/recipes/tiny_stage1.yaml", f"output.dir={out[1]}")
+    logs[2] = train("tests/recipes/tiny_stage2.yaml", f"output.dir={out[2]}", f"from_runs=[{out[1]}]")
+    logs[3] = train("tests/recipes/tiny_stage3.yaml", f"output.dir={out[3]}", f"from_runs=[{out[2]},{out[1]}]")
+    return out, logs
+
+
+def test_stage_chaining(chain):
+    out, logs = chain
+    meta = {s: json.loads((out[s] / "run.json").read_text()) for s in out}
+    assert all(m["status"] == "complete" for m in meta.values())
+    assert meta[1]["tags"]["<Protein>"] == {"kind": "domain", "p": 4, "trained_here": True, "from": "this run"}
+    assert meta[2]["tags"]["<Protein>"]["trained_here"] is False and meta[2]["tags"]["<Protein>"]["from"] == str(out[1])
+    assert meta[2]["tags"]["<Count>"]["trained_here"] is True and meta[2]["heads"] == {"<Count>": {"type": "regression", "outputs": 1}}
+    assert meta[3]["tags"]["<Translate>"]["trained_here"] and not meta[3]["tags"]["<EN>"]["trained_here"]
+    assert meta[2]["hidden_size"] == 64 and meta[2]["base"]["source"] == "preset:tiny" and meta[2]["stage"] == 2
+    assert meta[2]["config"]["train"]["steps"] == 6  # the fully resolved config
+    t1, t2, t3 = (tags_of(out[s]) for s in (1, 2, 3))
+    # frozen tags pass through bitwise; trained ones moved away from their (identical-row) mean init
+    assert torch.equal(t2["<Protein>"], t1["<Protein>"]) and torch.equal(t3["<EN>"], t1["<EN>"])
+    for tags, name in ((t1, "<Protein>"), (t2, "<Count>"), (t3, "<Translate>")):
+        assert tags[name].shape == (4, 64) and (tags[name] - tags[name][0]).abs().max() > 1e-4
+    assert "trainable parameters: 321 of" in logs[2].stdout  # 4 x 64 tag + 64 + 1 head
+    assert "trainable parameters: 768 of" in logs[1].stdout  # three 4 x 64 domain tags
+    assert not any((out[s] / n).exists() for s in out for n in ("model.safetensors", "pytorch_model.bin"))
+    assert len(metrics(out[2])) == 6 and metrics(out[2])[-1]["step"] == 6
+
+
+def test_stage_refuses_without_earlier_tags(chain, tmp_path):
+    out, _ = chain
+    proc = train("tests/recipes/tiny_stage2.yaml", f"output.dir={tmp_path / 'x'}", "from_runs=[]", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "<Protein>" in line and "stage 1" in line
+    proc = train("tests/recipes/tiny_stage3.yaml", f"output.dir={tmp_path / 'y'}", f"from_runs=[{out[2]}]", check=False)
+    line = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "<EN>" in line and "stage 1" in line
+
+
+def test_rerun_of_complete_run_does_nothing(chain):
+    out, _ = chain
+    before = (out[2] / "tags.safetensors").read_bytes()
+    proc = train("tests/recipes/tiny_stage2.yaml", f"output.dir={out[2]}", f"from_runs=[{out[1]}]")
+    assert "already complete" in proc.stdout and (out[2] / "tags.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "nonreentrant", "reentrant"])
+def test_two_ranks_equal_one_rank(chain, tmp_path, checkpointing):
+    """The real launcher, 2 CPU ranks under ZeRO-3, equals the 1-rank run of the same global batch."""
+    out, _ = chain
+    two = tmp_path / "two"
+    train("tests/recipes/tiny_stage2.yaml", f"output.dir={two}", f"from_runs=[{out[1]}]",
+          f"base.activation_checkpointing={checkpointing}", ranks=2)
+    one_losses = [m["loss"] for m in metrics(out[2])]
+    two_losses = [m["loss"] for m in metrics(two)]
+    assert len(two_losses) == len(one_losses) == 6
+    assert max(abs(a - b) for a, b in zip(one_losses, two_losses)) <= 1e-4
+    assert len(set(round(x, 6) for x in one_losses)) > 1  # the loss moves: the comparison means something
+    for name, value in tags_of(out[2]).items():
+        assert (tags_of(two)[name] - value).abs().max().item() <= 1e-5
+    assert json.loads((two / "run.json").read_text())["config"]["base"]["activation_checkpointing"] == checkpointing
