@@ -167,5 +167,9 @@ def save_outputs(s: Session, step: int) -> Path:
     return out
 
 
-if __name__ == "__main__":
+def cli() -> None:
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

