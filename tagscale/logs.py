@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +17,24 @@ from tagscale.config import RunConfig
 
 def numel(param: torch.nn.Parameter) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory, for the planner's measured-vs-predicted check and the scaling report (tools/plan.py, tools/sweep.py).
+
+def peak_memory() -> dict[str, int]:
+    """This process's peak memory so far: resident set (host RAM) and, on a GPU, allocated device bytes."""
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peaks = {"rss": int(maxrss if sys.platform == "darwin" else maxrss * 1024)}  # Linux reports KiB, macOS bytes
+    if torch.cuda.is_available():
+        peaks["accel"] = int(torch.cuda.max_memory_allocated())
+    return peaks
+
+
+def peak_memory_all_ranks() -> dict[str, list[int]]:
+    """Each rank's `peak_memory()`, in rank order. Collective."""
+    per_rank = dist.all_gather_objects(peak_memory())
+    return {key: [p.get(key, 0) for p in per_rank] for key in per_rank[0]}
 
 
 class RunLog:
@@ -29,6 +49,7 @@ class RunLog:
         self.started = time.perf_counter()
         self.tokens_seen = 0
         self.last: dict = {}
+        self.peaks: dict[str, list[int]] = {}
         self.bar = None
         self.wandb = None
         if not self.main:
@@ -66,6 +87,7 @@ class RunLog:
     def reduce_step(self, losses: list[float], tokens: int) -> tuple[float, int]:
         """Mean micro-batch loss and real tokens over all ranks. Collective."""
         totals = dist.all_reduce_sum(torch.tensor([sum(losses), len(losses), tokens], dtype=torch.float64))
+        self.peaks = peak_memory_all_ranks()
         return float(totals[0] / totals[1]), int(totals[2])
 
     def step(self, step: int, loss: float, parts: dict, lr: list[float], tokens: int, seconds: float) -> None:
@@ -74,7 +96,7 @@ class RunLog:
         self.tokens_seen += tokens
         record = {"step": step, "loss": loss, **{f"loss/{k}": v for k, v in parts.items()}, "lr": lr[0],
                   "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9), "step_s": seconds,
-                  "elapsed_s": time.perf_counter() - self.started}
+                  "elapsed_s": time.perf_counter() - self.started, **self.peak_fields()}
         self.last = record
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -95,9 +117,18 @@ class RunLog:
             self.bar.write(f"stopped on a signal at step {step}; checkpoint written, resume by running again")
             self.close()
 
+    def peak_fields(self) -> dict:
+        """Peak memory so far: the largest rank's and each rank's (peak_rss_bytes, peak_accel_bytes)."""
+        fields: dict = {}
+        for key, values in self.peaks.items():
+            fields[f"peak_{key}_bytes"] = max(values)
+            fields[f"peak_{key}_bytes_per_rank"] = values
+        return fields
+
     def summary(self) -> dict:
         return {"trainable_parameters": self.trainable, "total_parameters": self.total,
-                "skipped_too_long": self.skipped, "final_loss": self.last.get("loss")}
+                "skipped_too_long": self.skipped, "final_loss": self.last.get("loss"),
+                "world_size": dist.world_size(), **self.peak_fields()}
 
     def finish(self, folder: Path) -> None:
         if self.main:
