@@ -164,7 +164,7 @@ class Encoder:
                 targets[t - 1] = ids[t]
         elif task.loss == "head":
             example.head_index = self.head_names.index(task.head)
-            example.head_pos = last[task.head]
+            example.head_pos = last.get(task.head, len(ids) - 1)  # baselines: the last prompt token
             value = record.get(task.label)
             try:
                 number = float(value)

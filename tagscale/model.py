@@ -64,7 +64,8 @@ class TaggedModel(nn.Module):
         self.head_names = [h.tag for h in head_specs]
         self.heads = nn.ModuleList(Head(h, bank.hidden_size) for h in head_specs)
         self.uses_lm_head = uses_lm_head
-        self.splice = TagSplice(base.get_input_embeddings(), bank)
+        # No tags (the linear probe): no hooks, the plain base.
+        self.splice = TagSplice(base.get_input_embeddings(), bank) if bank.specs else None
         self.last_losses: dict[str, float] = {}
 
     # -- pieces -------------------------------------------------------------------------------

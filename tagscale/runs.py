@@ -101,6 +101,8 @@ def plan_tags(cfg: RunConfig, inherited: dict[str, InheritedTag]) -> RunPlan:
     """Decide each used tag's source; refuse to start when a needed tag is neither trained nor inherited."""
     used = tags_in_tasks(cfg)
     for i, tag in enumerate(cfg.tags):
+        if tag.name not in used and cfg.method != "tag_llm" and tag.head is not None:
+            continue  # a baseline keeps the function tag only as the name of its head
         if tag.name not in used:
             raise UserError(f"{cfg.source}: tags[{i}]: {tag.name} is not used by any task template")
         if tag.name in inherited:
@@ -137,7 +139,7 @@ def assemble(cfg: RunConfig, base, plan: RunPlan, gathered: Callable[[list], Con
         with torch.no_grad():
             bank.param(name).copy_(tag.vectors)
     init_of = {}
-    for tag in cfg.tags:
+    for tag in (t for t in cfg.tags if t.name in bank.offsets):
         text_ids = base.tokenizer(tag.init_text, add_special_tokens=False).input_ids if tag.init == "text" else None
         init_of[tag.name] = (tag.init, text_ids)
     init_bank(bank, init_of, embedding, gathered, cfg.train.seed)

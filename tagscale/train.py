@@ -25,6 +25,7 @@ from tagscale.config import RunConfig, grad_accumulation, load_config
 from tagscale.data import Encoder, TrainData, build_train_data, collate
 from tagscale.errors import UserError, run_cli
 from tagscale.logs import RunLog
+from tagscale.methods import apply_method
 from tagscale.model import TaggedModel
 
 
@@ -58,6 +59,8 @@ class Session:
     """Everything a run is made of, built once: the engine, the tagged model, the data, the log."""
 
     cfg: RunConfig
+    recipe: RunConfig
+    """The config as written; `cfg` is what the method trains (the same for tag_llm)."""
     engine: object
     model: TaggedModel
     data: TrainData
@@ -73,7 +76,8 @@ def build(cfg: RunConfig, ds_config: str) -> Session:
     with dist.zero3_base_context(ds):
         base = load_base(cfg.base)
     inherited = runs.load_earlier_runs(cfg, base.identity["hidden_size"])
-    plan = runs.plan_tags(cfg, inherited)
+    recipe, cfg = cfg, apply_method(cfg, {name: tag.vectors.shape[0] for name, tag in inherited.items()})
+    plan = runs.plan_tags(cfg, inherited if cfg.method == "tag_llm" else {})
     model = runs.assemble(cfg, base, plan, dist.gathered)
     encoder = Encoder(base.tokenizer, {s.name: model.bank.placeholder_ids(s.name) for s in plan.specs},
                       {s.name for s in plan.specs if s.trainable}, model.head_names, cfg.train.max_length)
@@ -87,7 +91,7 @@ def build(cfg: RunConfig, ds_config: str) -> Session:
             head.mean.fill_(mean), head.std.fill_(std)
     engine = dist.build_engine(model, runs.param_groups(model, cfg), ds, runs.lr_lambda(cfg))
     log = RunLog(cfg, model, base.identity, data.skipped)
-    return Session(cfg, engine, model, data, plan, base.identity, base.tokenizer.pad_token_id, log)
+    return Session(cfg, recipe, engine, model, data, plan, base.identity, base.tokenizer.pad_token_id, log)
 
 
 def train_steps(s: Session, start: int, stop: StopFlag | None = None) -> bool:
@@ -160,7 +164,7 @@ def save_outputs(s: Session, step: int) -> Path:
         heads[f"{head.spec.tag}.mean"], heads[f"{head.spec.tag}.std"] = head.mean.float().cpu(), head.std.float().cpu()
     out = Path(cfg.output.dir)
     if dist.is_main():
-        meta = runs.run_metadata(cfg, model, plan, s.identity, "complete", step, s.log.summary())
+        meta = runs.run_metadata(s.recipe, model, plan, s.identity, "complete", step, s.log.summary())
         runs.save_outputs(out, tags, heads, meta)
         (out / "PREEMPTED").unlink(missing_ok=True)
     dist.barrier()
