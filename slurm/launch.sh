@@ -92,7 +92,7 @@ say "stage $STAGE, job $JOB (restart ${SLURM_RESTART_COUNT:-0}), $SLURM_NNODES n
 say "recipe $RECIPE, run folder $RUN_DIR${from:+, from $from}"
 # which job (and log) ran which stage, beside the run folders (the trainer owns what is inside them)
 echo "$(date -Iseconds) stage$STAGE job $JOB restart ${SLURM_RESTART_COUNT:-0} $RUN_DIR" \
-     "log $(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *StdOut=//p')" >> "$(dirname "$RUN_DIR")/slurm-jobs.txt"
+     "log $(scontrol show job "$JOB" | sed -n 's/^ *StdOut=//p' | head -n 1)" >> "$(dirname "$RUN_DIR")/slurm-jobs.txt"
 
 # One launcher per node; `\$SLURM_NODEID` is expanded on each node, which writes its own copy of
 # the hostfile (no shared /tmp needed). `trap '' USR1 TERM`: the deepspeed launcher would die of
