@@ -100,10 +100,10 @@ class TaskConfig:
     """Head task: the field holding the number (regression) or class index (classification)."""
     weight: float = 1.0
     """Share of each global batch in a mixture."""
-    train: DataConfig = field(default_factory=DataConfig)
-    """Training examples."""
+    train: Optional[DataConfig] = field(default_factory=DataConfig)
+    """Training examples; null makes an evaluation-only task (e.g. zero-shot: tags composed as never trained)."""
     eval: Optional[DataConfig] = None
-    """Held-out examples."""
+    """Held-out examples (default: the test split of a built-in train source)."""
 
     @property
     def loss(self) -> str:
@@ -156,6 +156,22 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation after training (every rank evaluates its shard; results are reduced)."""
+
+    enabled: bool = True
+    """Evaluate the tasks' held-out sets at the end of the run (writes eval.json)."""
+    baselines: bool = True
+    """Also score the run's starting point (initial tags, untrained heads) and a closed-form linear probe."""
+    micro_batch: int = 8
+    """Examples per forward or generate call."""
+    max_new_tokens: int = 64
+    """Longest generated answer (greedy decoding) for text tasks."""
+    limit: Optional[int] = None
+    """Evaluate at most this many examples per task."""
+
+
+@dataclass
 class OutputConfig:
     """The run folder."""
 
@@ -195,6 +211,8 @@ class RunConfig:
     """The task mixture."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation."""
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation after training."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """The run folder."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -427,6 +445,8 @@ def validate(cfg: RunConfig) -> None:
                 raise UserError(f"{where}.label: a head task needs the field that holds its label")
         if task.weight <= 0:
             raise UserError(f"{where}.weight: expected a positive weight, got {task.weight}")
+        if task.train is None and task.eval is None:
+            raise UserError(f"{where}: an evaluation-only task (train: null) needs eval data")
         for part, data in (("train", task.train), ("eval", task.eval)):
             if data is not None and part == "train" and (data.path is None) == (data.builtin is None):
                 raise UserError(f"{where}.train: set exactly one of path (a .jsonl/.csv file) and builtin")
@@ -445,8 +465,11 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"{src}: train.warmup_ratio: expected a value in [0, 1), got {t.warmup_ratio}")
     if t.global_batch % t.micro_batch:
         raise UserError(f"{src}: train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch})")
-    if len(cfg.tasks) > t.global_batch:
-        raise UserError(f"{src}: train.global_batch ({t.global_batch}) must hold at least one example of each of the {len(cfg.tasks)} tasks")
+    if not any(task.train is not None for task in cfg.tasks):
+        raise UserError(f"{src}: tasks: expected at least one task with training data")
+    trained = sum(task.train is not None for task in cfg.tasks)
+    if trained > t.global_batch:
+        raise UserError(f"{src}: train.global_batch ({t.global_batch}) must hold at least one example of each of the {trained} trained tasks")
 
 
 def grad_accumulation(cfg: RunConfig, world_size: int) -> int:

@@ -211,11 +211,12 @@ class MixtureSampler:
         self.sizes = task_sizes
         self.seed = seed
         share = np.array(weights, dtype=float) / sum(weights) * global_batch
-        counts = np.maximum(np.floor(share).astype(int), 1)
+        counts = np.where(share > 0, np.maximum(np.floor(share).astype(int), 1), 0)  # weight 0: never drawn
         while counts.sum() < global_batch:  # largest remainder first
             counts[np.argmax(share - counts)] += 1
         while counts.sum() > global_batch:
             counts[np.argmax(counts)] -= 1
+        assert all(c > 0 for c, w in zip(counts, weights) if w > 0), "each trained task gets a slot (validated)"
         self.counts = counts.tolist()
 
     @functools.lru_cache(maxsize=64)
@@ -321,11 +322,14 @@ def build_train_data(cfg: RunConfig, encoder: Encoder) -> TrainData:
     """Read, encode and index every task's training data."""
     examples, skipped = [], {}
     for i, task in enumerate(cfg.tasks):
+        if task.train is None:  # evaluation only: never sampled
+            examples.append([])
+            continue
         where = f"{cfg.source}: tasks[{i}].train"
         records = read_records(task.train, where, "train")
         encoded, n_skipped = encode_task(encoder, task, i, records, cfg.train.too_long, where)
         examples.append(encoded)
         skipped[task.name] = n_skipped
-    sampler = MixtureSampler([len(e) for e in examples], [t.weight for t in cfg.tasks], cfg.train.global_batch,
-                             cfg.train.seed)
+    sampler = MixtureSampler([len(e) for e in examples], [t.weight if t.train else 0.0 for t in cfg.tasks],
+                             cfg.train.global_batch, cfg.train.seed)
     return TrainData(examples, sampler, skipped)

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher
 
 from dataclasses import dataclass
 
-from tagscale import dist, runs
+from tagscale import dist, evaluate, runs
 from tagscale.bases import load_base
 from tagscale.config import RunConfig, grad_accumulation, load_config
 from tagscale.data import Encoder, TrainData, build_train_data, collate
@@ -66,7 +66,8 @@ class Session:
     data: TrainData
     plan: runs.RunPlan
     identity: dict
-    pad_id: int
+    encoder: Encoder
+    tokenizer: object
     log: RunLog
 
 
@@ -85,13 +86,13 @@ def build(cfg: RunConfig, ds_config: str) -> Session:
     dist.barrier()
     data = data or build_train_data(cfg, encoder)
     for i, task in enumerate(cfg.tasks):
-        if task.head and cfg.tag(task.head).head.type == "regression" and cfg.tag(task.head).head.standardize:
+        if task.train and task.head and cfg.tag(task.head).head.type == "regression" and cfg.tag(task.head).head.standardize:
             head = model.heads[model.head_names.index(task.head)]
             mean, std = data.label_stats(i)
             head.mean.fill_(mean), head.std.fill_(std)
     engine = dist.build_engine(model, runs.param_groups(model, cfg), ds, runs.lr_lambda(cfg))
     log = RunLog(cfg, model, base.identity, data.skipped)
-    return Session(cfg, recipe, engine, model, data, plan, base.identity, base.tokenizer.pad_token_id, log)
+    return Session(cfg, recipe, engine, model, data, plan, base.identity, encoder, base.tokenizer, log)
 
 
 def train_steps(s: Session, start: int, stop: StopFlag | None = None) -> bool:
@@ -102,7 +103,7 @@ def train_steps(s: Session, start: int, stop: StopFlag | None = None) -> bool:
     for step in range(start, cfg.train.steps):
         started, losses, tokens, lr = time.perf_counter(), [], 0, engine.get_lr()
         for examples in s.data.rank_micro_batches(step, cfg.train.micro_batch, rank, world):
-            batch = collate(examples, s.pad_id, cfg.train.padding_side, split, target_width)
+            batch = collate(examples, s.tokenizer.pad_token_id, cfg.train.padding_side, split, target_width)
             tokens += int(batch["attention_mask"].sum())
             loss = engine(**{k: v.to(dist.device()) for k, v in batch.items()})
             engine.backward(loss)
@@ -138,16 +139,26 @@ def main(argv: list[str] | None = None) -> int:
     if resume_from is not None:
         state = runs.read_checkpoint(resume_from)
         dist.load_portable_state(session.engine, state["engine"])
+        if "rng" in state:  # absent from checkpoints written before RNG states were saved
+            dist.restore_rng_states(state["rng"])
         start = state["step"]
         session.log.resumed(resume_from, start)
-    if train_steps(session, start, stop):
-        session.log.finish(save_outputs(session, cfg.train.steps))
+    before = evaluate.baselines(session.cfg, session.model, session.encoder, session.tokenizer) \
+        if cfg.evaluation.enabled else {}
+    if not train_steps(session, start, stop):
+        return 0
+    folder = save_outputs(session, cfg.train.steps)
+    if cfg.evaluation.enabled:
+        evaluate.final(session.cfg, session.model, session.encoder, session.tokenizer, before)
+    session.log.finish(folder)
     return 0
 
 
 def save_checkpoint(engine, cfg, step: int) -> None:
-    """A resumable checkpoint: trainables, Adam state, scheduler, step; world-size independent. Collective."""
-    state = {"engine": dist.portable_state(engine), "step": step, "world_size": dist.world_size()}
+    """A resumable checkpoint: trainables, Adam state, scheduler, every rank's RNG states, step (the data
+    position: batches are a function of the step); world-size independent. Collective."""
+    state = {"engine": dist.portable_state(engine), "rng": dist.all_gather_objects(dist.rng_state()), "step": step,
+             "world_size": dist.world_size()}
     if dist.is_main():
         runs.write_checkpoint(Path(cfg.output.dir), step, state, cfg.train.keep_checkpoints)
     dist.barrier()
