@@ -7,12 +7,15 @@ Model, tag, head and data code stay single-device; they reach ZeRO-3 only throug
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
+import random
 import socket
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from tagscale.errors import UserError
@@ -30,6 +33,10 @@ from deepspeed.utils import (  # noqa: E402
 )
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
+# How long a collective waits for a missing rank before it fails (the job then exits non-zero instead of hanging).
+# A dead peer usually fails gloo/NCCL at once; this bounds the cases where it does not (a frozen or stopped rank).
+TIMEOUT_ENV = "TAGSCALE_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,7 +58,19 @@ def init() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=collective_timeout())
+
+
+def collective_timeout() -> datetime.timedelta:
+    """The collective timeout: $TAGSCALE_DIST_TIMEOUT_S seconds, default 600."""
+    text = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise UserError(f"environment: {TIMEOUT_ENV}={text!r}: expected a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
 
 
 def rank() -> int:
@@ -233,7 +252,7 @@ def _inner_optimizer(engine: Any) -> torch.optim.Optimizer:
 
 
 def portable_state(engine: Any) -> dict:
-    """Trainable weights, Adam moments and step count, world-size independent. Collective; every rank returns it."""
+    """Trainable weights, Adam moments and step count, learning rates, world-size independent. Collective."""
     state: dict = {"params": {}, "exp_avg": {}, "exp_avg_sq": {}}
     for name, param in trainable_named_params(engine):
         state["params"][name] = full_fp32(param)
@@ -244,20 +263,48 @@ def portable_state(engine: Any) -> dict:
     steps = [s.get("step") for s in _inner_optimizer(engine).state.values() if "step" in s]
     state["adam_step"] = float(steps[0]) if steps else 0.0
     state["scheduler"] = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
+    state["lrs"] = [float(group["lr"]) for group in _inner_optimizer(engine).param_groups]
     state["global_steps"] = int(engine.global_steps)
     return state
 
 
+def _optimized_tensors(engine: Any) -> list[tuple[torch.Tensor, dict]]:
+    """The tensors the inner optimizer updates, each with its param group."""
+    inner = _inner_optimizer(engine)
+    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    if flat is not None:  # ZeRO-3 lists its flat fp32 partitions in the param groups only during a step
+        return [(t, inner.param_groups[engine.optimizer.sub_group_to_group_id[i]]) for i, t in enumerate(flat)]
+    return [(t, group) for group in inner.param_groups for t in group["params"]]
+
+
+def _create_adam_state(engine: Any) -> None:
+    """Give every optimized tensor the (zero) state AdamW creates lazily at its first step.
+
+    A freshly built engine has none yet, and ZeRO-3 can only write moments into state that exists.
+    """
+    optimizer = _inner_optimizer(engine)
+    for tensor, group in _optimized_tensors(engine):
+        state = optimizer.state[tensor]
+        if not state:
+            on_device = group.get("fused") or group.get("capturable")  # where AdamW itself keeps `step`
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=tensor.device if on_device else "cpu")
+            for key in ADAM_STATES:
+                state[key] = torch.zeros_like(tensor, memory_format=torch.preserve_format)
+
+
 def load_portable_state(engine: Any, state: dict) -> None:
     """Restore what `portable_state` wrote, whatever the number of ranks then and now."""
+    optimizer = _inner_optimizer(engine)
+    if state["adam_step"] > 0:
+        _create_adam_state(engine)
     for name, param in trainable_named_params(engine):
         if name not in state["params"]:
             raise UserError(f"checkpoint lacks the trainable parameter {name}")
-        if is_partitioned(param):
-            safe_set_full_fp32_param(param, state["params"][name].to(device()))
-        else:
-            with torch.no_grad():
-                param.copy_(state["params"][name])
+        value = state["params"][name]
+        if is_partitioned(param):  # the optimizer's fp32 master copy, and the module's copy the forward reads
+            safe_set_full_fp32_param(param, value.to(device()))
+        with gathered([param], modify=True), torch.no_grad():
+            param.data.copy_(value.to(param.dtype))
         for key in ADAM_STATES:
             value = state[key].get(name)
             if value is None:
@@ -265,11 +312,44 @@ def load_portable_state(engine: Any, state: dict) -> None:
             if is_partitioned(param):
                 safe_set_full_optimizer_state(param, value.to(device()), key)
             else:
-                _inner_optimizer(engine).state.setdefault(param, {})[key] = value.clone().to(param.device)
-    for group_state in _inner_optimizer(engine).state.values():
-        if "step" in group_state:
-            group_state["step"] = torch.tensor(state["adam_step"]) if torch.is_tensor(group_state["step"]) \
-                else state["adam_step"]
+                optimizer.state[param][key] = value.clone().to(param.device)
+    for param_state in optimizer.state.values():
+        if "step" in param_state:
+            param_state["step"] = torch.full_like(param_state["step"], state["adam_step"]) \
+                if torch.is_tensor(param_state["step"]) else state["adam_step"]
     if state.get("scheduler") is not None and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(state["scheduler"])
+    # The scheduler's state holds the learning rate of the next step, but loading it does not put it into
+    # the optimizer: without this the first resumed step would run at the freshly built schedule's step-0 rate.
+    for group, lr in zip(optimizer.param_groups, state.get("lrs", [])):
+        group["lr"] = lr
     engine.global_steps = state["global_steps"]
+
+
+# ---------------------------------------------------------------------------------------------
+# random number generators
+
+def rng_state() -> dict:
+    """This rank's Python, NumPy and torch (CPU and CUDA) generator states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned (the CUDA states only where there are as many devices)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and len(state.get("cuda", [])) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_rng_states(states: list[dict]) -> None:
+    """Each rank takes its own saved state; when the number of ranks changed, every rank takes rank 0's.
+
+    A rank's stream has no counterpart in another world size. Only a base with dropout draws from them
+    while training, so a resume at another world size is exact except for such a base's dropout masks.
+    """
+    set_rng_state(states[rank()] if len(states) == world_size() else states[0])
