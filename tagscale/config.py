@@ -20,6 +20,8 @@ import yaml
 from tagscale.errors import UserError, nearest
 
 TAG_NAME = re.compile(r"<[A-Za-z][A-Za-z0-9_\-]*>")
+FIELD_KINDS = ("smiles", "protein")
+"""What a task's `validate` can check a field for."""
 
 
 @dataclass
@@ -100,6 +102,8 @@ class TaskConfig:
     """Head task: the field holding the number (regression) or class index (classification)."""
     weight: float = 1.0
     """Share of each global batch in a mixture."""
+    validate: dict = field(default_factory=dict)
+    """Fields of a file's records to check before training, each ``smiles`` or ``protein``: ``{smiles: smiles}``."""
     train: Optional[DataConfig] = field(default_factory=DataConfig)
     """Training examples; null makes an evaluation-only task (e.g. zero-shot: tags composed as never trained)."""
     eval: Optional[DataConfig] = None
@@ -445,6 +449,9 @@ def validate(cfg: RunConfig) -> None:
                 raise UserError(f"{where}.label: a head task needs the field that holds its label")
         if task.weight <= 0:
             raise UserError(f"{where}.weight: expected a positive weight, got {task.weight}")
+        for name, kind in task.validate.items():
+            if kind not in FIELD_KINDS:
+                raise UserError(f"{where}.validate.{name}: expected {' or '.join(FIELD_KINDS)}, got {kind!r}")
         if task.train is None and task.eval is None:
             raise UserError(f"{where}: an evaluation-only task (train: null) needs eval data")
         for part, data in (("train", task.train), ("eval", task.eval)):

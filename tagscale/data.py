@@ -8,80 +8,26 @@ number of ranks. No distributed imports: ranks come in as plain integers.
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
-import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from tagscale.config import TAG_NAME, DataConfig, RunConfig, TaskConfig
+from tagscale.config import TAG_NAME, RunConfig, TaskConfig
 from tagscale.errors import UserError
+# The readers live in tagscale.inputs (no torch there: the command line checks files before loading torch);
+# read_records, tags_in_tasks and template_tags are used from here too.
+from tagscale.inputs import FIELD, label_value, read_records, tags_in_tasks, template_tags  # noqa: F401
+from tagscale.inputs import record_where as _record_where
 
 IGNORE = -100
-FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-# ---------------------------------------------------------------------------------------------
-# reading records
-
-def read_records(data: DataConfig, where: str, split: str) -> list[dict]:
-    """Records (dicts of fields) from a .jsonl or .csv file, or from a built-in offline source."""
-    if data.builtin is not None:
-        from tagscale.sources import load_builtin
-
-        records = load_builtin(data.builtin, split, dict(data.options))
-        origin = f"builtin {data.builtin}"
-    else:
-        path = Path(data.path)
-        origin = str(path)
-        if not path.is_file():
-            raise UserError(f"{where}.path: {path}: no such data file")
-        if path.suffix == ".jsonl":
-            records = []
-            with path.open() as handle:
-                for line_no, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise UserError(f"{path}: line {line_no}: not valid JSON ({err.msg})") from None
-                    if not isinstance(record, dict):
-                        raise UserError(f"{path}: line {line_no}: expected a JSON object of fields")
-                    record["_line"] = line_no
-                    records.append(record)
-        elif path.suffix == ".csv":
-            with path.open(newline="") as handle:
-                records = [dict(row, _line=i + 2) for i, row in enumerate(csv.DictReader(handle))]
-        else:
-            raise UserError(f"{where}.path: {path}: expected a .jsonl or .csv file")
-    if data.limit is not None:
-        records = records[:data.limit]
-    if not records:
-        raise UserError(f"{where}: {origin}: no examples (the dataset is empty)")
-    for record in records:
-        record.setdefault("_origin", origin)
-    return records
-
-
-def _record_where(record: dict) -> str:
-    line = record.get("_line")
-    return f"{record.get('_origin', '<data>')}" + (f": line {line}" if line else "")
 
 
 # ---------------------------------------------------------------------------------------------
 # templates and encoding
-
-def template_tags(template: str) -> list[str]:
-    """The tag names a template uses, in order."""
-    return TAG_NAME.findall(template)
-
 
 def fill(template: str, record: dict) -> str:
     def field_value(match: re.Match) -> str:
@@ -165,14 +111,7 @@ class Encoder:
         elif task.loss == "head":
             example.head_index = self.head_names.index(task.head)
             example.head_pos = last.get(task.head, len(ids) - 1)  # baselines: the last prompt token
-            value = record.get(task.label)
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                raise UserError(f"{_record_where(record)}: field {task.label!r}: expected a number, got {value!r}") from None
-            if not math.isfinite(number):
-                raise UserError(f"{_record_where(record)}: field {task.label!r}: expected a finite number, got {value!r}")
-            example.head_target = [number]
+            example.head_target = [label_value(record, task)]
         trainable_at = [t for t, i in enumerate(ids) if is_tag[t] and self._tag_at(i) in self.trainable_tags]
         loss_at = [example.head_pos] if example.head_pos >= 0 else [t for t, y in enumerate(targets) if y != IGNORE]
         example.split = min(trainable_at[:1] + loss_at[:1] + [len(ids) - 1])
@@ -284,15 +223,6 @@ def collate(examples: list[Example], pad_id: int, padding_side: str = "right", s
     if split_layout:
         batch["prefix_len"] = torch.tensor(max(e.split for e in examples))
     return batch
-
-
-def tags_in_tasks(cfg: RunConfig) -> list[str]:
-    """Every tag the run's templates use, in first-use order."""
-    seen: dict[str, None] = {}
-    for task in cfg.tasks:
-        for name in template_tags(task.template) + template_tags(task.target or ""):
-            seen[name] = None
-    return list(seen)
 
 
 @dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import os
 import random
 import socket
@@ -18,7 +17,9 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
+from tagscale.config import RunConfig
 from tagscale.errors import UserError
+from tagscale.inputs import read_ds_config
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -136,28 +137,9 @@ def shutdown() -> None:
 # ---------------------------------------------------------------------------------------------
 # DeepSpeed config
 
-def load_ds_config(path: str | Path, cfg_source: str, micro_batch: int, grad_accum: int) -> dict:
+def load_ds_config(path: str | Path, cfg: RunConfig) -> dict:
     """Read a DeepSpeed JSON and write the batch sizes into it: the recipe is their one source."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such DeepSpeed config (--ds_config)")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(ds, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    wanted = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
-              "train_batch_size": micro_batch * grad_accum * world_size()}
-    recipe_keys = {"train_micro_batch_size_per_gpu": "train.micro_batch",
-                   "gradient_accumulation_steps": "global_batch / (micro_batch x ranks)",
-                   "train_batch_size": "train.global_batch"}
-    for key, value in wanted.items():
-        if key in ds and ds[key] != "auto" and ds[key] != value:
-            raise UserError(f"{path}: {key} is {ds[key]} but the recipe {cfg_source} gives {value} "
-                            f"({recipe_keys[key]}; micro {micro_batch} x accumulation {grad_accum} x ranks "
-                            f"{world_size()}): remove the key from the DeepSpeed config, the recipe sets it")
-        ds[key] = value
+    ds = read_ds_config(path, cfg, world_size())
     ds.setdefault("zero_optimization", {})
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)

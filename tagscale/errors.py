@@ -26,10 +26,10 @@ def nearest(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def fail(message: str) -> NoReturn:
-    """Print one line to stderr and exit 2."""
+def fail(message: str, exit_code: int = UserError.exit_code) -> NoReturn:
+    """Print one line to stderr and exit (2 unless told otherwise)."""
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-    sys.exit(UserError.exit_code)
+    sys.exit(exit_code)
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:
@@ -37,7 +37,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     try:
         code = main(argv)
     except UserError as err:
-        fail(str(err))
+        fail(str(err), err.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(code or 0)

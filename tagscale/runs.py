@@ -19,16 +19,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tagscale.config import RunConfig
-from tagscale.data import tags_in_tasks, template_tags
 from tagscale.errors import UserError
+# run.json reading and the output-folder check live in tagscale.inputs (no torch there); used as runs.* too
+from tagscale.inputs import (FORMAT, check_earlier_runs, check_output_folder, check_tag_sources,  # noqa: F401
+                             read_run_json, tags_in_tasks)
 from tagscale.model import HeadSpec, TaggedModel
 from tagscale.tags import TagBank, TagSpec, init_bank
-
-FORMAT = 1
-# Settings a resumed or extended run may change without being "another config".
-RESUMABLE_KEYS = {("train", "steps"), ("train", "resume"), ("train", "save_every"), ("train", "log_every"),
-                  ("train", "eval_every"), ("train", "keep_checkpoints"), ("output", "dir"), ("wandb",), ("source",)}
-
 
 @dataclass
 class InheritedTag:
@@ -52,21 +48,6 @@ def write_json_atomic(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def read_run_json(folder: Path, where: str) -> dict:
-    meta_path = folder / "run.json"
-    if not folder.is_dir():
-        raise UserError(f"{where}: {folder}: no such run folder")
-    if not meta_path.is_file():
-        raise UserError(f"{where}: {folder}: not a tagscale run folder (no run.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{meta_path}: line {err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "tags" not in meta:
-        raise UserError(f"{meta_path}: not a tagscale run.json (expected format {FORMAT} with a tags field)")
-    return meta
-
-
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file; a missing, truncated or corrupt file is one clear line."""
     if not path.is_file():
@@ -79,37 +60,22 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_earlier_runs(cfg: RunConfig, hidden_size: int) -> dict[str, InheritedTag]:
     """Tags of the runs in from_runs (later runs win), checked against the base's hidden size."""
+    check_earlier_runs(cfg, hidden_size)  # folders, status, whole files, widths: one line for each problem
     found: dict[str, InheritedTag] = {}
     for i, path in enumerate(cfg.from_runs):
         folder = Path(path)
         meta = read_run_json(folder, f"{cfg.source}: from_runs[{i}]")
-        if meta.get("status") != "complete":
-            raise UserError(f"{folder}/run.json: status is {meta.get('status')!r}; the run did not finish (expected 'complete')")
         tensors = load_tensors(folder / "tags.safetensors")
         for name, info in meta["tags"].items():
-            if name not in tensors:
-                raise UserError(f"{folder}/tags.safetensors: lacks tag {name} listed in run.json")
-            vectors = tensors[name]
-            if vectors.ndim != 2 or vectors.shape[1] != hidden_size:
-                raise UserError(f"{folder}/tags.safetensors: tag {name} has width {vectors.shape[-1]}, but the base's "
-                                f"hidden size is {hidden_size} (tags only work with the base they were trained on)")
-            found[name] = InheritedTag(name, info["kind"], vectors.float(), str(folder))
+            found[name] = InheritedTag(name, info["kind"], tensors[name].float(), str(folder))
     return found
 
 
 def plan_tags(cfg: RunConfig, inherited: dict[str, InheritedTag]) -> RunPlan:
     """Decide each used tag's source; refuse to start when a needed tag is neither trained nor inherited."""
-    used = tags_in_tasks(cfg)
-    for i, tag in enumerate(cfg.tags):
-        if tag.name not in used and cfg.method != "tag_llm" and tag.head is not None:
-            continue  # a baseline keeps the function tag only as the name of its head
-        if tag.name not in used:
-            raise UserError(f"{cfg.source}: tags[{i}]: {tag.name} is not used by any task template")
-        if tag.name in inherited:
-            raise UserError(f"{cfg.source}: tags[{i}]: {tag.name} is already trained by {inherited[tag.name].run}; "
-                            f"drop it from tags (to reuse it) or from from_runs (to train it anew)")
+    check_tag_sources(cfg, {name: tag.run for name, tag in inherited.items()})
     specs, kept = [], {}
-    for name in used:
+    for name in tags_in_tasks(cfg):
         mine = cfg.tag(name)
         if mine is not None:
             specs.append(TagSpec(name, mine.kind, mine.p, trainable=True))
@@ -118,14 +84,6 @@ def plan_tags(cfg: RunConfig, inherited: dict[str, InheritedTag]) -> RunPlan:
             trainable = cfg.enrich and tag.kind == "domain"
             specs.append(TagSpec(name, tag.kind, tag.vectors.shape[0], trainable=trainable))
             kept[name] = tag
-        else:
-            task = next(t for t in cfg.tasks if name in template_tags(t.template) + template_tags(t.target or ""))
-            is_function = name == task.head or template_tags(task.template)[-1:] == [name]
-            maker = "stage 2 or 3 (a function tag)" if is_function else "stage 1 (a domain tag)"
-            where = f"from_runs ({', '.join(cfg.from_runs)})" if cfg.from_runs else "from_runs (empty)"
-            raise UserError(f"{cfg.source}: task {task.name!r} needs tag {name}, which stage {cfg.stage} does not "
-                            f"train and no earlier run in {where} provides; it is made by {maker}: "
-                            f"train it there and list that run folder in from_runs")
     return RunPlan(specs, kept)
 
 
@@ -179,34 +137,6 @@ def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
 # ---------------------------------------------------------------------------------------------
 # this run's folder
 
-def _comparable(config: dict) -> dict:
-    out = json.loads(json.dumps(config, default=str))
-    for key in RESUMABLE_KEYS:
-        node = out
-        for part in key[:-1]:
-            node = node.get(part, {})
-        node.pop(key[-1], None)
-    return out
-
-
-def check_output_folder(cfg: RunConfig) -> Optional[dict]:
-    """Refuse a folder that holds a run of another config; return its run.json when it holds this one."""
-    folder = Path(cfg.output.dir)
-    meta_path = folder / "run.json"
-    if not meta_path.is_file():
-        if folder.is_dir() and any(p.name not in {"checkpoints", "wandb", "PREEMPTED"} for p in folder.iterdir()):
-            if not (folder / "checkpoints").is_dir():
-                raise UserError(f"output.dir: {folder} holds files that are not a tagscale run; choose an empty or new folder")
-        return None
-    meta = read_run_json(folder, "output.dir")
-    if _comparable(meta.get("config", {})) != _comparable(cfg.to_dict()):
-        theirs, mine = _comparable(meta.get("config", {})), _comparable(cfg.to_dict())
-        diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
-        raise UserError(f"output.dir: {folder} holds a run of another config (differs in: {', '.join(diff)}); "
-                        f"choose a new output.dir, nothing there was changed")
-    return meta
-
-
 def run_metadata(cfg: RunConfig, model: TaggedModel, plan: RunPlan, identity: dict, status: str, step: int,
                  extra: dict) -> dict:
     tags = {}
@@ -256,6 +186,25 @@ def write_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
     for old in checkpoint_dirs(folder)[:-max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def trim_metrics(folder: Path, step: int) -> None:
+    """Drop metrics.jsonl records after `step` (a resumed run repeats those steps and logs them again), and a
+    last line torn by a kill."""
+    def step_of(line: str) -> float:
+        try:
+            return json.loads(line).get("step", 0)
+        except json.JSONDecodeError:
+            return float("inf")
+
+    path = folder / "metrics.jsonl"
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.endswith("\n") and step_of(line) <= step]
+        if len(kept) != len(lines):
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)
 
 
 def find_resume_point(cfg: RunConfig) -> Optional[Path]:

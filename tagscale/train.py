@@ -17,20 +17,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataclasses import dataclass
-
-from tagscale import dist, evaluate, runs
-from tagscale.bases import load_base
-from tagscale.config import RunConfig, grad_accumulation, load_config
-from tagscale.data import Encoder, TrainData, build_train_data, collate
-from tagscale.errors import UserError, run_cli
-from tagscale.logs import RunLog
-from tagscale.methods import apply_method
-from tagscale.model import TaggedModel
-
-
-class NonFiniteLoss(UserError):
-    exit_code = 3
+from tagscale.config import RunConfig, load_config
+from tagscale.errors import UserError, fail, run_cli
+from tagscale.inputs import check_inputs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,6 +29,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="key=value settings over the recipe, e.g. train.steps=10")
     return parser.parse_args(argv)
+
+
+def read_and_check(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
+    """The arguments and the recipe, with every input checked that needs neither torch nor the base."""
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    check_inputs(cfg, args.ds_config)
+    return args, cfg
+
+
+if __name__ == "__main__":  # a bad recipe or file is one line within a second: before the slow imports below
+    try:
+        read_and_check(None)
+    except UserError as err:
+        fail(str(err), err.exit_code)
+
+from dataclasses import dataclass  # noqa: E402
+
+from tagscale import dist, evaluate, runs  # noqa: E402
+from tagscale.bases import load_base  # noqa: E402
+from tagscale.data import Encoder, TrainData, build_train_data, collate  # noqa: E402
+from tagscale.logs import RunLog  # noqa: E402
+from tagscale.methods import apply_method  # noqa: E402
+from tagscale.model import TaggedModel  # noqa: E402
+
+
+class NonFiniteLoss(UserError):
+    """The loss is NaN or infinite: the run stops at that step; its checkpoints stay. Exit code 3."""
+
+    exit_code = 3
 
 
 class StopFlag:
@@ -73,7 +92,7 @@ class Session:
 
 def build(cfg: RunConfig, ds_config: str) -> Session:
     """The frozen base (partitioned under ZeRO-3), tags, heads, data and the DeepSpeed engine."""
-    ds = dist.load_ds_config(ds_config, cfg.source, cfg.train.micro_batch, grad_accumulation(cfg, dist.world_size()))
+    ds = dist.load_ds_config(ds_config, cfg)
     with dist.zero3_base_context(ds):
         base = load_base(cfg.base)
     inherited = runs.load_earlier_runs(cfg, base.identity["hidden_size"])
@@ -124,8 +143,7 @@ def train_steps(s: Session, start: int, stop: StopFlag | None = None) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    args, cfg = read_and_check(argv)  # checked once: a second call (after the early check) returns at once
     stop = StopFlag()
     dist.init()
     previous = dist.broadcast_object(runs.check_output_folder(cfg) if dist.is_main() else None)
@@ -142,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         if "rng" in state:  # absent from checkpoints written before RNG states were saved
             dist.restore_rng_states(state["rng"])
         start = state["step"]
+        if dist.is_main():
+            runs.trim_metrics(Path(cfg.output.dir), start)  # steps after the checkpoint are run (and logged) again
         session.log.resumed(resume_from, start)
     before = evaluate.baselines(session.cfg, session.model, session.encoder, session.tokenizer) \
         if cfg.evaluation.enabled else {}
