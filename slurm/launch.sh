@@ -110,7 +110,8 @@ say "srun: $cmd"
 # preemption) is forwarded to the ranks at once instead of after srun returns.
 forward() { say "got $1: asking the trainer to checkpoint (USR1)"; kill -USR1 "$srun_pid" 2>/dev/null || true; }
 trap 'forward USR1' USR1
-trap 'forward TERM' TERM
+ending=0
+trap 'ending=1; forward TERM' TERM
 srun --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-$SLURM_CPUS_ON_NODE}" \
      --kill-on-bad-exit=1 --label bash -c "$cmd" &
 srun_pid=$!
@@ -122,8 +123,16 @@ done
 trap - USR1 TERM
 
 if [ -e "$RUN_DIR/PREEMPTED" ]; then
-  say "trainer checkpointed at step $(cat "$RUN_DIR/PREEMPTED") (srun rc $rc): requeueing job $JOB"
-  scontrol requeue "$JOB" || { say "requeue refused (job cancelled?)"; exit 1; }
+  step=$(cat "$RUN_DIR/PREEMPTED")
+  if [ "$ending" = 1 ]; then
+    # TERM to the batch shell: scancel, the time limit, or a preemption (where the partition's
+    # PreemptMode=REQUEUE makes Slurm requeue the job itself). A cancelled job must stay cancelled.
+    say "Slurm is ending this job; the trainer checkpointed at step $step. Not requeueing:" \
+        "submit the same stage again to resume."
+    exit 0
+  fi
+  say "trainer checkpointed at step $step (srun rc $rc): requeueing job $JOB"
+  scontrol requeue "$JOB"
   exit 0
 fi
 say "srun finished, rc $rc"

@@ -124,7 +124,7 @@ def complete(run_dir: Path) -> dict:
 
 def report(*records: dict) -> None:
     for r in records:
-        name = r["JobId"] + (f"_{r['ArrayTaskId']}" if r.get("ArrayTaskId") else "")
+        name = f"{r['ArrayJobId']}_{r['ArrayTaskId']} (job {r['JobId']})" if r.get("ArrayTaskId") else r["JobId"]
         print(f"job {name} {r['JobName']} {r['JobState']} exit {r['ExitCode']} restarts {r['Restarts']} "
               f"submit {r['SubmitTime']} start {r['StartTime']} end {r['EndTime']}")
 
