@@ -1,0 +1,144 @@
+"""tools/plan.py: the arithmetic against numbers worked out by hand for the LLaMA-7B shape, the parameter count
+against transformers, the recommendation, the CLI, and (CI-sized) predicted vs measured peak RSS of a real run.
+
+The full measurement (llama-1b, and the LLaMA-7B shape in bf16 on 2 CPU ranks under ZeRO-3, ~10 minutes) is not a
+test: `python tools/measure_memory.py --cases full --out docs/planner` made docs/planner/measured.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import plan as planner  # noqa: E402
+
+LLAMA_7B_PARAMS = 6_738_415_616  # the published LLaMA-7B count
+LAYER_7B = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # attention + gated MLP + 2 RMSNorms = 202,383,360
+
+
+def test_7b_parameter_count():
+    shape = planner.resolve_shape("7b")
+    assert shape.layer_params == LAYER_7B == 202_383_360
+    assert shape.total_params == 32000 * 4096 * 2 + 32 * LAYER_7B + 4096 == LLAMA_7B_PARAMS
+    assert shape.matmul_params == 32 * (LAYER_7B - 2 * 4096) == 6_476_005_376
+
+
+def test_7b_memory_by_part_zero3_8_gpus():
+    shape = planner.resolve_shape("7b")
+    setup = planner.Setup(gpu="H100", gpus_per_node=8, seq=2048, micro_batch=1, zero=3, dtype="bf16", tag_vectors=20)
+    parts = planner.plan(shape, setup).memory_bytes
+    assert parts["weights (sharded)"] == 842_301_952 * 2  # ceil(6,738,415,616 / 8) bf16 values
+    # reuse window 1e9 elements: floor(1e9 / (2 x 202,383,360)) + 1 = 3 layers whole, plus the 5e7 prefetch bucket
+    assert parts["gathered working set"] == 2 * (3 * LAYER_7B + 50_000_000) == 1_314_300_160
+    # 2048 tokens x 32 layers x (13.07 h + 6 I + 4 kv + 69) B = 33.2 B per token*hidden*layer (notes: 33.3)
+    assert parts["activations"] == int(2048 * 32 * (13.07 * 4096 + 6 * 11008 + 4 * 4096 + 69)) == 8_915_236_945
+    assert parts["tags + heads + optimizer"] == (20 * 4096 + 4097) * 16 == 1_376_272
+    assert parts["buffers"] == int(5e8 * 2 + 4 * 2048 * 4096 * 4)  # ZeRO-3 reduce bucket + edge tensors
+
+
+def test_7b_checkpointing_offload_and_replication():
+    shape = planner.resolve_shape("7b")
+    base = planner.Setup(gpu="H100", gpus_per_node=8, seq=2048, zero=3)
+    full = planner.plan(shape, replace(base, checkpointing="full")).memory_bytes
+    # boundaries 2048 x 32 x 3.0 B x 4096, plus one layer recomputed: 2048 x 136,035.72 B
+    assert full["activations"] == int(2048 * 32 * 3.0 * 4096 + 2048 * 136_035.72) == 1_083_907_522
+    offload = planner.plan(shape, replace(base, checkpointing="full", offload="param"))
+    assert offload.memory_bytes["weights (sharded)"] == 0 and offload.host_bytes_per_rank == 842_301_952 * 2
+    replicated = planner.plan(shape, replace(base, zero=0)).memory_bytes
+    assert replicated["weights (replicated)"] == LLAMA_7B_PARAMS * 2 and replicated["gathered working set"] == 0
+    assert planner.plan(shape, replace(base, zero=2)).peak_bytes == planner.plan(shape, replace(base, zero=0)).peak_bytes
+
+
+def test_7b_tokens_per_second():
+    shape = planner.resolve_shape("7b")
+    result = planner.plan(shape, planner.Setup(gpu="H100", gpus_per_node=8, seq=2048, zero=0, mfu=0.45))
+    flops = 4 * 6_476_005_376 + 6 * 32 * 2048 * 4096  # 4N (frozen: no weight gradients) + causal attention
+    assert result.flops_per_token == flops == 27_514_634_240
+    assert result.tokens_per_s_per_gpu == pytest.approx(989e12 * 0.45 / flops) == pytest.approx(16_175, abs=1)
+    assert result.allgather_s_per_micro == 0 and result.bound == "compute"
+    # ZeRO-3 over 2 nodes: 2 x 2N bytes x 15/16 per micro-batch at 45 GB/s
+    multi = planner.plan(shape, planner.Setup(gpu="H100", gpus_per_node=8, nodes=2, seq=2048, zero=3))
+    assert multi.allgather_s_per_micro == pytest.approx(2 * LLAMA_7B_PARAMS * 2 * 15 / 16 / 45e9)
+
+
+def test_recommendation():
+    setup = planner.Setup(gpu="H100", gpus_per_node=8, seq=2048)
+    chosen, why = planner.recommend(planner.resolve_shape("7b"), setup)
+    assert (chosen.setup["zero"], chosen.setup["checkpointing"]) == (0, "none") and "fits on one GPU" in why
+    chosen, why = planner.recommend(planner.resolve_shape("13b"), setup)
+    assert chosen.setup["zero"] == 0
+    chosen, why = planner.recommend(planner.resolve_shape("70b"), replace(setup, seq=4096))
+    assert (chosen.setup["zero"], chosen.setup["checkpointing"]) == (3, "full") and "ZeRO-3" in why
+    chosen, _ = planner.recommend(planner.resolve_shape("70b"), replace(setup, gpu="H200", seq=4096))
+    assert chosen.fits
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-100m", "llama-7b", "llama-34b"])
+def test_count_matches_transformers(preset):
+    """The formula equals the parameters transformers builds (on the meta device: no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tagscale.bases import preset_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(preset_config(preset))
+    assert planner.resolve_shape(preset).total_params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_count_matches_embedded_bases(name):
+    """Folder configs (tied embeddings, GQA, Gemma 3's four norms and q/k norms) count exactly too."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tagscale.bases import resolve_folder
+
+    try:
+        folder = resolve_folder(f"embedded:{name}")
+    except Exception as err:  # the package is not installed here
+        pytest.skip(str(err))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    unique = {id(p): p for p in model.parameters()}  # tied embedding and LM head once
+    assert planner.resolve_shape(str(folder)).total_params == sum(p.numel() for p in unique.values())
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tools/plan.py", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_cli_text_and_json():
+    proc = run_cli("70b", "--gpus", "8", "--nodes", "2", "--seq", "4096")
+    assert proc.returncode == 0 and "gathered working set" in proc.stdout and "why:" in proc.stdout
+    proc = run_cli("7b", "--zero", "3", "--gpu", "a100", "--json")
+    out = json.loads(proc.stdout)
+    assert out["plan"]["setup"]["zero"] == 3 and out["recommended"]["setup"]["zero"] == 0
+    assert out["plan"]["parameters"] == LLAMA_7B_PARAMS
+
+
+@pytest.mark.parametrize("args, words", [
+    (["7x"], "not a preset"), (["7b", "--gpu", "V100"], "--gpu"), (["7b", "--zero", "4"], "--zero"),
+    (["7b", "--gpus", "0"], "--gpus"), (["7b", "--offload", "param", "--zero", "2"], "--zero 3"),
+    (["7b", "--checkpointing", "some"], "--checkpointing")])
+def test_cli_bad_input_is_one_line(args, words):
+    proc = run_cli(*args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and words in proc.stderr
+
+
+def test_predicted_peak_within_15_percent_of_measured(tmp_path):
+    """A real run (llama-350m, fp32, 1 rank, ZeRO-3, 3 steps): the planner's peak RSS within 15% of getrusage's."""
+    import measure_memory
+
+    rows = measure_memory.measure(measure_memory.CASES["ci"], tmp_path)
+    for row in rows:
+        assert abs(row["error"]) <= 0.15, row

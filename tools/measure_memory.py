@@ -1,0 +1,160 @@
+"""Measure the trainer's peak memory per rank on this machine and set it beside tools/plan.py's prediction.
+
+    python tools/measure_memory.py --cases ci                     # small shapes, fp32, 1 rank (~1 min; the CI test)
+    python tools/measure_memory.py --cases full --out docs/planner  # + llama-1b and the LLaMA-7B shape in bf16 on
+                                                                  #   2 CPU ranks under ZeRO-3 (~10 min, ~16 GB RAM)
+
+Each case is a real run: `python -m tagscale.train` (1 rank) or `deepspeed --num_gpus 2 tagscale/train.py` on
+tagscale/recipes/scaling_memory.yaml with a random-init shape preset, a few steps on fixed-length examples. The
+trainer records every rank's peak RSS (getrusage ru_maxrss) in run.json; the planner predicts the same run's
+per-rank peak ("CPU" device, the same ZeRO bucket sizes). With --out, writes measured.json and measured.md there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tools"))
+
+from plan import GIB, Setup, plan, resolve_shape  # noqa: E402
+
+from tagscale.errors import UserError, run_cli  # noqa: E402
+
+RECIPE = "tagscale/recipes/scaling_memory.yaml"
+TAG_VECTORS = 10  # the recipe's two tags of p = 5
+LAUNCH_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
+               "CROSS_SIZE", "LOCAL_WORLD_SIZE"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured run."""
+
+    preset: str
+    ranks: int
+    dtype: str  # bf16 | fp32
+    text_chars: int  # characters of the example text: one byte token each
+    steps: int = 3  # the peak comes after step 1, once DeepSpeed's parameter trace is complete
+
+    @property
+    def label(self) -> str:
+        return f"{self.preset} {self.dtype} x{self.ranks}"
+
+
+CASES = {
+    "ci": [Case("llama-350m", 1, "fp32", 200)],
+    "full": [Case("llama-100m", 1, "fp32", 200), Case("llama-350m", 1, "fp32", 200),
+             Case("llama-1b", 1, "fp32", 200), Case("llama-7b", 2, "bf16", 12)],
+}
+
+
+def ds_config(dtype: str) -> dict:
+    """ZeRO-3 for CPU ranks (gloo): DeepSpeed's default bucket sizes, bf16 or fp32."""
+    return {"zero_optimization": {"stage": 3, "contiguous_gradients": True, "overlap_comm": False},
+            "bf16": {"enabled": dtype == "bf16"}}
+
+
+def run_case(case: Case, workdir: Path, timeout: int) -> dict:
+    """Run the trainer on `case`; return its run.json summary and metrics."""
+    out = workdir / case.label.replace(" ", "_")
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "data.jsonl"
+    rng = random.Random(0)
+    with data.open("w") as handle:  # lowercase letters only: exactly one byte-level token per character
+        for _ in range(64):
+            text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(case.text_chars))
+            handle.write(json.dumps({"text": text, "y": rng.random()}) + "\n")
+    ds_path = out / "ds_config.json"
+    ds_path.write_text(json.dumps(ds_config(case.dtype)))
+    if case.ranks == 1:
+        cmd = [sys.executable, "-m", "tagscale.train"]
+    else:
+        cmd = ["deepspeed", "--num_gpus", str(case.ranks), "tagscale/train.py"]
+    run_dir = out / "run"
+    cmd += ["--ds_config", str(ds_path), "--config", RECIPE, f"base.preset={case.preset}",
+            f"base.dtype={'bfloat16' if case.dtype == 'bf16' else 'float32'}", f"tasks.0.train.path={data}",
+            f"output.dir={run_dir}", f"train.steps={case.steps}", f"train.global_batch={case.ranks}",
+            f"train.max_length={case.text_chars + 64}"]
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.setdefault("TAGSCALE_PROGRESS", "0")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise UserError(f"{case.label}: the trainer exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+    meta = json.loads((run_dir / "run.json").read_text())
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"meta": meta, "steps": steps}
+
+
+def compare(case: Case, measured: dict) -> dict:
+    """The measured per-rank peak beside the planner's prediction for the same run."""
+    tokens_per_example = measured["steps"][-1]["tokens"] // case.ranks  # one example per rank per step
+    shape = resolve_shape(case.preset)
+    ds = ds_config(case.dtype)["zero_optimization"]
+    setup = Setup(gpu="CPU", gpus_per_node=case.ranks, seq=tokens_per_example, micro_batch=1, zero=3,
+                  dtype=case.dtype, tag_vectors=TAG_VECTORS, **({} if "reduce_bucket_size" not in ds else
+                                                                 {"reduce_bucket": ds["reduce_bucket_size"]}))
+    predicted = plan(shape, setup)
+    per_rank = measured["meta"]["peak_rss_bytes_per_rank"]
+    peak = max(per_rank)
+    return {"case": case.label, "preset": case.preset, "ranks": case.ranks, "dtype": case.dtype,
+            "parameters": shape.total_params, "tokens_per_example": tokens_per_example, "steps": case.steps,
+            "measured_peak_bytes_per_rank": per_rank, "measured_peak_bytes": peak,
+            "predicted_peak_bytes": predicted.peak_bytes, "predicted_parts_bytes": predicted.memory_bytes,
+            "error": (predicted.peak_bytes - peak) / peak,
+            "step_s": [s["step_s"] for s in measured["steps"]]}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| case | parameters | tokens/example | measured peak RSS per rank | predicted | error |",
+             "|---|---:|---:|---|---:|---:|"]
+    for r in rows:
+        ranks = ", ".join(f"{b / GIB:.2f}" for b in r["measured_peak_bytes_per_rank"])
+        lines.append(f"| {r['case']} | {r['parameters'] / 1e6:,.0f} M | {r['tokens_per_example']} | {ranks} GiB | "
+                     f"{r['predicted_peak_bytes'] / GIB:.2f} GiB | {100 * r['error']:+.1f}% |")
+    return "\n".join(lines)
+
+
+def measure(cases: list[Case], workdir: Path, timeout: int = 1800) -> list[dict]:
+    from tqdm import tqdm
+
+    rows = []
+    for case in tqdm(cases, desc="measuring", unit="run"):
+        rows.append(compare(case, run_case(case, workdir, timeout)))
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="tools/measure_memory.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="ci", help=f"one of {', '.join(CASES)} (default ci)")
+    parser.add_argument("--out", help="folder for measured.json and measured.md (e.g. docs/planner)")
+    parser.add_argument("--keep", help="keep the run folders here (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    if args.cases not in CASES:
+        raise UserError(f"--cases: expected one of {', '.join(CASES)}, got {args.cases!r}")
+    with tempfile.TemporaryDirectory(prefix="tagscale-measure-") as tmp:
+        rows = measure(CASES[args.cases], Path(args.keep or tmp))
+    table = markdown(rows)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        command = f"python tools/measure_memory.py --cases {args.cases} --out {args.out}"
+        (out / "measured.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+        (out / "measured.md").write_text(f"Made by `{command}`.\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
