@@ -141,8 +141,9 @@ class TrainConfig:
     """Seed of data order and random tag init."""
     max_length: int = 512
     """Longest tokenized example."""
-    too_long: Literal["skip", "error"] = "skip"
-    """What to do with an example longer than max_length: skip and count it, or stop with an error."""
+    too_long: Literal["skip", "error", "truncate"] = "skip"
+    """An example longer than max_length: skip and count it, stop with an error, or (next-token tasks only;
+    others are skipped) cut it to max_length."""
     padding_side: Literal["right", "left"] = "right"
     """Where padding goes (positions are computed from the attention mask, so both are exact)."""
     prefix_split: Literal["auto", "on", "off"] = "auto"

@@ -128,6 +128,9 @@ def encode_task(encoder: Encoder, task: TaskConfig, task_index: int, records: li
     examples, skipped = [], 0
     for record in records:
         example = encoder.encode(task, task_index, record, with_target)
+        if len(example.ids) > encoder.max_length and too_long == "truncate" and task.loss == "lm":
+            example.ids, example.lm_targets = example.ids[:encoder.max_length], example.lm_targets[:encoder.max_length]
+            example.lm_targets[-1] = IGNORE  # its target was cut off
         if len(example.ids) > encoder.max_length:
             if too_long == "error":
                 raise UserError(f"{_record_where(record)}: {len(example.ids)} tokens, longer than train.max_length "
