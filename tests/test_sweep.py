@@ -1,0 +1,55 @@
+"""tools/sweep.py end to end on the tiny preset: two methods x one base through the real trainer, the report
+(a table row per run, the plots), resume (complete runs are skipped) and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "tests/recipes/scaling_tiny.yaml"
+
+
+def sweep(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tools/sweep.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_sweep_runs_every_method_and_reports(tmp_path):
+    out, report = tmp_path / "runs", tmp_path / "report"
+    args = ["run", "--recipe", RECIPE, "--bases", "tiny", "--methods", "linear_probe,tag_llm", "--out", str(out),
+            "--report", str(report), "--", "train.steps=2"]
+    proc = sweep(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for method in ("linear_probe", "tag_llm"):
+        run = out / "scaling_tiny" / method / "tiny" / "stage2"
+        meta = json.loads((run / "run.json").read_text())
+        assert meta["status"] == "complete" and meta["config"]["method"] == method and meta["step"] == 2
+        assert meta["peak_rss_bytes"] > 0 and (run / "eval.json").is_file()
+    text = (report / "report.md").read_text()
+    assert "python tools/sweep.py run --recipe tests/recipes/scaling_tiny.yaml" in text  # the command, at the top
+    rows = [line for line in text.splitlines() if line.startswith("| scaling_tiny | count | tiny |")]
+    assert len(rows) == 2 and {r.split(" | ")[4] for r in rows} == {"linear_probe", "tag_llm"}
+    for name in ("metrics.png", "cost.png"):
+        assert (report / name).stat().st_size > 10_000
+    data = json.loads((report / "runs.json").read_text())
+    assert {r["method"] for r in data["runs"]} == {"linear_probe", "tag_llm"}
+    assert all(r["metrics"]["count"]["mse"] >= 0 and r["tokens_per_s"] > 0 for r in data["runs"])
+    # linear_probe trains only the head (h + 1 = 65); tag_llm two 4-vector tags and the head
+    assert sorted(r["trainable"] for r in data["runs"]) == [65, 8 * 64 + 65]
+
+    again = sweep(*args)  # resume-friendly: nothing left to run
+    assert again.returncode == 0 and again.stdout.count("skipped (complete)") == 2
+
+
+def test_report_alone_and_errors(tmp_path):
+    proc = sweep("report", "--out", str(tmp_path), "--report", str(tmp_path / "r"))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "no complete run folders" in proc.stderr
+    for args, words in [(["--bases", "tiny", "--methods", "lora"], "unknown method"),
+                        (["--bases", "llama-7x"], "not a preset"),
+                        (["--bases", "embedded:smolm"], "unknown embedded base"),
+                        (["--bases", "tiny", "--", "train.steps"], "key=value")]:
+        proc = sweep("run", "--recipe", RECIPE, "--out", str(tmp_path), *args)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
