@@ -19,9 +19,11 @@
 #   RUNS_ROOT=runs           where run folders go (relative paths: to the submit directory)
 #   RUN_NAME=default         one name per pipeline: stage N of run NAME is $RUNS_ROOT/NAME/stageN
 #   RUN_DIR                  this stage's run folder, instead of the convention above
-#   PREV_RUN                 earlier stages' run folders (space separated) instead of the convention
-#   BASES                    in a job array: the bases, one per array task (a path -> base.path=,
-#                            a name -> base.preset=); task i trains base i into $RUN_NAME/<base>/
+#   PREV_RUN                 earlier stages' run folders (space separated) instead of the convention;
+#                            set but empty: no from_runs override (the recipe's own from_runs)
+#   BASES                    in a job array: the bases, one per array task (a path or embedded:NAME
+#                            -> base.path=, a name -> base.preset=); task i trains base i into
+#                            $RUN_NAME/<base>/
 #   TAGSCALE_PROCS_PER_NODE  ranks per node; default $SLURM_GPUS_ON_NODE
 #   TAGSCALE_HOME            the tagscale checkout; default $SLURM_SUBMIT_DIR
 # Arguments are passed through to the trainer (key=value overrides).
@@ -50,6 +52,7 @@ if [ -n "$BASES" ] && [ -n "$SLURM_ARRAY_TASK_ID" ]; then
   BASE=${bases[$SLURM_ARRAY_TASK_ID]}
   [ -n "$BASE" ] || die "array task $SLURM_ARRAY_TASK_ID has no base: BASES lists ${#bases[@]}"
   case $BASE in
+    embedded:*) overrides+=("base.path=$BASE") ;;
     */*) overrides+=("base.path=$(abspath "$BASE")") ;;
     *) overrides+=("base.preset=$BASE") ;;
   esac

@@ -19,6 +19,6 @@ set -eo pipefail
 # EDIT: your environment, e.g.  module load cuda/12.4; source ~/venvs/tagscale/bin/activate
 
 export STAGE=2
-export RECIPE=${RECIPE:-recipes/stage2.yaml}
+export RECIPE=${RECIPE:-tagscale/recipes/demo_stage2.yaml}
 export DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_bf16.json}
 exec bash "${TAGSCALE_HOME:-$SLURM_SUBMIT_DIR}/slurm/launch.sh" "$@"

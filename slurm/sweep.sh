@@ -5,7 +5,7 @@
 #   BASES="llama-100m llama-350m llama-1b" bash slurm/sweep.sh [sbatch options ...] [-- trainer overrides ...]
 #   BASES_FILE=bases.txt bash slurm/sweep.sh
 #
-# A base is a preset name (-> base.preset=NAME) or a model folder, any name with a '/'
+# A base is a preset name (-> base.preset=NAME), or embedded:NAME or a model folder (a name with a '/')
 # (-> base.path=FOLDER); BASES_FILE holds one per line ('#' starts a comment). Array task i
 # trains base i into $RUNS_ROOT/$RUN_NAME/<base name>/stage<N>. Stage N+1's task i starts when
 # stage N's task i has succeeded (--dependency=aftercorr), so each base runs its own pipeline.
