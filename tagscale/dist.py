@@ -29,8 +29,8 @@ from deepspeed.accelerator import get_accelerator  # noqa: E402
 from deepspeed.utils import (  # noqa: E402
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
-    safe_set_full_fp32_param,
-    safe_set_full_optimizer_state,
+    safe_set_local_fp32_param,
+    safe_set_local_optimizer_state,
 )
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
@@ -274,6 +274,25 @@ def _create_adam_state(engine: Any) -> None:
                 state[key] = torch.zeros_like(tensor, memory_format=torch.preserve_format)
 
 
+def _set_partition(param: torch.nn.Parameter, full: torch.Tensor, key: str | None) -> None:
+    """Write this rank's slice of a whole fp32 value into ZeRO-3's partition of `param`: its fp32 master copy
+    (key None) or an Adam moment.
+
+    DeepSpeed's whole-value setter ignores the padding of a partition, so it fails for a parameter whose size
+    is not a multiple of the number of ranks (a 1-element head bias on 2 ranks); slicing the padded value here
+    and writing the local partition works for every size.
+    """
+    group = getattr(param, "ds_process_group", None)  # the ranks `param` is partitioned over, as DeepSpeed has it
+    size = param.ds_tensor.numel()
+    padded = torch.zeros(size * torch_dist.get_world_size(group), dtype=torch.float32)
+    padded[:full.numel()] = full.flatten()
+    local = padded.narrow(0, size * torch_dist.get_rank(group), size).to(device())
+    if key is None:
+        safe_set_local_fp32_param(param, local)
+    else:
+        safe_set_local_optimizer_state(param, local, key)
+
+
 def load_portable_state(engine: Any, state: dict) -> None:
     """Restore what `portable_state` wrote, whatever the number of ranks then and now."""
     optimizer = _inner_optimizer(engine)
@@ -284,7 +303,7 @@ def load_portable_state(engine: Any, state: dict) -> None:
             raise UserError(f"checkpoint lacks the trainable parameter {name}")
         value = state["params"][name]
         if is_partitioned(param):  # the optimizer's fp32 master copy, and the module's copy the forward reads
-            safe_set_full_fp32_param(param, value.to(device()))
+            _set_partition(param, value, None)
         with gathered([param], modify=True), torch.no_grad():
             param.data.copy_(value.to(param.dtype))
         for key in ADAM_STATES:
@@ -292,7 +311,7 @@ def load_portable_state(engine: Any, state: dict) -> None:
             if value is None:
                 continue
             if is_partitioned(param):
-                safe_set_full_optimizer_state(param, value.to(device()), key)
+                _set_partition(param, value, key)
             else:
                 optimizer.state[param][key] = value.clone().to(param.device)
     for param_state in optimizer.state.values():

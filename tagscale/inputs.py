@@ -27,6 +27,8 @@ FORMAT = 1
 # Settings a resumed or extended run may change without being "another config".
 RESUMABLE_KEYS = {("train", "steps"), ("train", "resume"), ("train", "save_every"), ("train", "log_every"),
                   ("train", "eval_every"), ("train", "keep_checkpoints"), ("output", "dir"), ("wandb",), ("source",)}
+# The files transformers loads a model's weights from (one file, or the index of a sharded checkpoint).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _checked: set[str] = set()  # check_inputs runs once per process for a given config (the CLI calls it early)
 
 
@@ -260,6 +262,8 @@ def base_hidden_size(cfg: RunConfig) -> Optional[int]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise UserError(f"{cfg.source}: base.path: {folder}: not a Hugging Face model folder (no config.json)")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise UserError(f"{cfg.source}: base.path: {folder}: no weights; expected one of {', '.join(WEIGHT_FILES)}")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Optional
@@ -25,6 +26,11 @@ from tagscale.inputs import (FORMAT, check_earlier_runs, check_output_folder, ch
                              read_run_json, tags_in_tasks)
 from tagscale.model import HeadSpec, TaggedModel
 from tagscale.tags import TagBank, TagSpec, init_bank
+
+# Tests only: a checkpoint of this step pauses after state.pt is written, before it is marked and renamed, so that
+# a test can SIGKILL the writer in the middle of the write (tests/test_resume.py).
+PAUSE_IN_CHECKPOINT_ENV = "TAGSCALE_TEST_PAUSE_IN_CHECKPOINT"
+
 
 @dataclass
 class InheritedTag:
@@ -171,14 +177,21 @@ def checkpoint_dirs(folder: Path) -> list[Path]:
 
 
 def write_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
-    """Write atomically: a temporary folder, then a rename; keep the newest `keep` checkpoints."""
+    """Write atomically: a temporary folder, then a rename; keep the newest `keep` checkpoints.
+
+    A kill at any point leaves the earlier checkpoints whole; its temporary folder is never read and is removed
+    by the next write (one process writes a run's checkpoints, so any other temporary folder is a dead one's).
+    """
     root = folder / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     torch.save(state, tmp / "state.pt")
+    if os.environ.get(PAUSE_IN_CHECKPOINT_ENV) == str(step):  # tests only: hold still here to be killed mid-write
+        time.sleep(120)
     (tmp / "COMPLETE").write_text(str(step))
     if final.exists():
         shutil.rmtree(final)

@@ -38,15 +38,22 @@ LAUNCH_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", 
                "CROSS_SIZE", "LOCAL_WORLD_SIZE"}
 
 
-def train(recipe: str, *overrides: str, ranks: int = 1, ds_config: str = "ds_configs/zero3_cpu.json",
-          timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the trainer as a user does: `python -m tagscale.train` (1 rank) or the real `deepspeed` launcher."""
+def train_command(recipe: str, *overrides: str, ranks: int = 1,
+                  ds_config: str = "ds_configs/zero3_cpu.json") -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of a user's run: `python -m tagscale.train` or the `deepspeed` launcher."""
     if ranks == 1:
         cmd = [sys.executable, "-m", "tagscale.train"]
     else:
         cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), "tagscale/train.py"]
     cmd += ["--ds_config", ds_config, "--config", recipe, *overrides]
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}  # an in-process world must not leak in
+    return cmd, env
+
+
+def train(recipe: str, *overrides: str, ranks: int = 1, ds_config: str = "ds_configs/zero3_cpu.json",
+          timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the trainer as a user does: `python -m tagscale.train` (1 rank) or the real `deepspeed` launcher."""
+    cmd, env = train_command(recipe, *overrides, ranks=ranks, ds_config=ds_config)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
