@@ -1,6 +1,7 @@
 """Measure the trainer's peak memory per rank on this machine and set it beside tools/plan.py's prediction.
 
-    python tools/measure_memory.py --cases ci                     # small shapes, fp32, 1 rank (~1 min; the CI test)
+    python tools/measure_memory.py --cases ci                     # llama-350m, fp32, 1 rank (~1 min; the CI test)
+    python tools/measure_memory.py --cases small --out docs/planner # llama-100m and llama-350m (~2 min)
     python tools/measure_memory.py --cases full --out docs/planner  # + llama-1b and the LLaMA-7B shape in bf16 on
                                                                   #   2 CPU ranks under ZeRO-3 (~10 min, ~16 GB RAM)
 
@@ -55,6 +56,7 @@ class Case:
 
 CASES = {
     "ci": [Case("llama-350m", 1, "fp32", 200)],
+    "small": [Case("llama-100m", 1, "fp32", 200), Case("llama-350m", 1, "fp32", 200)],
     "full": [Case("llama-100m", 1, "fp32", 200), Case("llama-350m", 1, "fp32", 200),
              Case("llama-1b", 1, "fp32", 200), Case("llama-7b", 2, "bf16", 12)],
 }
