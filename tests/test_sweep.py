@@ -53,3 +53,28 @@ def test_report_alone_and_errors(tmp_path):
                         (["--bases", "tiny", "--", "train.steps"], "key=value")]:
         proc = sweep("run", "--recipe", RECIPE, "--out", str(tmp_path), *args)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
+
+
+def test_slurm_mode_submits_one_array_per_method(tmp_path):
+    """--slurm goes through slurm/sweep.sh (a stand-in sbatch records what it was given): one array over the bases
+    per recipe x method, stage 2 only, no earlier stages, the trainer overrides after --."""
+    fake_bin, record = tmp_path / "bin", tmp_path / "sbatch.txt"
+    fake_bin.mkdir()
+    (fake_bin / "sbatch").write_text(
+        "#!/bin/bash\n"
+        f"echo \"BASES=$BASES STAGE_RECIPE=$RECIPE RUNS_ROOT=$RUNS_ROOT RUN_NAME=$RUN_NAME PREV_RUN=[$PREV_RUN] "
+        f"ARGS=$*\" >> {record}\n"
+        "echo 4242\n")
+    (fake_bin / "sbatch").chmod(0o755)
+    env = dict(__import__("os").environ, PATH=f"{fake_bin}:{__import__('os').environ['PATH']}",
+               TAGSCALE_LOG_DIR=str(tmp_path / "logs"))
+    proc = subprocess.run([sys.executable, "tools/sweep.py", "run", "--recipe", RECIPE, "--bases", "tiny,llama-20m",
+                           "--methods", "linear_probe,tag_llm", "--out", str(tmp_path / "runs"), "--slurm",
+                           "--", "train.steps=2"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    calls = record.read_text().splitlines()
+    assert len(calls) == 2 and "scaling_tiny/linear_probe: stage2 4242" in proc.stdout
+    for call, method in zip(calls, ("linear_probe", "tag_llm")):
+        assert call.startswith("BASES=tiny llama-20m ") and f"RUN_NAME={method} " in call and "PREV_RUN=[]" in call
+        assert f"RUNS_ROOT={tmp_path / 'runs' / 'scaling_tiny'} " in call and "scaling_tiny.yaml" in call
+        assert "--array=0-1" in call and "stage2.sh" in call and call.endswith(f"method={method} train.steps=2")
