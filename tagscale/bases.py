@@ -81,6 +81,39 @@ def preset_config(name: str) -> LlamaConfig:
                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
+CACHED_PRESET_LIMIT = 1_500_000_000  # parameters; fp32 on disk: 6 GB at most
+
+
+def preset_params(name: str) -> int:
+    """Parameter count of a shape preset, from its config alone."""
+    c = preset_config(name)
+    head_dim = c.hidden_size // c.num_attention_heads
+    attention = c.hidden_size * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    layer = attention + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
+    return c.num_hidden_layers * layer + 2 * c.vocab_size * c.hidden_size + c.hidden_size
+
+
+def preset_folder(name: str, seed: int) -> Path:
+    """A saved random-init base of shape `name` (made once per seed, written atomically)."""
+    folder = cache_dir() / "bases" / f"preset-{name}-seed{seed}"
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(preset_config(name))  # the class itself: never under zero.Init
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    byte_tokenizer().save_pretrained(tmp)
+    try:
+        tmp.replace(folder)
+    except OSError:  # another rank or run got there first with the same values
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def resolve_folder(path: str) -> Path:
     """A local model folder from ``base.path``; ``embedded:<name>`` is prepared once from its package."""
     if path.startswith("embedded:"):
@@ -110,11 +143,18 @@ def resolve_dtype(name: str) -> torch.dtype:
 def load_base(cfg: BaseConfig) -> LoadedBase:
     """Load (or build) the frozen base and its tokenizer. Call inside `dist.zero3_base_context` for ZeRO-3."""
     dtype = resolve_dtype(cfg.dtype)
-    if cfg.preset:
-        config = preset_config(cfg.preset)
-        config._attn_implementation = cfg.attention
-        torch.manual_seed(cfg.seed)  # the same random base on every rank and every run
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attention)
+    if cfg.preset and preset_params(cfg.preset) > CACHED_PRESET_LIMIT:
+        # Too big to keep on disk: initialised in place (under ZeRO-3 already partitioned). Such shapes serve cost
+        # measurements; their random values are not reproduced across ZeRO settings.
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(preset_config(cfg.preset), dtype=dtype, attn_implementation=cfg.attention)
+        tokenizer = byte_tokenizer()
+        source = f"preset:{cfg.preset}"
+    elif cfg.preset:
+        # Small shapes are made once per seed and saved, so that every run, rank count and ZeRO stage (and
+        # predict/evaluate later) sees the very same random base.
+        model = AutoModelForCausalLM.from_pretrained(preset_folder(cfg.preset, cfg.seed), dtype=dtype,
+                                                     attn_implementation=cfg.attention)
         tokenizer = byte_tokenizer()
         source = f"preset:{cfg.preset}"
     else:

@@ -230,7 +230,13 @@ def baselines(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer) -
     if path.is_file():
         return json.loads(path.read_text())
     out: dict[str, dict[str, dict]] = {}
-    for task, metrics in evaluate(cfg, model, encoder, tokenizer).items():
+    sets = eval_sets(cfg, encoder)
+    for item in sets:  # heads start at zero: before training each one predicts its training-label mean
+        if item.task.loss == "head" and model.heads[model.head_names.index(item.task.head)].spec.type == "regression":
+            head = model.heads[model.head_names.index(item.task.head)]
+            target = [e.head_target[0] for e in item.examples]
+            out[item.task.name] = {"initial": regression_metrics([float(head.mean[0])] * len(target), target)}
+    for task, metrics in evaluate(cfg, model, encoder, tokenizer, [s for s in sets if s.task.name not in out]).items():
         out.setdefault(task, {})["initial"] = metrics
     if cfg.evaluation.baselines and any(t.loss == "head" for t in cfg.tasks):
         from tagscale.methods import apply_method
@@ -258,3 +264,40 @@ def final(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer, befor
         (Path(cfg.output.dir) / "eval.json").write_text(json.dumps(out, indent=2))
         print(format_table(out), flush=True)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Evaluate a finished run's tags and heads on its tasks' held-out sets (one process)."""
+    import argparse
+
+    from tagscale.config import RunConfig, build
+    from tagscale.methods import apply_method
+    from tagscale.runs import load_for_inference, read_run_json
+
+    parser = argparse.ArgumentParser(prog="tagscale.evaluate", description=main.__doc__)
+    parser.add_argument("--run", required=True, help="a complete run folder")
+    parser.add_argument("--limit", type=int, help="at most this many examples per task")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    args = parser.parse_args(argv)
+    folder = Path(args.run)
+    meta = read_run_json(folder, "--run")
+    recipe = build(RunConfig, {k: v for k, v in meta["config"].items() if k != "source"}, str(folder / "run.json"))
+    recipe.source = str(folder / "run.json")
+    recipe.evaluation.limit = args.limit or recipe.evaluation.limit
+    cfg = apply_method(recipe, {name: info["p"] for name, info in meta["tags"].items()})
+    model, base = load_for_inference([folder])
+    encoder = Encoder(base.tokenizer, {s.name: model.bank.placeholder_ids(s.name) for s in model.bank.specs}, set(),
+                      model.head_names, cfg.train.max_length)
+    results = {task: {"trained": metrics} for task, metrics in evaluate(cfg, model, encoder, base.tokenizer).items()}
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    return 0
+
+
+def cli() -> None:
+    from tagscale.errors import run_cli
+
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

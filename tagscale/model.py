@@ -39,7 +39,8 @@ class Head(nn.Module):
         super().__init__()
         self.spec = spec
         self.linear = nn.Linear(hidden_size, spec.outputs)
-        nn.init.zeros_(self.linear.weight)  # starts at the label mean: no random first predictions
+        # Zero: the untrained head predicts the training-label mean (evaluate.baselines relies on it).
+        nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
         self.register_buffer("mean", torch.zeros(spec.outputs))
         self.register_buffer("std", torch.ones(spec.outputs))

@@ -238,3 +238,48 @@ def read_checkpoint(path: Path) -> dict:
         return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as err:
         raise UserError(f"{path}/state.pt: unreadable checkpoint ({str(err).splitlines()[0][:120]})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# trained runs for inference (prediction, evaluation of a finished run)
+
+def load_for_inference(folders: list[Path], base_cfg=None):
+    """A TaggedModel (one process, no DeepSpeed) with every tag and head of `folders`; earlier folders win.
+
+    The base is the one the first run was trained on unless `base_cfg` says otherwise.
+    """
+    from tagscale.bases import load_base
+    from tagscale.config import BaseConfig, build
+
+    metas = [read_run_json(f, "--runs") for f in folders]
+    for folder, meta in zip(folders, metas):
+        if meta.get("status") != "complete":
+            raise UserError(f"{folder}/run.json: status is {meta.get('status')!r}; expected a complete run")
+    base = load_base(base_cfg or build(BaseConfig, metas[0]["config"]["base"], str(folders[0] / "run.json"), "base"))
+    hidden = base.identity["hidden_size"]
+    tags: dict[str, InheritedTag] = {}
+    heads: dict[str, tuple[dict, dict[str, torch.Tensor]]] = {}
+    for folder, meta in reversed(list(zip(folders, metas))):  # earlier folders overwrite later ones
+        tensors = load_tensors(folder / "tags.safetensors")
+        for name, info in meta["tags"].items():
+            if tensors[name].shape[1] != hidden:
+                raise UserError(f"{folder}/tags.safetensors: tag {name} has width {tensors[name].shape[1]}, but the "
+                                f"base's hidden size is {hidden}")
+            tags[name] = InheritedTag(name, info["kind"], tensors[name].float(), str(folder))
+        if meta.get("heads"):
+            values = load_tensors(folder / "heads.safetensors")
+            for name, spec in meta["heads"].items():
+                heads[name] = (spec, {k.rsplit(".", 1)[1]: v for k, v in values.items() if k.rsplit(".", 1)[0] == name})
+    specs = [TagSpec(t.name, t.kind, t.vectors.shape[0], trainable=False) for t in tags.values()]
+    bank = TagBank(specs, hidden, base.identity["embedding_rows"])
+    with torch.no_grad():
+        for t in tags.values():
+            bank.param(t.name).copy_(t.vectors)
+    model = TaggedModel(base.model, bank, [HeadSpec(n, s["type"], s["outputs"]) for n, (s, _) in heads.items()],
+                        uses_lm_head=True)
+    with torch.no_grad():
+        for head, (_, values) in zip(model.heads, heads.values()):
+            head.linear.weight.copy_(values["weight"]), head.linear.bias.copy_(values["bias"])
+            head.mean.copy_(values["mean"]), head.std.copy_(values["std"])
+    model.requires_grad_(False)
+    return model.eval(), base

@@ -76,3 +76,26 @@ def test_two_ranks_equal_one_rank(chain, tmp_path, checkpointing):
     for name, value in tags_of(out[2]).items():
         assert (tags_of(two)[name] - value).abs().max().item() <= 1e-5
     assert json.loads((two / "run.json").read_text())["config"]["base"]["activation_checkpointing"] == checkpointing
+
+
+def test_evaluate_and_predict_a_finished_run(chain):
+    """The standalone evaluation reproduces the run's own; predict composes the trained tags on new inputs."""
+    import subprocess
+    import sys
+
+    out, _ = chain
+    env_cmd = [sys.executable, "-m", "tagscale.evaluate", "--run", str(out[2]), "--json"]
+    proc = subprocess.run(env_cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads(proc.stdout)["count"]["trained"]
+    recorded = json.loads((out[2] / "eval.json").read_text())["count"]
+    assert set(recorded) == {"initial", "linear probe", "trained"}
+    assert abs(again["mse"] - recorded["trained"]["mse"]) <= 1e-7 and again["n"] == 16
+    rows = [json.loads(line) for line in open("tests/data/fixture_protein_count.jsonl")][:16]
+    proc = subprocess.run([sys.executable, "-m", "tagscale.predict", "--runs", str(out[2]), "--template",
+                           "Input: <Protein> {seq}. Output: <Count>"], input="\n".join(json.dumps(r) for r in rows),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    preds = [json.loads(line)["prediction"] for line in proc.stdout.strip().splitlines()]
+    mse = sum((p - r["y"]) ** 2 for p, r in zip(preds, rows)) / len(rows)
+    assert len(preds) == 16 and abs(mse - recorded["trained"]["mse"]) <= 1e-6
