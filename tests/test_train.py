@@ -16,7 +16,7 @@ def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     out = {s: root / f"stage{s}" for s in (1, 2, 3)}
     logs = {}
-    logs[1] = train("tests/recipes/tiny_stage1.yaml", f"output.dir={out[1]}")
+    logs[1] = train("tests/recipes/tiny_stage1.yaml", f"output.dir={out[1]}", "wandb.mode=offline")
     logs[2] = train("tests/recipes/tiny_stage2.yaml", f"output.dir={out[2]}", f"from_runs=[{out[1]}]")
     logs[3] = train("tests/recipes/tiny_stage3.yaml", f"output.dir={out[3]}", f"from_runs=[{out[2]},{out[1]}]")
     return out, logs
@@ -41,6 +41,7 @@ def test_stage_chaining(chain):
     assert "trainable parameters: 768 of" in logs[1].stdout  # three 4 x 64 domain tags
     assert not any((out[s] / n).exists() for s in out for n in ("model.safetensors", "pytorch_model.bin"))
     assert len(metrics(out[2])) == 6 and metrics(out[2])[-1]["step"] == 6
+    assert list((out[1] / "wandb").glob("offline-run-*"))  # rank 0 logged to wandb, offline by default
 
 
 def test_stage_refuses_without_earlier_tags(chain, tmp_path):

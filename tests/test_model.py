@@ -1,0 +1,106 @@
+"""Heads, losses, tag initialisation and stage planning, checked against references computed another way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tagscale.config import load_config
+from tagscale.data import Example, collate
+from tagscale.model import HeadSpec, TaggedModel
+from tagscale.runs import InheritedTag, plan_tags
+from tagscale.tags import TagBank, TagSpec, init_bank, initial_vectors
+
+IGNORE = -100
+
+
+@pytest.fixture()
+def model(tiny_base):
+    torch.manual_seed(1)
+    specs = [TagSpec("<D>", "domain", 3, False), TagSpec("<F>", "function", 2, True)]
+    bank = TagBank(specs, 64, tiny_base.identity["embedding_rows"])
+    with torch.no_grad():
+        for s in specs:
+            bank.param(s.name).normal_()
+    m = TaggedModel(tiny_base.model, bank, [HeadSpec("<F>", "regression", 1)], uses_lm_head=False)
+    torch.nn.init.normal_(m.heads[0].linear.weight)
+    yield m
+    m.splice.remove()
+
+
+def head_example(m, prefix: list[int], target: float) -> Example:
+    ids = prefix[:2] + m.bank.placeholder_ids("<D>") + prefix[2:] + m.bank.placeholder_ids("<F>")
+    return Example(ids, [IGNORE] * len(ids), 0, head_index=0, head_pos=len(ids) - 1, head_target=[target])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_head_reads_each_examples_own_function_tag(model, side):
+    exs = [head_example(model, [5, 6, 7], 0.1), head_example(model, list(range(10, 30)), 0.2),
+           head_example(model, [40, 41, 42, 43, 44], 0.3)]
+    batch = collate(exs, 0, side)
+    batched = model.predict_heads(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                  batch["head_pos"], batch["head_index"])[0]
+    alone = []
+    for e in exs:  # reference: each example alone, no padding, hidden state taken at the last position
+        ids = torch.tensor([e.ids])
+        hidden = model.decoder()(input_ids=ids).last_hidden_state[0, -1]
+        alone.append(float(model.heads[0].to_label_units(model.heads[0](hidden[None]))[0, 0]))
+    assert torch.allclose(batched[:, 0], torch.tensor(alone), atol=1e-5)
+
+
+def test_head_only_batch_never_runs_the_lm_head(model):
+    calls = []
+    handle = model.base.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    batch = collate([head_example(model, [5, 6, 7], 0.1), head_example(model, [8, 9], 0.5)], 0)
+    loss = model(**batch)
+    handle.remove()
+    assert calls == [] and loss.item() > 0
+
+
+def test_text_loss_equals_full_logits_cross_entropy(model):
+    model.uses_lm_head = True
+    ids = [5, 6] + model.bank.placeholder_ids("<F>") + [30, 31, 32]
+    targets = [IGNORE] * len(ids)
+    for t in range(len(ids) - 3, len(ids)):
+        targets[t - 1] = ids[t]
+    batch = collate([Example(ids, targets, 0), Example(ids[:-1], targets[:-2] + [IGNORE], 0)], 0)
+    loss = model(**batch)
+    # reference: HF-style full logits over the whole sequence, cross-entropy on the target tokens only
+    logits = model.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        position_ids=batch["position_ids"]).logits
+    reference = F.cross_entropy(logits.flatten(0, 1), batch["lm_targets"].flatten(), ignore_index=IGNORE)
+    assert abs(loss.item() - reference.item()) < 1e-5
+
+
+def test_tag_initialisation_modes(tiny_base):
+    weight = tiny_base.model.get_input_embeddings().weight.detach()
+    gen = torch.Generator().manual_seed(0)
+    mean = initial_vectors("mean", 3, weight, 1.0, gen)
+    expected = weight.mean(0) / weight.mean(0).norm() * weight.norm(dim=1).mean()
+    assert torch.allclose(mean, expected.repeat(3, 1), atol=1e-6)
+    text = initial_vectors("text", 5, weight, 1.0, gen, text_ids=[7, 9])
+    assert torch.equal(text, weight[[7, 9, 7, 9, 7]])
+    rand = initial_vectors("random", 4, weight, 1.0, gen)
+    assert torch.allclose(rand.norm(dim=1), weight.norm(dim=1).mean().repeat(4), atol=1e-5)
+    assert (rand[0] - rand[1]).abs().max() > 1e-3
+    bank = TagBank([TagSpec("<X>", "domain", 2, True)], 64, 512)
+    init_bank(bank, {"<X>": ("mean", None)}, tiny_base.model.get_input_embeddings(), lambda params: _null(), 0)
+    assert torch.allclose(bank.param("<X>"), expected.repeat(2, 1), atol=1e-6)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_enrichment_keeps_earlier_domain_tags_trainable():
+    inherited = {"<Protein>": InheritedTag("<Protein>", "domain", torch.zeros(4, 64), "runs/s1")}
+    frozen = plan_tags(load_config("tests/recipes/tiny_stage2.yaml"), inherited)
+    enriched = plan_tags(load_config("tests/recipes/tiny_stage2.yaml", ["enrich=true"]), inherited)
+    assert {s.name: s.trainable for s in frozen.specs} == {"<Protein>": False, "<Count>": True}
+    assert {s.name: s.trainable for s in enriched.specs} == {"<Protein>": True, "<Count>": True}
+    assert not load_config("tests/recipes/tiny_stage2.yaml", ["enrich=true"]).use_prefix_split
