@@ -80,15 +80,17 @@ class TagSplice:
     def _before(self, module: nn.Module, args: tuple):
         input_ids = args[0]
         is_tag = input_ids >= self.bank.first_id
-        self._pending = (is_tag, (input_ids - self.bank.first_id).clamp(min=0))
+        self._pending = (is_tag, input_ids - self.bank.first_id)
         return (input_ids.masked_fill(is_tag, 0),) + tuple(args[1:])
 
     def _after(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         is_tag, tag_index = self._pending
         self._pending = None
         # The bank is called on every forward, tags or not, so every ZeRO-3 rank makes the same module calls.
-        vectors = self.bank(tag_index).to(output.dtype)
-        return torch.where(is_tag.unsqueeze(-1), vectors, output)
+        vectors = self.bank(tag_index[is_tag]).to(output.dtype)
+        # In place: the lookup's output is a fresh tensor of a frozen table, so no copy of (B, S, d) is needed.
+        output[is_tag] = vectors
+        return output
 
     def remove(self) -> None:
         for handle in self._handles:
