@@ -29,6 +29,7 @@ RECIPES = {n: f"tests/recipes/tiny_stage{n}.yaml" for n in (1, 2, 3)}
 SBATCH_TEST = ["--cpus-per-task=2", "--gpus-per-node=2"]
 STEPS = 16          # stage 2 must still be running when the test sends USR1
 JOB_TIMEOUT = 900   # one job; the first one also JIT-builds DeepSpeed's CPU comm op (~100 s)
+TRAINER = [f"train.steps={STEPS}", "evaluation.enabled=false"]  # evaluation is tested elsewhere; here it only costs time
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -148,7 +149,7 @@ def pipeline(work):
     """slurm/pipeline.sh on the tiny recipes: stage 1 -> 2 -> 3 under RUN_NAME=pipe."""
     tmp, env = work
     env = {**env, "RUN_NAME": "pipe", **{f"RECIPE{n}": r for n, r in RECIPES.items()}}
-    out = sh("bash", "slurm/pipeline.sh", *SBATCH_TEST, "--", f"train.steps={STEPS}", env=env)
+    out = sh("bash", "slurm/pipeline.sh", *SBATCH_TEST, "--", *TRAINER, env=env)
     lines = [line.split() for line in out.splitlines()]
     assert [line[0] for line in lines] == ["stage1", "stage2", "stage3"], out
     ids = [line[1] for line in lines]
@@ -182,7 +183,7 @@ def test_preemption_in_stage2(work, pipeline):
     runs = tmp / "runs/pipe"
     env = {**env, "RUN_NAME": "preempted", "PREV_RUN": str(runs / "stage1"), "RECIPE": RECIPES[2]}
     job = sh("sbatch", "--parsable", f"--output={tmp}/logs/%x-%j.out", *SBATCH_TEST, "slurm/stage2.sh",
-             f"train.steps={STEPS}", env=env).strip().split(";")[0]
+             *TRAINER, env=env).strip().split(";")[0]
     run_dir = tmp / "runs/preempted/stage2"
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + JOB_TIMEOUT
@@ -216,7 +217,7 @@ def test_preemption_in_stage2(work, pipeline):
 def test_sweep_over_two_bases(work):
     tmp, env = work
     env = {**env, "RUN_NAME": "sweep", "BASES": "tiny llama-20m", "STAGES": "1", "RECIPE1": RECIPES[1]}
-    out = sh("bash", "slurm/sweep.sh", *SBATCH_TEST, env=env)
+    out = sh("bash", "slurm/sweep.sh", *SBATCH_TEST, "--", "evaluation.enabled=false", "train.steps=3", env=env)
     (line,) = [line.split() for line in out.splitlines()]
     assert line[0] == "stage1", out
     took = wait_jobs([line[1]], env, timeout=2 * JOB_TIMEOUT)
