@@ -249,6 +249,7 @@ class RunRow:
     world_size: int
     skipped_too_long: dict
     metrics: dict[str, dict] = field(default_factory=dict)  # task -> trained metrics
+    initial: dict[str, dict] = field(default_factory=dict)  # task -> metrics before training (head at zero: the mean)
     folder: str = ""
 
 
@@ -269,11 +270,13 @@ def read_run(run_dir: Path, out: Path) -> Optional[RunRow]:
     records = []
     if (run_dir / "metrics.jsonl").is_file():
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    metrics = {}
+    metrics, initial = {}, {}
     if (run_dir / "eval.json").is_file():
         for task, models in json.loads((run_dir / "eval.json").read_text()).items():
             if "trained" in models:
                 metrics[task] = models["trained"]
+            if "initial" in models:
+                initial[task] = models["initial"]
     rel = run_dir.relative_to(out).parts
     config = meta.get("config", {})
     base = meta.get("base", {})
@@ -286,7 +289,7 @@ def read_run(run_dir: Path, out: Path) -> Optional[RunRow]:
         step_s=_median_after_first([r["step_s"] for r in records if "step_s" in r]),
         peak_rss_bytes=meta.get("peak_rss_bytes"), peak_accel_bytes=meta.get("peak_accel_bytes"),
         world_size=int(meta.get("world_size", 1)), skipped_too_long=meta.get("skipped_too_long", {}),
-        metrics=metrics, folder=str(run_dir))
+        metrics=metrics, initial=initial, folder=str(run_dir))
 
 
 def gather(out: Path) -> list[RunRow]:
@@ -304,14 +307,15 @@ def _fmt(value: Optional[float], digits: int = 4) -> str:
 
 def table(rows: list[RunRow]) -> str:
     """One line per run and task (cost-curve runs: one line, no metrics)."""
-    head = ["group", "task", "base", "parameters", "method", "trainable", *REGRESSION_METRICS, "tokens/s",
-            "step s", "peak RSS GiB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|---|---:|" + "---:|" * 8]
+    head = ["group", "task", "base", "parameters", "method", "trainable", *REGRESSION_METRICS, "mse at start",
+            "test n", "tokens/s", "step s", "peak RSS GiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|---|---:|" + "---:|" * 10]
     for r in rows:
         cost = [_fmt(r.tokens_per_s, 0), _fmt(r.step_s, 2),
                 _fmt(r.peak_rss_bytes / GIB if r.peak_rss_bytes else None, 2)]
         for task, values in (r.metrics.items() or [("–", {})]):
             cells = [_fmt(values.get(m)) for m in REGRESSION_METRICS]
+            cells += [_fmt(r.initial.get(task, {}).get("mse")), str(values.get("n", "–"))]
             lines.append("| " + " | ".join([r.group, task, r.base, f"{r.parameters / 1e6:,.1f} M", r.method,
                                             f"{r.trainable:,}", *cells, *cost]) + " |")
     return "\n".join(lines)
@@ -406,7 +410,8 @@ def write_report(out: Path, report: Path, command: str, timings: Optional[list[d
     lines = ["# Scaling report: Tag-LLM vs prompt tuning vs linear probe across base sizes", "",
              "Made by:", "", "```", command, "```", "",
              f"{len(rows)} complete runs read from `{out}` (run.json, metrics.jsonl, eval.json). Task metrics are on "
-             "each task's held-out test split, in label units; tokens/s and step time are medians over the steps "
+             "each task's held-out test split, in label units; `mse at start` is the same run before training (the head starts at "
+             "zero, so it predicts the training mean: the bar to beat); tokens/s and step time are medians over the steps "
              "after the first; peak RSS is the largest rank's getrusage peak. Rows in group `cost` are random-init "
              "shapes run only for the cost curve (evaluation off).", "", table(rows), ""]
     lines += [f"![{name}]({name})" for name in images]
