@@ -171,8 +171,8 @@ def load_base(cfg: BaseConfig) -> LoadedBase:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         source = cfg.path
     if cfg.activation_checkpointing != "none":
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": cfg.activation_checkpointing == "reentrant"})
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": cfg.activation_checkpointing == "reentrant"})
     model.train()  # checkpointing only acts in training mode; the base is frozen either way
     embedding = model.get_input_embeddings()
     identity = {

@@ -89,8 +89,12 @@ class TagSplice:
         # The bank is called on every forward, tags or not, so every ZeRO-3 rank makes the same module calls.
         vectors = self.bank(tag_index[is_tag]).to(output.dtype)
         # In place: the lookup's output is a fresh tensor of a frozen table, so no copy of (B, S, d) is needed.
+        # transformers' checkpointing hook may have made it a leaf that requires grad: write into a detached view.
+        forced_leaf = output.requires_grad and output.grad_fn is None
+        if forced_leaf:
+            output = output.detach()
         output[is_tag] = vectors
-        return output
+        return output.requires_grad_() if forced_leaf and not output.requires_grad else output
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -104,3 +104,22 @@ def test_enrichment_keeps_earlier_domain_tags_trainable():
     assert {s.name: s.trainable for s in frozen.specs} == {"<Protein>": False, "<Count>": True}
     assert {s.name: s.trainable for s in enriched.specs} == {"<Protein>": True, "<Count>": True}
     assert not load_config("tests/recipes/tiny_stage2.yaml", ["enrich=true"]).use_prefix_split
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "nonreentrant"])
+def test_activation_checkpointing_gives_the_same_gradients(mode):
+    """The hooks under transformers' checkpointing (which forces the embedding output to require grad)."""
+    from tagscale.bases import load_base
+    from tagscale.config import BaseConfig
+
+    grads = {}
+    for setting in ("none", mode):
+        base = load_base(BaseConfig(preset="tiny", activation_checkpointing=setting))
+        bank = TagBank([TagSpec("<F>", "function", 2, True)], 64, 512)
+        with torch.no_grad():
+            bank.param("<F>").copy_(torch.linspace(-1, 1, 128).view(2, 64))
+        m = TaggedModel(base.model, bank, [], uses_lm_head=True)
+        ids = [5, 6, 512, 513, 7, 8, 9]
+        m(**collate([Example(ids, [-100, -100, -100, 7, 8, 9, -100], 0)], 0)).backward()
+        grads[setting] = bank.param("<F>").grad.clone()
+    assert grads["none"].abs().sum() > 0 and torch.allclose(grads["none"], grads[mode], atol=1e-6)
