@@ -77,6 +77,9 @@ def test_two_ranks_equal_one_rank(chain, tmp_path, checkpointing):
     for name, value in tags_of(out[2]).items():
         assert (tags_of(two)[name] - value).abs().max().item() <= 1e-5
     assert json.loads((two / "run.json").read_text())["config"]["base"]["activation_checkpointing"] == checkpointing
+    one_eval, two_eval = (json.loads((d / "eval.json").read_text())["count"] for d in (out[2], two))
+    for model in ("linear probe", "trained"):  # each rank scores its shard; the gathered metrics agree
+        assert two_eval[model]["n"] == 16 and abs(two_eval[model]["mse"] - one_eval[model]["mse"]) <= 1e-5
 
 
 def test_evaluate_and_predict_a_finished_run(chain):
@@ -100,3 +103,17 @@ def test_evaluate_and_predict_a_finished_run(chain):
     preds = [json.loads(line)["prediction"] for line in proc.stdout.strip().splitlines()]
     mse = sum((p - r["y"]) ** 2 for p, r in zip(preds, rows)) / len(rows)
     assert len(preds) == 16 and abs(mse - recorded["trained"]["mse"]) <= 1e-6
+
+
+def test_two_ranks_text_stage_and_sharded_evaluation_match_one_rank(chain, tmp_path):
+    """Stage 3 on 2 ranks: the same losses, tags, and greedy generations (each rank decodes its shard)."""
+    out, _ = chain
+    two = tmp_path / "two"
+    train("tests/recipes/tiny_stage3.yaml", f"output.dir={two}", f"from_runs=[{out[2]},{out[1]}]", ranks=2)
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(metrics(out[3]), metrics(two))) <= 1e-4
+    assert (tags_of(two)["<Translate>"] - tags_of(out[3])["<Translate>"]).abs().max() <= 1e-5
+    one_eval, two_eval = (json.loads((d / "eval.json").read_text()) for d in (out[3], two))
+    for task in ("en-fr", "fr-en (zero-shot)"):
+        assert two_eval[task]["trained"]["n"] == one_eval[task]["trained"]["n"] == 6
+        assert two_eval[task]["trained"]["examples"] == one_eval[task]["trained"]["examples"]
+        assert abs(two_eval[task]["trained"]["chrf"] - one_eval[task]["trained"]["chrf"]) <= 1e-6
