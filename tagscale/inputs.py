@@ -98,10 +98,10 @@ def label_value(record: dict, task: TaskConfig) -> float:
     return _to_float(record.get(task.label), f"{record_where(record)}: field {task.label!r}")
 
 
-def check_records(cfg: RunConfig, task: TaskConfig, records: list[dict], with_target: bool = True) -> None:
+def check_records(cfg: RunConfig, task: TaskConfig, records: list[dict]) -> None:
     """Every field the templates name is there, labels are numbers (class indices for classification), and the
     fields named in the task's `validate` are valid SMILES or protein sequences."""
-    texts = [task.template] + ([task.target] if task.target is not None and with_target else [])
+    texts = [task.template] + ([task.target] if task.target is not None else [])
     names = [m for text in texts for m in FIELD.findall(text)]
     classes = None
     if task.head and cfg.tag(task.head) is not None and cfg.tag(task.head).head.type == "classification":
@@ -117,7 +117,10 @@ def check_records(cfg: RunConfig, task: TaskConfig, records: list[dict], with_ta
                                 f"{classes - 1}, got {record.get(task.label)!r}")
         for name, kind in task.validate.items():
             where = f"{record_where(record)}: field {name!r}"
-            _parse_smiles(str(record[name]), where) if kind == "smiles" else _check_protein(str(record[name]), where)
+            if kind == "smiles":
+                _parse_smiles(str(record[name]), where)
+            else:
+                _check_protein(str(record[name]), where)
 
 
 # ---------------------------------------------------------------------------------------------
