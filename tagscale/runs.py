@@ -283,3 +283,12 @@ def load_for_inference(folders: list[Path], base_cfg=None):
             head.mean.copy_(values["mean"]), head.std.copy_(values["std"])
     model.requires_grad_(False)
     return model.eval(), base
+
+
+def mark_running(cfg: RunConfig) -> None:
+    """run.json with status 'running' and the config, written when a run starts: a folder killed before its first
+    checkpoint is still recognised as this config's run (and resumed), and never taken for an earlier stage's."""
+    folder = Path(cfg.output.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "run.json", {"format": FORMAT, "status": "running", "stage": cfg.stage, "step": 0,
+                                            "tags": {}, "config": cfg.to_dict()})

@@ -151,7 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_main():
             print(f"{cfg.output.dir}: this run is already complete (step {previous['step']}); nothing to do")
         return 0
+    if dist.is_main() and previous is None:  # mark the folder as this config's run before anything else lands
+        runs.mark_running(cfg)
     session = build(cfg, args.ds_config)
+    # the starting point is scored before any checkpoint is loaded (and kept in the folder for a resumed run)
+    before = evaluate.baselines(session.cfg, session.model, session.encoder, session.tokenizer) \
+        if cfg.evaluation.enabled else {}
     start = 0
     resume_from = runs.find_resume_point(cfg)
     if resume_from is not None:
@@ -163,8 +168,6 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_main():
             runs.trim_metrics(Path(cfg.output.dir), start)  # steps after the checkpoint are run (and logged) again
         session.log.resumed(resume_from, start)
-    before = evaluate.baselines(session.cfg, session.model, session.encoder, session.tokenizer) \
-        if cfg.evaluation.enabled else {}
     if not train_steps(session, start, stop):
         return 0
     folder = save_outputs(session, cfg.train.steps)
