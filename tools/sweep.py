@@ -190,6 +190,17 @@ def run_local(jobs: list[Job], ds_config: str, ranks: int) -> list[dict]:
     return results
 
 
+def _record_timings(out: Path, results: list[dict]) -> None:
+    """Keep each run's wall time beside the run folders (a later `report` shows them; reruns keep the first)."""
+    path = out / "timings.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    for result in results:
+        if result["status"] == "complete" or result["run"] not in known:
+            known[result["run"]] = result
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(known, indent=2) + "\n")
+
+
 def submit_slurm(jobs: list[Job], ds_config: Optional[str], sbatch_args: list[str]) -> list[str]:
     """One slurm/sweep.sh job array over the bases per recipe x method (the same run folders as a local sweep)."""
     lines = []
@@ -397,8 +408,10 @@ def plots(rows: list[RunRow], folder: Path) -> list[str]:
     return made
 
 
-def write_report(out: Path, report: Path, command: str, timings: Optional[list[dict]] = None) -> Path:
+def write_report(out: Path, report: Path, command: str) -> Path:
     rows = gather(out)
+    timings_path = out / "timings.json"
+    timings = list(json.loads(timings_path.read_text()).values()) if timings_path.is_file() else []
     if not rows:
         raise UserError(f"--out: {out}: no complete run folders (run.json with status complete) to report")
     report.mkdir(parents=True, exist_ok=True)
@@ -416,7 +429,7 @@ def write_report(out: Path, report: Path, command: str, timings: Optional[list[d
              "shapes run only for the cost curve (evaluation off).", "", table(rows), ""]
     lines += [f"![{name}]({name})" for name in images]
     if timings:
-        lines += ["", "Wall time of each run in the sweep that made this report:", "", "| run | status | seconds |",
+        lines += ["", "Wall time of each run (this machine, shared with other jobs; `skipped` runs were complete):", "", "| run | status | seconds |",
                   "|---|---|---:|"] + [f"| {t['run']} | {t['status']} | {t['seconds']} |" for t in timings]
     (report / "report.md").write_text("\n".join(lines) + "\n")
     return report / "report.md"
@@ -498,11 +511,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not Path(ds_config).is_file() and not (ROOT / ds_config).is_file():
         raise UserError(f"--ds-config: {ds_config}: no such DeepSpeed config")
     results = run_local(jobs, ds_config, args.ranks)
+    _record_timings(out, results)
     for line in results:
         print(f"{line['run']}: {line['status']} ({line['seconds']} s)")
     failed = [r for r in results if r["status"].startswith("failed")]
     if args.report:
-        print(write_report(out, Path(args.report), command, results))
+        print(write_report(out, Path(args.report), command))
     return 1 if failed else 0
 
 
