@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_main():
             print(f"{cfg.output.dir}: this run is already complete (step {previous['step']}); nothing to do")
         return 0
-    if dist.is_main() and previous is None:  # mark the folder as this config's run before anything else lands
-        runs.mark_running(cfg)
     session = build(cfg, args.ds_config)
+    if dist.is_main() and previous is None:  # inputs are good: mark the folder as this config's run
+        runs.mark_running(cfg)
     # the starting point is scored before any checkpoint is loaded (and kept in the folder for a resumed run)
     before = evaluate.baselines(session.cfg, session.model, session.encoder, session.tokenizer) \
         if cfg.evaluation.enabled else {}
