@@ -123,3 +123,25 @@ def test_activation_checkpointing_gives_the_same_gradients(mode):
         m(**collate([Example(ids, [-100, -100, -100, 7, 8, 9, -100], 0)], 0)).backward()
         grads[setting] = bank.param("<F>").grad.clone()
     assert grads["none"].abs().sum() > 0 and torch.allclose(grads["none"], grads[mode], atol=1e-6)
+
+
+def test_classification_head_cross_entropy_and_prediction(tiny_base):
+    specs = [TagSpec("<C>", "function", 2, True)]
+    bank = TagBank(specs, 64, tiny_base.identity["embedding_rows"])
+    m = TaggedModel(tiny_base.model, bank, [HeadSpec("<C>", "classification", 3)], uses_lm_head=False)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(m.heads[0].linear.weight)
+    exs = []
+    for i, prefix in enumerate(([5, 6], [7, 8, 9, 10], [11])):
+        ids = prefix + bank.placeholder_ids("<C>")
+        exs.append(Example(ids, [IGNORE] * len(ids), 0, head_index=0, head_pos=len(ids) - 1, head_target=[float(i)]))
+    batch = collate(exs, 0, "left")
+    loss = m(**batch)
+    hidden = m.decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         position_ids=batch["position_ids"]).last_hidden_state[:, -1]
+    logits = m.heads[0].linear(hidden)
+    assert abs(loss.item() - F.cross_entropy(logits, torch.tensor([0, 1, 2])).item()) < 1e-5
+    predicted = m.predict_heads(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                batch["head_pos"], batch["head_index"])[0]
+    assert predicted.tolist() == logits.argmax(-1).tolist()
+    m.splice.remove()
