@@ -192,6 +192,8 @@ class WandbConfig:
     """offline writes under the run folder; online needs network access."""
     project: str = "tagscale"
     """Project name."""
+    system_stats: bool = True
+    """Let wandb sample system metrics (GPU use, memory) in a side process; off spares the CPU of small machines."""
 
 
 @dataclass

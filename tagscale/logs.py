@@ -68,7 +68,8 @@ class RunLog:
             import wandb
 
             self.wandb = wandb.init(project=cfg.wandb.project, dir=str(self.folder), mode=cfg.wandb.mode,
-                                    config=cfg.to_dict(), id=self._wandb_id(), resume="allow")
+                                    config=cfg.to_dict(), id=self._wandb_id(), resume="allow",
+                                    settings=wandb.Settings(x_disable_stats=not cfg.wandb.system_stats))
 
     def _wandb_id(self) -> str:
         """One wandb run per tagscale run, resumed into after a requeue."""
