@@ -189,13 +189,15 @@ def _swissprot_split(split: str) -> list[tuple[str, str]]:
     return shuffled[:-PROTEIN_TEST_POOL] if split == "train" else shuffled[-PROTEIN_TEST_POOL:]
 
 
-def protein_corpus(split: str, *, n: int = 5000, n_test: int = 1000, seed: int = 0) -> list[Record]:
-    """Real Swiss-Prot sequences (30-512 residues, standard residues only) from the committed extract."""
-    pool = _swissprot_split(split)
+def protein_corpus(split: str, *, n: int = 5000, n_test: int = 1000, seed: int = 0,
+                   max_residues: int = 512) -> list[Record]:
+    """Real Swiss-Prot sequences (30-512 residues, or at most `max_residues`; standard residues only)."""
+    pool = [r for r in _swissprot_split(split) if len(r[1]) <= max_residues]
     return [{"seq": seq} for _, seq in _seeded_sample(pool, n if split == "train" else n_test, seed)]
 
 
-def descriptor(split: str, *, n_train: int = 3000, n_test: int = 500, seed: int = 0) -> list[Record]:
+def descriptor(split: str, *, n_train: int = 3000, n_test: int = 500, seed: int = 0,
+               max_residues: int = 512) -> list[Record]:
     """Swiss-Prot sequences labelled with `peptides` BLOSUM1 (Georgiev 2009), the paper's descriptor.
 
     Taken by name: in peptides >= 0.4 the first value of `descriptors()` is the Atchley factor AF1, not BLOSUM1
@@ -204,7 +206,7 @@ def descriptor(split: str, *, n_train: int = 3000, n_test: int = 500, seed: int 
     _require("peptides", "peptides")
     from peptides import Peptide
 
-    pool = _swissprot_split(split)
+    pool = [r for r in _swissprot_split(split) if len(r[1]) <= max_residues]  # short ones fit small machines
     picked = _seeded_sample(pool, n_train if split == "train" else n_test, seed + 1)
     return [{"seq": seq, "descriptor": float(Peptide(seq).blosum_indices()[0])} for _, seq in picked]
 
