@@ -6,8 +6,9 @@
 
 A base is a shape preset (tagscale.bases.SHAPES: random init), ``embedded:<name>`` or a local Hugging Face folder.
 Run folders: <out>/<recipe stem>/<method>/<base name>/stage<N> (the layout slurm/sweep.sh makes); runs already
-complete are skipped, so the same command resumes an interrupted sweep. --cost-bases adds random-init shapes on the
-first recipe with method tag_llm and evaluation off (train.steps=3 unless overridden): their task metrics mean
+complete are skipped, so the same command resumes an interrupted sweep (a changed recipe or override wants a new
+--out: a complete folder is not compared with the new config). --cost-bases adds random-init shapes on the
+first recipe with method tag_llm and evaluation off (train.steps=5 unless overridden): their task metrics mean
 nothing, their tokens/s, step time and peak memory give the cost curve. --slurm submits one slurm/sweep.sh job
 array over the bases per recipe x method instead of running here.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import statistics
@@ -126,7 +128,7 @@ def plan_jobs(recipes: list[Path], bases: list[str], methods: list[str], cost_ba
     for base in cost_bases:
         cost = ["method=tag_llm", "evaluation.enabled=false"]
         if not any(o.startswith("train.steps=") for o in overrides):
-            cost.append("train.steps=3")
+            cost.append("train.steps=5")  # the first step traces ZeRO-3's fetch order: 4 steady ones after it
         jobs.append(Job(recipes[0], COST_GROUP, "tag_llm", base, read_stage(recipes[0]), out,
                         tuple([*overrides, *cost])))
     names = {}
@@ -183,7 +185,7 @@ def run_local(jobs: list[Job], ds_config: str, ranks: int) -> list[dict]:
             handle.flush()
             code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
         seconds = time.perf_counter() - started
-        status = "complete" if code == 0 and is_complete(job.run_dir) else f"failed (exit {code}, see {log})"
+        status = "complete" if code == 0 and is_complete(job.run_dir) else f"failed (exit {code}, see {_shown(log)})"
         if code != 0:
             bar.write(f"{job.label}: {status}")
         results.append({"run": job.label, "status": status, "seconds": round(seconds, 1)})
@@ -300,7 +302,7 @@ def read_run(run_dir: Path, out: Path) -> Optional[RunRow]:
         step_s=_median_after_first([r["step_s"] for r in records if "step_s" in r]),
         peak_rss_bytes=meta.get("peak_rss_bytes"), peak_accel_bytes=meta.get("peak_accel_bytes"),
         world_size=int(meta.get("world_size", 1)), skipped_too_long=meta.get("skipped_too_long", {}),
-        metrics=metrics, initial=initial, folder=str(run_dir))
+        metrics=metrics, initial=initial, folder=str(run_dir.relative_to(out)))
 
 
 def gather(out: Path) -> list[RunRow]:
@@ -332,10 +334,24 @@ def table(rows: list[RunRow]) -> str:
     return "\n".join(lines)
 
 
+def _size_ticks(ax, sizes: list[int], matplotlib) -> None:
+    """X ticks at the bases' own parameter counts, labelled 135M, 1.3B (not 1.4x10^8 at every minor tick)."""
+    ticks: list[int] = []
+    for size in sorted(set(sizes)):  # one tick for sizes within 3% (e.g. llama-350m 267.9M and Gemma 268.1M)
+        if not ticks or size > ticks[-1] * 1.03:
+            ticks.append(size)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xticks(ticks, [f"{p / 1e9:.3g}B" if p >= 1e9 else f"{p / 1e6:.3g}M" for p in ticks], fontsize=8,
+                  rotation=45 if len(ticks) > 3 else 0)
+    if len(ticks) > 1:
+        span = math.log10(ticks[-1] / ticks[0])
+        ax.set_xlim(ticks[0] / 10 ** (0.08 * span), ticks[-1] * 10 ** (0.08 * span))
+
+
 def _plain_log_ticks(ax, matplotlib) -> None:
-    """Log axes ticked at 1, 2, 5 x 10^k and labelled 0.5, 2, 600 rather than 5x10^-1 (ranges under a decade too)."""
+    """Log axes ticked at 1, 1.5, 2, 3, 5, 7 x 10^k and labelled 0.5, 2, 600 rather than 5x10^-1 (ranges under a decade too)."""
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
     ax.yaxis.set_major_formatter(plain)
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
@@ -364,7 +380,14 @@ def plots(rows: list[RunRow], folder: Path) -> list[str]:
                     if points:
                         ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=colors[method],
                                 label=method)
+                start = sorted({(r.parameters, r.initial[task][metric]) for r in rows
+                                if metric == "mse" and task in r.initial and metric in r.initial[task]})
+                if start:  # before training the head predicts the training mean: the bar every method must beat
+                    ax.plot([p[0] for p in start], [p[1] for p in start], ":", color="grey",
+                            label="before training (mean)")
+                    ax.legend(fontsize=7)
                 ax.set_xscale("log")
+                _size_ticks(ax, [r.parameters for r in rows if task in r.metrics], matplotlib)
                 ax.set_title(f"{task}: {metric}" + (" (lower is better)" if metric == "mse" else ""), fontsize=10)
                 ax.grid(alpha=0.3)
                 if row_i == len(shown) - 1:
@@ -394,6 +417,7 @@ def plots(rows: list[RunRow], folder: Path) -> list[str]:
                     ax.plot([p[0] for p in points], [p[1] for p in points], style, color=color, label=label)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            _size_ticks(ax, [r.parameters for r in measured], matplotlib)
             _plain_log_ticks(ax, matplotlib)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("base parameters")
@@ -406,6 +430,14 @@ def plots(rows: list[RunRow], folder: Path) -> list[str]:
         plt.close(fig)
         made.append("cost.png")
     return made
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the current folder when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def write_report(out: Path, report: Path, command: str) -> Path:
@@ -422,7 +454,7 @@ def write_report(out: Path, report: Path, command: str) -> Path:
     (report / "runs.json").write_text(json.dumps(data, indent=2) + "\n")
     lines = ["# Scaling report: Tag-LLM vs prompt tuning vs linear probe across base sizes", "",
              "Made by:", "", "```", command, "```", "",
-             f"{len(rows)} complete runs read from `{out}` (run.json, metrics.jsonl, eval.json). Task metrics are on "
+             f"{len(rows)} complete runs read from `{_shown(out)}` (run.json, metrics.jsonl, eval.json). Task metrics are on "
              "each task's held-out test split, in label units; `mse at start` is the same run before training (the head starts at "
              "zero, so it predicts the training mean: the bar to beat); tokens/s and step time are medians over the steps "
              "after the first; peak RSS is the largest rank's getrusage peak. Rows in group `cost` are random-init "
