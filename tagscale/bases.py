@@ -134,6 +134,17 @@ def resolve_folder(path: str) -> Path:
     return folder
 
 
+def prepare(cfg: BaseConfig) -> None:
+    """Make once what `load_base` reads: a small preset's saved folder, the embedded base's dequantized folder.
+
+    Call it on one rank, outside the ZeRO-3 context, before the others load (the trainer does, then a barrier).
+    """
+    if cfg.preset and preset_params(cfg.preset) <= CACHED_PRESET_LIMIT:
+        preset_folder(cfg.preset, cfg.seed)
+    elif cfg.path and cfg.path.startswith("embedded:"):
+        resolve_folder(cfg.path)
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32

@@ -48,7 +48,7 @@ if __name__ == "__main__":  # a bad recipe or file is one line within a second: 
 from dataclasses import dataclass  # noqa: E402
 
 from tagscale import dist, evaluate, runs  # noqa: E402
-from tagscale.bases import load_base  # noqa: E402
+from tagscale.bases import load_base, prepare as prepare_base  # noqa: E402
 from tagscale.data import Encoder, TrainData, build_train_data, collate  # noqa: E402
 from tagscale.logs import RunLog  # noqa: E402
 from tagscale.methods import apply_method  # noqa: E402
@@ -93,6 +93,9 @@ class Session:
 def build(cfg: RunConfig, ds_config: str) -> Session:
     """The frozen base (partitioned under ZeRO-3), tags, heads, data and the DeepSpeed engine."""
     ds = dist.load_ds_config(ds_config, cfg)
+    if dist.is_main():
+        prepare_base(cfg.base)  # once, on rank 0, outside ZeRO-3: a cached preset or dequantized embedded base
+    dist.barrier()
     with dist.zero3_base_context(ds):
         base = load_base(cfg.base)
     inherited = runs.load_earlier_runs(cfg, base.identity["hidden_size"])
