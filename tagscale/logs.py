@@ -23,7 +23,8 @@ def numel(param: torch.nn.Parameter) -> int:
 # Peak memory, for the planner's measured-vs-predicted check and the scaling report (tools/plan.py, tools/sweep.py).
 
 def peak_memory() -> dict[str, int]:
-    """This process's peak memory so far: resident set (host RAM) and, on a GPU, allocated device bytes."""
+    """This process's peak memory since the last `start_training_peak()`: resident set (host RAM) and, on a GPU,
+    allocated device bytes."""
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peaks = {"rss": int(maxrss if sys.platform == "darwin" else maxrss * 1024)}  # Linux reports KiB, macOS bytes
     if torch.cuda.is_available():
@@ -31,9 +32,31 @@ def peak_memory() -> dict[str, int]:
     return peaks
 
 
-def peak_memory_all_ranks() -> dict[str, list[int]]:
-    """Each rank's `peak_memory()`, in rank order. Collective."""
-    per_rank = dist.all_gather_objects(peak_memory())
+def start_training_peak() -> dict[str, int]:
+    """Return the loading peak so far and restart peak tracking, so that training's own peak can be told apart.
+
+    Why: the loading transient (a checkpoint's memory-mapped pages next to the weights being partitioned) depends
+    on page-cache timing and can exceed the steady training peak; tools/plan.py predicts the training peak. Linux
+    resets the resident high-water mark (which getrusage reports) on writing 5 to /proc/self/clear_refs; where
+    that is refused the training peak stays the whole-process peak, which is then an upper bound.
+    """
+    loading = peak_memory()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    return loading
+
+
+def peak_memory_all_ranks(loading: dict[str, int]) -> dict[str, list[int]]:
+    """Each rank's training peak (`train_<kind>`) and whole-run peak (`<kind>`, with `loading`), in rank order.
+    Collective."""
+    training = peak_memory()
+    mine = {f"train_{k}": v for k, v in training.items()}
+    mine.update({k: max(v, loading.get(k, 0)) for k, v in training.items()})
+    per_rank = dist.all_gather_objects(mine)
     return {key: [p.get(key, 0) for p in per_rank] for key in per_rank[0]}
 
 
@@ -50,6 +73,7 @@ class RunLog:
         self.tokens_seen = 0
         self.last: dict = {}
         self.peaks: dict[str, list[int]] = {}
+        self.loading_peak = start_training_peak()
         self.bar = None
         self.wandb = None
         if not self.main:
@@ -88,7 +112,7 @@ class RunLog:
     def reduce_step(self, losses: list[float], tokens: int) -> tuple[float, int]:
         """Mean micro-batch loss and real tokens over all ranks. Collective."""
         totals = dist.all_reduce_sum(torch.tensor([sum(losses), len(losses), tokens], dtype=torch.float64))
-        self.peaks = peak_memory_all_ranks()
+        self.peaks = peak_memory_all_ranks(self.loading_peak)
         return float(totals[0] / totals[1]), int(totals[2])
 
     def step(self, step: int, loss: float, parts: dict, lr: list[float], tokens: int, seconds: float) -> None:
@@ -119,7 +143,8 @@ class RunLog:
             self.close()
 
     def peak_fields(self) -> dict:
-        """Peak memory so far: the largest rank's and each rank's (peak_rss_bytes, peak_accel_bytes)."""
+        """Peak memory so far, the largest rank's and each rank's: the whole run's (peak_rss_bytes, peak_accel_bytes)
+        and training's alone, after loading (peak_train_rss_bytes, ...)."""
         fields: dict = {}
         for key, values in self.peaks.items():
             fields[f"peak_{key}_bytes"] = max(values)

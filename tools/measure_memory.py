@@ -3,12 +3,15 @@
     python tools/measure_memory.py --cases ci                     # llama-350m, fp32, 1 rank (~1 min; the CI test)
     python tools/measure_memory.py --cases small --out docs/planner # llama-100m and llama-350m (~2 min)
     python tools/measure_memory.py --cases full --out docs/planner  # + llama-1b and the LLaMA-7B shape in bf16 on
-                                                                  #   2 CPU ranks under ZeRO-3 (~10 min, ~16 GB RAM)
+                                                                  #   2 CPU ranks under ZeRO-3 (~25 min, ~16 GB RAM)
+    python tools/measure_memory.py --cases fp32 --out docs/planner  # llama-100m, -350m, -1b (~5 min)
+    python tools/measure_memory.py --cases 7b --out docs/planner    # the LLaMA-7B shape alone (~20 min)
 
 Each case is a real run: `python -m tagscale.train` (1 rank) or `deepspeed --num_gpus 2 tagscale/train.py` on
 tagscale/recipes/scaling_memory.yaml with a random-init shape preset, a few steps on fixed-length examples. The
-trainer records every rank's peak RSS (getrusage ru_maxrss) in run.json; the planner predicts the same run's
-per-rank peak ("CPU" device, the same ZeRO bucket sizes). With --out, writes measured.json and measured.md there.
+trainer records every rank's peak RSS (getrusage ru_maxrss) in run.json, for the whole run and for training alone
+(after loading); the planner predicts the same run's per-rank training peak ("CPU" device, the same ZeRO bucket
+sizes). With --out, adds or replaces these cases' rows in measured.json and measured.md there.
 """
 
 from __future__ import annotations
@@ -57,8 +60,10 @@ class Case:
 CASES = {
     "ci": [Case("llama-350m", 1, "fp32", 200)],
     "small": [Case("llama-100m", 1, "fp32", 200), Case("llama-350m", 1, "fp32", 200)],
+    "fp32": [Case("llama-100m", 1, "fp32", 200), Case("llama-350m", 1, "fp32", 200), Case("llama-1b", 1, "fp32", 200)],
     "full": [Case("llama-100m", 1, "fp32", 200), Case("llama-350m", 1, "fp32", 200),
              Case("llama-1b", 1, "fp32", 200), Case("llama-7b", 2, "bf16", 12)],
+    "7b": [Case("llama-7b", 2, "bf16", 12)],
 }
 
 
@@ -98,9 +103,7 @@ def run_case(case: Case, workdir: Path, timeout: int) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise UserError(f"{case.label}: the trainer exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
-    meta = json.loads((run_dir / "run.json").read_text())
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"meta": meta, "steps": steps}
+    return read_run(run_dir)
 
 
 def compare(case: Case, measured: dict) -> dict:
@@ -112,23 +115,27 @@ def compare(case: Case, measured: dict) -> dict:
                   dtype=case.dtype, tag_vectors=TAG_VECTORS, **({} if "reduce_bucket_size" not in ds else
                                                                  {"reduce_bucket": ds["reduce_bucket_size"]}))
     predicted = plan(shape, setup)
-    per_rank = measured["meta"]["peak_rss_bytes_per_rank"]
+    # The planner predicts training's peak: the trainer restarts the high-water mark once the engine is built, so
+    # loading's transient (memory-mapped checkpoint pages, timing-dependent) is reported beside it, not in it.
+    per_rank = measured["meta"]["peak_train_rss_bytes_per_rank"]
     peak = max(per_rank)
     return {"case": case.label, "preset": case.preset, "ranks": case.ranks, "dtype": case.dtype,
             "parameters": shape.total_params, "tokens_per_example": tokens_per_example, "steps": case.steps,
             "measured_peak_bytes_per_rank": per_rank, "measured_peak_bytes": peak,
+            "measured_peak_with_loading_bytes_per_rank": measured["meta"]["peak_rss_bytes_per_rank"],
             "predicted_peak_bytes": predicted.peak_bytes, "predicted_parts_bytes": predicted.memory_bytes,
             "error": (predicted.peak_bytes - peak) / peak,
             "step_s": [s["step_s"] for s in measured["steps"]]}
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| case | parameters | tokens/example | measured peak RSS per rank | predicted | error |",
-             "|---|---:|---:|---|---:|---:|"]
+    lines = ["| case | parameters | tokens/example | measured training peak RSS per rank | predicted | error "
+             "| whole-run peak incl. loading |", "|---|---:|---:|---|---:|---:|---|"]
     for r in rows:
         ranks = ", ".join(f"{b / GIB:.2f}" for b in r["measured_peak_bytes_per_rank"])
+        loading = ", ".join(f"{b / GIB:.2f}" for b in r.get("measured_peak_with_loading_bytes_per_rank", []))
         lines.append(f"| {r['case']} | {r['parameters'] / 1e6:,.0f} M | {r['tokens_per_example']} | {ranks} GiB | "
-                     f"{r['predicted_peak_bytes'] / GIB:.2f} GiB | {100 * r['error']:+.1f}% |")
+                     f"{r['predicted_peak_bytes'] / GIB:.2f} GiB | {100 * r['error']:+.1f}% | {loading} GiB |")
     return "\n".join(lines)
 
 
@@ -141,24 +148,45 @@ def measure(cases: list[Case], workdir: Path, timeout: int = 1800) -> list[dict]
     return rows
 
 
+def read_run(run_dir: Path) -> dict:
+    """A finished measurement run's run.json and metrics.jsonl."""
+    meta = json.loads((run_dir / "run.json").read_text())
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"meta": meta, "steps": steps}
+
+
+def write_results(out: Path, rows: list[dict], command: str) -> list[dict]:
+    """Add (or replace, by case) `rows` in out/measured.json and rewrite out/measured.md; returns all rows.
+
+    Cases can be measured in separate invocations (the 7B case alone takes ~20 minutes on 2 cores); each row keeps
+    the command that made it."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "measured.json"
+    kept = json.loads(path.read_text())["rows"] if path.is_file() else []
+    new = {r["case"] for r in rows}
+    order = [c.label for c in CASES["full"]]
+    merged = sorted([r for r in kept if r["case"] not in new] + [dict(r, command=command) for r in rows],
+                    key=lambda r: order.index(r["case"]) if r["case"] in order else len(order))
+    path.write_text(json.dumps({"rows": merged}, indent=2) + "\n")
+    commands = "\n".join(f"- {c}" for c in dict.fromkeys(r.get("command", "?") for r in merged))
+    (out / "measured.md").write_text(f"Made by:\n\n{commands}\n\n{markdown(merged)}\n")
+    return merged
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/measure_memory.py", description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="ci", help=f"one of {', '.join(CASES)} (default ci)")
-    parser.add_argument("--out", help="folder for measured.json and measured.md (e.g. docs/planner)")
+    parser.add_argument("--out", help="folder whose measured.json and measured.md get these cases' rows "
+                                      "(e.g. docs/planner)")
     parser.add_argument("--keep", help="keep the run folders here (default: a temporary folder)")
     args = parser.parse_args(argv)
     if args.cases not in CASES:
         raise UserError(f"--cases: expected one of {', '.join(CASES)}, got {args.cases!r}")
     with tempfile.TemporaryDirectory(prefix="tagscale-measure-") as tmp:
         rows = measure(CASES[args.cases], Path(args.keep or tmp))
-    table = markdown(rows)
-    print(table)
+    print(markdown(rows))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        command = f"python tools/measure_memory.py --cases {args.cases} --out {args.out}"
-        (out / "measured.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
-        (out / "measured.md").write_text(f"Made by `{command}`.\n\n{table}\n")
+        write_results(Path(args.out), rows, f"python tools/measure_memory.py --cases {args.cases} --out {args.out}")
     return 0
 
 
