@@ -98,6 +98,7 @@ def build(cfg: RunConfig, ds_config: str) -> Session:
     dist.barrier()
     with dist.zero3_base_context(ds):
         base = load_base(cfg.base)
+    dist.use_fast_cpu_low_precision_linear()
     inherited = runs.load_earlier_runs(cfg, base.identity["hidden_size"])
     recipe, cfg = cfg, apply_method(cfg, {name: tag.vectors.shape[0] for name, tag in inherited.items()})
     plan = runs.plan_tags(cfg, inherited if cfg.method == "tag_llm" else {})
@@ -162,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.evaluation.enabled else {}
     start = 0
     resume_from = runs.find_resume_point(cfg)
+    if resume_from is None:
+        before = evaluate.start_heads_from_probe(session.cfg, session.model, session.encoder, session.tokenizer,
+                                                 session.data.examples, before)
     if resume_from is not None:
         state = runs.read_checkpoint(resume_from)
         dist.load_portable_state(session.engine, state["engine"])

@@ -211,6 +211,21 @@ def data_pipeline(base, n: int = 400) -> tuple[list[int], float]:
     return lengths, sum(lengths) / seconds
 
 
+def cpu_bf16_linear_backward() -> tuple[float, float]:
+    """Seconds of one bf16 linear forward + backward on CPU at a LLaMA-7B MLP matrix (11008 x 4096, 24 tokens):
+    torch's linear, then tagscale's (tagscale.dist.use_fast_cpu_low_precision_linear)."""
+    from tagscale import dist
+
+    weight = torch.randn(4096, 11008, dtype=torch.bfloat16)
+    seconds = []
+    for linear in (torch._C._nn.linear, dist._CpuLowPrecisionLinear.apply):
+        x = torch.randn(1, 24, 11008, dtype=torch.bfloat16, requires_grad=True)
+        started = time.perf_counter()
+        linear(x, weight).sum().backward()
+        seconds.append(time.perf_counter() - started)
+    return seconds[0], seconds[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="embedded:smollm2-135m", help="embedded:NAME, preset:NAME or a model folder")
@@ -256,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     text_tokens = sum(len(e.ids) for e in c.text_examples)
     lengths, pipeline_tps = data_pipeline(base)
     trainer_tps = head_tokens / median["tagscale: prefix split (head task)"]
+    torch_linear_s, our_linear_s = cpu_bf16_linear_backward() if not torch.cuda.is_available() else (1.0, 1.0)
     results = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -278,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             "padding efficiency, length-bucketed (real / padded tokens)": padding_efficiency(lengths, args.batch, True),
             "padding efficiency, unbucketed (real / padded tokens)": padding_efficiency(lengths, args.batch, False),
             "data pipeline tokens/s / trainer tokens/s (goal >= 20)": pipeline_tps / trainer_tps,
+            "CPU bf16 linear forward+backward, 7B MLP matrix: tagscale / torch": our_linear_s / torch_linear_s,
         },
         "throughput": {
             "tagscale head task tokens/s": trainer_tps,
