@@ -52,6 +52,10 @@ class HeadConfig:
     """k: outputs of a regression head, classes of a classification head."""
     standardize: bool = True
     """Regression only: train on (y - mean) / std of the training labels; predictions are mapped back."""
+    init: Literal["zero", "probe"] = "zero"
+    """zero: the untrained head predicts the training-label mean. probe (regression): start from the closed-form
+    ridge fit on the hidden states at the function tag (initial tags) over the training set, then tune tags and
+    head together (linear probing, then fine-tuning): short runs start where the probe ends."""
 
 
 @dataclass
@@ -308,6 +312,11 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 (PyYAML) reads `1e-5` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise bad
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -418,6 +427,8 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"{where}.head.outputs: expected a positive number, got {tag.head.outputs}")
         if tag.head and tag.head.type == "classification" and tag.head.outputs < 2:
             raise UserError(f"{where}.head.outputs: a classification head needs at least 2 classes")
+        if tag.head and tag.head.init == "probe" and (tag.head.type, tag.head.outputs) != ("regression", 1):
+            raise UserError(f"{where}.head.init: probe starts a one-output regression head; use init: zero here")
         if tag.init == "text" and not tag.init_text:
             raise UserError(f"{where}.init_text: init: text needs the text whose embeddings start the tag")
         if tag.kind != cfg.trained_kind and not (cfg.enrich and tag.kind == "domain"):

@@ -163,6 +163,12 @@ def last_token_states(model: TaggedModel, examples: list[Example], micro: int, p
     return np.concatenate(rows) if rows else np.zeros((0, model.bank.hidden_size))
 
 
+def all_states(model: TaggedModel, examples: list[Example], micro: int, pad_id: int) -> np.ndarray:
+    """`last_token_states` of every example, in order, each rank computing its shard. Collective."""
+    mine, real = shard(examples, dist.rank(), dist.world_size())
+    return np.concatenate(dist.all_gather_objects(last_token_states(model, mine, micro, pad_id)[:real]))
+
+
 def ridge_fit(features: np.ndarray, target: np.ndarray, seed: int = 0) -> tuple[np.ndarray, float]:
     """Ridge regression with the penalty chosen on a 20% hold-out of the training set, then refit on all."""
     mean, scale = features.mean(0), features.std(0) + 1e-6
@@ -187,23 +193,51 @@ def probe_metrics(cfg: RunConfig, probe_model: TaggedModel, probe_encoder: Encod
                   test_sets: list[EvalSet], pad_id: int) -> dict[str, dict]:
     """A ridge probe per head task on the frozen base's last prompt token (no tags). Collective."""
     results = {}
-    rank, world, micro = dist.rank(), dist.world_size(), cfg.evaluation.micro_batch
+    micro = cfg.evaluation.micro_batch
     was_training = probe_model.training
     probe_model.eval()
     for train_set, test_set in zip(train_sets, test_sets):
         if train_set.task.loss != "head":
             continue
-        states = {}
-        for name, item in (("train", train_set), ("test", test_set)):
-            mine, real = shard(item.examples, rank, world)
-            parts = dist.all_gather_objects(last_token_states(probe_model, mine, micro, pad_id)[:real])
-            states[name] = np.concatenate(parts)
+        states = {name: all_states(probe_model, item.examples, micro, pad_id)
+                  for name, item in (("train", train_set), ("test", test_set))}
         y_train = np.array([e.head_target[0] for e in train_set.examples])
         w, b = ridge_fit(states["train"], y_train)
         pred = states["test"] @ w + b
         results[test_set.task.name] = regression_metrics(pred.tolist(), [e.head_target[0] for e in test_set.examples])
     probe_model.train(was_training)
     return results
+
+
+def start_heads_from_probe(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer,
+                           train_examples: list[list[Example]], before: dict) -> dict:
+    """Heads with `init: probe` start at the ridge fit on the hidden states at their function tag (initial tags)
+    over the training set; their tasks' test metrics at that start join the baselines as "linear probe (start)".
+    Collective; run once, on a fresh start (a resumed run reads its heads from the checkpoint)."""
+    starting = [t for t in cfg.tags if t.head and t.head.init == "probe"]
+    if not starting:
+        return before
+    was_training = model.training
+    model.eval()
+    for tag in starting:
+        head = model.heads[model.head_names.index(tag.name)]
+        examples = [e for task, items in zip(cfg.tasks, train_examples) if task.head == tag.name for e in items]
+        features = all_states(model, examples, cfg.evaluation.micro_batch, tokenizer.pad_token_id)
+        w, b = ridge_fit(features, np.array([e.head_target[0] for e in examples]))
+        mean, std = float(head.mean[0]), float(head.std[0])  # the head works in standardised label units
+        dist.set_trainable(head.linear.weight, torch.tensor(w / std, dtype=torch.float32)[None])
+        dist.set_trainable(head.linear.bias, torch.tensor([(b - mean) / std], dtype=torch.float32))
+    model.train(was_training)
+    if not cfg.evaluation.enabled:
+        return before
+    names = {t.name for t in starting}
+    sets = [s for s in eval_sets(cfg, encoder) if s.task.head in names]
+    out = {task: dict(models) for task, models in before.items()}
+    for task, metrics in evaluate(cfg, model, encoder, tokenizer, sets).items():
+        out.setdefault(task, {})["linear probe (start)"] = metrics
+    if dist.is_main():
+        (Path(cfg.output.dir) / "eval_baselines.json").write_text(json.dumps(out, indent=2))
+    return out
 
 
 def format_table(results: dict[str, dict[str, dict]]) -> str:

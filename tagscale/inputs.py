@@ -172,16 +172,22 @@ def check_earlier_runs(cfg: RunConfig, hidden_size: Optional[int]) -> dict[str, 
     their tag files are whole, and each tag is as wide as the base's hidden size (where already known)."""
     found: dict[str, str] = {}
     for i, path in enumerate(cfg.from_runs):
-        folder = Path(path)
-        meta = read_run_json(folder, f"{cfg.source}: from_runs[{i}]")
-        if meta.get("status") != "complete":
-            raise UserError(f"{folder}/run.json: status is {meta.get('status')!r}; the run did not finish "
-                            f"(expected 'complete')")
-        shapes = safetensors_shapes(folder / "tags.safetensors")
-        for name in meta["tags"]:
-            check_tag_width(folder / "tags.safetensors", name, shapes.get(name), hidden_size)
-            found[name] = str(folder)
+        meta = check_finished_run(Path(path), f"{cfg.source}: from_runs[{i}]", hidden_size)
+        found.update({name: str(path) for name in meta["tags"]})
     return found
+
+
+def check_finished_run(folder: Path, where: str, hidden_size: Optional[int]) -> dict:
+    """A run folder whose tags can be used: it finished, its tag file is whole, and each tag is as wide as the
+    base's hidden size (where already known). Returns its run.json."""
+    meta = read_run_json(folder, where)
+    if meta.get("status") != "complete":
+        raise UserError(f"{folder}/run.json: status is {meta.get('status')!r}; the run did not finish "
+                        f"(expected 'complete')")
+    shapes = safetensors_shapes(folder / "tags.safetensors")
+    for name in meta["tags"]:
+        check_tag_width(folder / "tags.safetensors", name, shapes.get(name), hidden_size)
+    return meta
 
 
 def check_tag_width(path: Path, name: str, shape: Optional[list[int]], hidden_size: Optional[int]) -> None:

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from tagscale.config import RunConfig
 from tagscale.errors import UserError
 # run.json reading and the output-folder check live in tagscale.inputs (no torch there); used as runs.* too
-from tagscale.inputs import (FORMAT, check_earlier_runs, check_output_folder, check_tag_sources,  # noqa: F401
-                             read_run_json, tags_in_tasks)
+from tagscale.inputs import (FORMAT, check_earlier_runs, check_finished_run, check_output_folder,  # noqa: F401
+                             check_tag_sources, read_run_json, tags_in_tasks)
 from tagscale.model import HeadSpec, TaggedModel
 from tagscale.tags import TagBank, TagSpec, init_bank
 
@@ -251,20 +251,16 @@ def load_for_inference(folders: list[Path], base_cfg=None):
     from tagscale.bases import load_base
     from tagscale.config import BaseConfig, build
 
-    metas = [read_run_json(f, "--runs") for f in folders]
-    for folder, meta in zip(folders, metas):
-        if meta.get("status") != "complete":
-            raise UserError(f"{folder}/run.json: status is {meta.get('status')!r}; expected a complete run")
+    metas = [check_finished_run(f, "--runs", None) for f in folders]  # before the base loads: fail fast
     base = load_base(base_cfg or build(BaseConfig, metas[0]["config"]["base"], str(folders[0] / "run.json"), "base"))
     hidden = base.identity["hidden_size"]
+    for folder in folders:
+        check_finished_run(folder, "--runs", hidden)
     tags: dict[str, InheritedTag] = {}
     heads: dict[str, tuple[dict, dict[str, torch.Tensor]]] = {}
     for folder, meta in reversed(list(zip(folders, metas))):  # earlier folders overwrite later ones
         tensors = load_tensors(folder / "tags.safetensors")
         for name, info in meta["tags"].items():
-            if tensors[name].shape[1] != hidden:
-                raise UserError(f"{folder}/tags.safetensors: tag {name} has width {tensors[name].shape[1]}, but the "
-                                f"base's hidden size is {hidden}")
             tags[name] = InheritedTag(name, info["kind"], tensors[name].float(), str(folder))
         if meta.get("heads"):
             values = load_tensors(folder / "heads.safetensors")

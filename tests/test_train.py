@@ -118,3 +118,29 @@ def test_two_ranks_text_stage_and_sharded_evaluation_match_one_rank(chain, tmp_p
         assert two_eval[task]["trained"]["n"] == one_eval[task]["trained"]["n"] == 6
         assert two_eval[task]["trained"]["examples"] == one_eval[task]["trained"]["examples"]
         assert abs(two_eval[task]["trained"]["chrf"] - one_eval[task]["trained"]["chrf"]) <= 1e-6
+
+
+def test_predict_refuses_unfinished_or_mismatched_runs(chain, tmp_path):
+    """predict/evaluate check run folders as training's from_runs does: one line, exit 2."""
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    out, _ = chain
+    running, wide = tmp_path / "running", tmp_path / "wide"
+    shutil.copytree(out[2], running), shutil.copytree(out[2], wide)
+    meta = json.loads((running / "run.json").read_text())
+    (running / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+    tags = load_file(str(wide / "tags.safetensors"))
+    name = next(iter(tags))
+    save_file({**tags, name: torch.zeros(tags[name].shape[0], tags[name].shape[1] + 1)}, str(wide / "tags.safetensors"))
+    for folder, words in ((running, ["run.json", "'running'", "expected 'complete'"]),
+                          (wide, ["tags.safetensors", name, "hidden size"])):
+        proc = subprocess.run([sys.executable, "-m", "tagscale.predict", "--runs", str(folder), "--template",
+                               "Input: <Protein> {seq}. Output: <Count>"], input='{"seq": "MKT"}\n',
+                              capture_output=True, text=True, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and lines[-1].startswith("error: ")
+        assert all(w in lines[-1] for w in words), lines[-1]
