@@ -222,6 +222,11 @@ class _CpuLowPrecisionLinear(torch.autograd.Function):
                 weight.partition()
 
 
+def low_precision_on_cpu(model: torch.nn.Module) -> bool:
+    """Whether `model` computes in bf16/fp16 on CPU, where `use_fast_cpu_low_precision_linear` pays off."""
+    return device().type == "cpu" and next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+
+
 def use_fast_cpu_low_precision_linear() -> None:
     """Route bf16/fp16 CPU linears that need a backward through `_CpuLowPrecisionLinear`; everything else keeps
     the current `F.linear` (DeepSpeed's ZeRO-3 linear or torch's). Call after the base is built: `zero.Init`

@@ -98,7 +98,8 @@ def build(cfg: RunConfig, ds_config: str) -> Session:
     dist.barrier()
     with dist.zero3_base_context(ds):
         base = load_base(cfg.base)
-    dist.use_fast_cpu_low_precision_linear()
+    if dist.low_precision_on_cpu(base.model):
+        dist.use_fast_cpu_low_precision_linear()  # only where torch's slow path is: GPUs and fp32 keep F.linear
     inherited = runs.load_earlier_runs(cfg, base.identity["hidden_size"])
     recipe, cfg = cfg, apply_method(cfg, {name: tag.vectors.shape[0] for name, tag in inherited.items()})
     plan = runs.plan_tags(cfg, inherited if cfg.method == "tag_llm" else {})
