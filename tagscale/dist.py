@@ -12,6 +12,7 @@ import datetime
 import os
 import random
 import socket
+import weakref
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -285,7 +286,51 @@ def build_engine(model: torch.nn.Module, param_groups: list[dict], ds: dict, lr_
     optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    _ENGINE_OF[model] = engine
     return engine
+
+
+_ENGINE_OF: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
+
+
+def _free_memory_bytes() -> int:
+    """What this rank could still allocate: free accelerator memory, or the host's available memory per local rank."""
+    if device().type == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    with open("/proc/meminfo") as info:
+        available = next(int(line.split()[1]) * 1024 for line in info if line.startswith("MemAvailable:"))
+    return available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+@contextlib.contextmanager
+def whole_for_generation(module: torch.nn.Module, when: str = "auto") -> Iterator[None]:
+    """Hold `module`'s ZeRO-3 partitioned parameters whole on every rank for the duration, its ZeRO hooks removed.
+
+    ZeRO-3 gathers and releases each layer's weights around every forward, so greedy decoding pays a gather of the
+    whole base per generated token. Here it is gathered once (when `when` is "always", or "auto" and the gathered
+    base fits in half of every rank's free memory) and the hooks are put back afterwards. A no-op without a ZeRO-3
+    engine over `module`. Collective: every rank calls it.
+    """
+    engine = _ENGINE_OF.get(module)
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    params = [p for p in module.parameters() if is_partitioned(p)]
+    if offload is None or not params or when == "never":
+        yield
+        return
+    missing = sum((p.ds_numel - p.ds_tensor.numel()) * p.element_size() for p in params)
+    if when == "auto" and any_rank(2 * missing > _free_memory_bytes()):
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(params):
+        for param in params:  # no module holds them now: the hooks' bookkeeping starts clean when they come back
+            param.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)  # the hooks back, as deepspeed.initialize made them
 
 
 def trainable_named_params(engine: Any) -> list[tuple[str, torch.nn.Parameter]]:

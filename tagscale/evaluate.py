@@ -136,7 +136,9 @@ def evaluate(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer,
             else:
                 results[item.task.name] = classification_metrics([p[0] for p in pred], [int(t) for t in target])
         elif item.task.loss == "target":
-            texts = dist.all_gather_objects(generations(model, tokenizer, mine, micro, cfg.evaluation.max_new_tokens)[:real])
+            with dist.whole_for_generation(model, cfg.evaluation.whole_base_for_generation):
+                mine_texts = generations(model, tokenizer, mine, micro, cfg.evaluation.max_new_tokens)[:real]
+            texts = dist.all_gather_objects(mine_texts)
             hyps = [t for part in texts for t in part]
             refs = [fill(item.task.target, e.record).strip() for e in item.examples]
             results[item.task.name] = translation_metrics(hyps, refs) | {"examples": list(zip(hyps[:3], refs[:3]))}
@@ -235,8 +237,7 @@ def start_heads_from_probe(cfg: RunConfig, model: TaggedModel, encoder: Encoder,
     out = {task: dict(models) for task, models in before.items()}
     for task, metrics in evaluate(cfg, model, encoder, tokenizer, sets).items():
         out.setdefault(task, {})["linear probe (start)"] = metrics
-    if dist.is_main():
-        (Path(cfg.output.dir) / "eval_baselines.json").write_text(json.dumps(out, indent=2))
+    save_baselines(cfg, out)
     return out
 
 
@@ -255,12 +256,24 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
 # ---------------------------------------------------------------------------------------------
 # a run's evaluation: the starting point and the probe before training, the trained model after
 
+def baselines_path(cfg: RunConfig) -> Path:
+    """Where a run keeps its before-training metrics, so that a resumed run reports the same ones."""
+    return Path(cfg.output.dir) / "eval_baselines.json"
+
+
+def save_baselines(cfg: RunConfig, results: dict[str, dict[str, dict]]) -> None:
+    """Write the before-training metrics (rank 0)."""
+    if dist.is_main():
+        baselines_path(cfg).parent.mkdir(parents=True, exist_ok=True)
+        baselines_path(cfg).write_text(json.dumps(results, indent=2))
+
+
 def baselines(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer) -> dict[str, dict[str, dict]]:
     """Before training: the starting point (initial tags, untrained heads) and, for head tasks, the probe.
 
     Saved in the run folder so that a resumed run reports the same baselines. Collective.
     """
-    path = Path(cfg.output.dir) / "eval_baselines.json"
+    path = baselines_path(cfg)
     if path.is_file():
         return json.loads(path.read_text())
     out: dict[str, dict[str, dict]] = {}
@@ -283,9 +296,7 @@ def baselines(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer) -
                                            t.name)[0])  for i, t in enumerate(probe_cfg.tasks) if t.train]
         for task, metrics in probe_metrics(probe_cfg, model, probe_encoder, train, test, tokenizer.pad_token_id).items():
             out.setdefault(task, {})["linear probe"] = metrics
-    if dist.is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=2))
+    save_baselines(cfg, out)
     return out
 
 

@@ -33,3 +33,42 @@ def test_only_tags_and_heads_change_base_bitwise_equal(tmp_path):
     assert all(n.startswith(("bank.", "heads.")) for n in trainable)
     assert sum(1 for n in before if n.startswith("base.")) > 10
     del optimized
+
+
+def test_generation_with_the_whole_base_gathered_matches_per_layer_gathers(tmp_path):
+    """Greedy decoding with the base gathered once == ZeRO-3's per-layer gathers; afterwards ZeRO-3 is as it was."""
+    from tagscale import dist, evaluate
+    from tagscale.config import load_config
+    from tagscale.data import collate
+    from tagscale.train import build
+
+    cfg = load_config("tests/recipes/tiny_stage1.yaml", [f"output.dir={tmp_path / 's1'}", "train.steps=1"])
+    dist.init()
+    session = build(cfg, "ds_configs/zero3_cpu.json")
+    model, offload = session.model, session.engine.optimizer.parameter_offload
+    examples = [e for task in session.data.examples for e in task][:6]
+    hooks = (len(offload.forward_hooks), len(offload.backward_hooks))
+    base_params = [p for p in model.base.parameters() if dist.is_partitioned(p)]
+    assert len(base_params) > 10
+    batch = collate(session.data.rank_micro_batches(0, cfg.train.micro_batch, 0, 1)[0], session.tokenizer.pad_token_id)
+    with torch.no_grad():
+        loss_before = float(session.engine(**batch))
+
+    def decode(when: str) -> tuple[list[str], set]:
+        with dist.whole_for_generation(model, when):
+            whole = {p.ds_status.name for p in base_params}
+            texts = evaluate.generations(model, session.tokenizer, examples, 3, 8)
+        return texts, whole
+
+    per_layer, status_per_layer = decode("never")
+    gathered, status_gathered = decode("always")
+    assert status_per_layer == {"NOT_AVAILABLE"} and status_gathered == {"AVAILABLE"}
+    assert gathered == per_layer and any(gathered)
+    assert decode("auto") == (per_layer, {"AVAILABLE"})  # a tiny base fits: auto gathers
+    # afterwards: partitioned again, the same hooks, and training's forward and backward still run through them
+    assert {p.ds_status.name for p in base_params} == {"NOT_AVAILABLE"}
+    assert (len(offload.forward_hooks), len(offload.backward_hooks)) == hooks
+    loss = session.engine(**batch)
+    assert float(loss) == loss_before  # bitwise: the same weights come back through the same hooks
+    session.engine.backward(loss)
+    session.engine.step()
