@@ -176,9 +176,9 @@ class EvalConfig:
     """Examples per forward or generate call."""
     max_new_tokens: int = 64
     """Longest generated answer (greedy decoding) for text tasks."""
-    whole_base_for_generation: Literal["auto", "always", "never"] = "auto"
-    """Under ZeRO-3, gather the whole base on every rank while generating, instead of gathering each layer again on
-    every decoding step. `auto`: only when the whole base fits in half the free memory of every rank."""
+    gather_base: Literal["auto", "always", "never"] = "auto"
+    """Under ZeRO-3, gather the whole base once on every rank for evaluation (its forwards, the probe's, greedy
+    decoding), instead of each layer again on every forward. `auto`: when it fits in half of every rank's free memory."""
     limit: Optional[int] = None
     """Evaluate at most this many examples per task."""
 

@@ -28,6 +28,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else
 import deepspeed  # noqa: E402  (after DS_ACCELERATOR: DeepSpeed picks its accelerator on import)
 import torch.distributed as torch_dist  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa: E402
 from deepspeed.utils import (  # noqa: E402
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
@@ -303,17 +304,19 @@ def _free_memory_bytes() -> int:
 
 
 @contextlib.contextmanager
-def whole_for_generation(module: torch.nn.Module, when: str = "auto") -> Iterator[None]:
+def whole_base_for_inference(module: torch.nn.Module, when: str = "auto") -> Iterator[None]:
     """Hold `module`'s ZeRO-3 partitioned parameters whole on every rank for the duration, its ZeRO hooks removed.
 
-    ZeRO-3 gathers and releases each layer's weights around every forward, so greedy decoding pays a gather of the
-    whole base per generated token. Here it is gathered once (when `when` is "always", or "auto" and the gathered
-    base fits in half of every rank's free memory) and the hooks are put back afterwards. A no-op without a ZeRO-3
-    engine over `module`. Collective: every rank calls it.
+    ZeRO-3 gathers and releases each layer's weights around every forward: greedy decoding pays a gather of the whole
+    base per generated token, evaluation one per micro-batch. Here it is gathered once (when `when` is "always", or
+    "auto" and the gathered base fits in half of every rank's free memory) and the hooks are put back afterwards.
+    No gradients may be taken inside. A no-op without a ZeRO-3 engine over `module`. Collective: every rank calls it.
     """
     engine = _ENGINE_OF.get(module)
     offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
-    params = [p for p in module.parameters() if is_partitioned(p)]
+    # what is not whole now: the base, and before the first forward also the persistent tags and heads (ZeRO-3
+    # fetches those once, at their first use, and keeps them)
+    params = [p for p in module.parameters() if is_partitioned(p) and p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
     if offload is None or not params or when == "never":
         yield
         return

@@ -10,12 +10,13 @@ closed-form ridge probe on the frozen base's last prompt token (no tags), fitted
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -25,6 +26,18 @@ from tagscale.config import RunConfig, TaskConfig
 from tagscale.data import IGNORE, Encoder, Example, collate, encode_task, fill, read_records
 from tagscale.metrics import classification_metrics, regression_metrics, translation_metrics
 from tagscale.model import TaggedModel
+
+
+@contextlib.contextmanager
+def inference(cfg: RunConfig, model: TaggedModel) -> Iterator[None]:
+    """Eval mode and, under ZeRO-3, the base gathered once for all of it (`evaluation.gather_base`). Collective."""
+    was_training = model.training
+    model.eval()
+    try:
+        with dist.whole_base_for_inference(model, cfg.evaluation.gather_base):
+            yield
+    finally:
+        model.train(was_training)
 
 
 @dataclass
@@ -120,35 +133,31 @@ def evaluate(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer,
              sets: Optional[list[EvalSet]] = None) -> dict[str, dict]:
     """Metrics per task (on every rank). Collective: every rank calls it with the same sets."""
     sets = eval_sets(cfg, encoder) if sets is None else sets
+    with inference(cfg, model):
+        return {item.task.name: task_metrics(cfg, model, tokenizer, item) for item in sets}
+
+
+def task_metrics(cfg: RunConfig, model: TaggedModel, tokenizer, item: EvalSet) -> dict:
+    """One task's metrics over its held-out set, each rank scoring its shard. Collective."""
     rank, world, micro = dist.rank(), dist.world_size(), cfg.evaluation.micro_batch
-    was_training = model.training
-    model.eval()
-    results = {}
-    for item in sets:
-        mine, real = shard(item.examples, rank, world)
-        if item.task.loss == "head":
-            preds = dist.all_gather_objects(head_predictions(model, mine, micro, tokenizer.pad_token_id)[:real])
-            pred = [p for part in preds for p in part]
-            target = [e.head_target[0] for e in item.examples]
-            head = model.heads[model.head_names.index(item.task.head)]
-            if head.spec.type == "regression":
-                results[item.task.name] = regression_metrics([p[0] for p in pred], target)
-            else:
-                results[item.task.name] = classification_metrics([p[0] for p in pred], [int(t) for t in target])
-        elif item.task.loss == "target":
-            with dist.whole_for_generation(model, cfg.evaluation.whole_base_for_generation):
-                mine_texts = generations(model, tokenizer, mine, micro, cfg.evaluation.max_new_tokens)[:real]
-            texts = dist.all_gather_objects(mine_texts)
-            hyps = [t for part in texts for t in part]
-            refs = [fill(item.task.target, e.record).strip() for e in item.examples]
-            results[item.task.name] = translation_metrics(hyps, refs) | {"examples": list(zip(hyps[:3], refs[:3]))}
-        else:
-            total, count = next_token_loss(model, mine, micro, tokenizer.pad_token_id)
-            sums = dist.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64))
-            loss = float(sums[0] / max(sums[1], 1))
-            results[item.task.name] = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": int(sums[1])}
-    model.train(was_training)
-    return results
+    mine, real = shard(item.examples, rank, world)
+    if item.task.loss == "head":
+        preds = dist.all_gather_objects(head_predictions(model, mine, micro, tokenizer.pad_token_id)[:real])
+        pred = [p for part in preds for p in part]
+        target = [e.head_target[0] for e in item.examples]
+        head = model.heads[model.head_names.index(item.task.head)]
+        if head.spec.type == "regression":
+            return regression_metrics([p[0] for p in pred], target)
+        return classification_metrics([p[0] for p in pred], [int(t) for t in target])
+    if item.task.loss == "target":
+        texts = dist.all_gather_objects(generations(model, tokenizer, mine, micro, cfg.evaluation.max_new_tokens)[:real])
+        hyps = [t for part in texts for t in part]
+        refs = [fill(item.task.target, e.record).strip() for e in item.examples]
+        return translation_metrics(hyps, refs) | {"examples": list(zip(hyps[:3], refs[:3]))}
+    total, count = next_token_loss(model, mine, micro, tokenizer.pad_token_id)
+    sums = dist.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64))
+    loss = float(sums[0] / max(sums[1], 1))
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": int(sums[1])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,18 +205,16 @@ def probe_metrics(cfg: RunConfig, probe_model: TaggedModel, probe_encoder: Encod
     """A ridge probe per head task on the frozen base's last prompt token (no tags). Collective."""
     results = {}
     micro = cfg.evaluation.micro_batch
-    was_training = probe_model.training
-    probe_model.eval()
     for train_set, test_set in zip(train_sets, test_sets):
         if train_set.task.loss != "head":
             continue
-        states = {name: all_states(probe_model, item.examples, micro, pad_id)
-                  for name, item in (("train", train_set), ("test", test_set))}
+        with inference(cfg, probe_model):
+            states = {name: all_states(probe_model, item.examples, micro, pad_id)
+                      for name, item in (("train", train_set), ("test", test_set))}
         y_train = np.array([e.head_target[0] for e in train_set.examples])
         w, b = ridge_fit(states["train"], y_train)
         pred = states["test"] @ w + b
         results[test_set.task.name] = regression_metrics(pred.tolist(), [e.head_target[0] for e in test_set.examples])
-    probe_model.train(was_training)
     return results
 
 
@@ -219,17 +226,15 @@ def start_heads_from_probe(cfg: RunConfig, model: TaggedModel, encoder: Encoder,
     starting = [t for t in cfg.tags if t.head and t.head.init == "probe"]
     if not starting:
         return before
-    was_training = model.training
-    model.eval()
     for tag in starting:
         head = model.heads[model.head_names.index(tag.name)]
         examples = [e for task, items in zip(cfg.tasks, train_examples) if task.head == tag.name for e in items]
-        features = all_states(model, examples, cfg.evaluation.micro_batch, tokenizer.pad_token_id)
+        with inference(cfg, model):
+            features = all_states(model, examples, cfg.evaluation.micro_batch, tokenizer.pad_token_id)
         w, b = ridge_fit(features, np.array([e.head_target[0] for e in examples]))
         mean, std = float(head.mean[0]), float(head.std[0])  # the head works in standardised label units
         dist.set_trainable(head.linear.weight, torch.tensor(w / std, dtype=torch.float32)[None])
         dist.set_trainable(head.linear.bias, torch.tensor([(b - mean) / std], dtype=torch.float32))
-    model.train(was_training)
     if not cfg.evaluation.enabled:
         return before
     names = {t.name for t in starting}

@@ -55,7 +55,7 @@ def test_generation_with_the_whole_base_gathered_matches_per_layer_gathers(tmp_p
         loss_before = float(session.engine(**batch))
 
     def decode(when: str) -> tuple[list[str], set]:
-        with dist.whole_for_generation(model, when):
+        with dist.whole_base_for_inference(model, when):
             whole = {p.ds_status.name for p in base_params}
             texts = evaluate.generations(model, session.tokenizer, examples, 3, 8)
         return texts, whole

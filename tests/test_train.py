@@ -19,7 +19,7 @@ def chain(tmp_path_factory):
     logs[1] = train("tests/recipes/tiny_stage1.yaml", f"output.dir={out[1]}", "wandb.mode=offline")
     logs[2] = train("tests/recipes/tiny_stage2.yaml", f"output.dir={out[2]}", f"from_runs=[{out[1]}]")
     logs[3] = train("tests/recipes/tiny_stage3.yaml", f"output.dir={out[3]}", f"from_runs=[{out[2]},{out[1]}]",
-                    "evaluation.whole_base_for_generation=never")  # ZeRO-3's per-layer gathers; 2 ranks gather whole
+                    "evaluation.gather_base=never")  # ZeRO-3's per-layer gathers; 2 ranks gather whole
     return out, logs
 
 
@@ -114,7 +114,7 @@ def test_two_ranks_text_stage_and_sharded_evaluation_match_one_rank(chain, tmp_p
     out, _ = chain
     two = tmp_path / "two"
     train("tests/recipes/tiny_stage3.yaml", f"output.dir={two}", f"from_runs=[{out[2]},{out[1]}]",
-          "evaluation.whole_base_for_generation=always", ranks=2)
+          "evaluation.gather_base=always", ranks=2)
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(metrics(out[3]), metrics(two))) <= 1e-4
     assert (tags_of(two)["<Translate>"] - tags_of(out[3])["<Translate>"]).abs().max() <= 1e-5
     one_eval, two_eval = (json.loads((d / "eval.json").read_text()) for d in (out[3], two))

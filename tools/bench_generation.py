@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, when in (("per-layer gathers", "never"), ("whole base", "always")):
             dist.barrier()
             started = time.perf_counter()
-            with dist.whole_for_generation(session.model, when):
+            with dist.whole_base_for_inference(session.model, when):
                 texts[name] = generations(session.model, session.tokenizer, prompts, args.batch, args.new)
             dist.barrier()
             seconds[name].append(time.perf_counter() - started)
