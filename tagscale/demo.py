@@ -56,36 +56,45 @@ def results_table(out: Path) -> str:
 
 
 def plot(out: Path) -> Path:
-    """Training curves of the three stages and the headline metrics per model, in one PNG."""
+    """Top: each stage's training loss (per loss part where there are several). Bottom: each stage's headline
+    metric per task, one bar per model (initial, probe, trained). One PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    for stage, ax in zip((1, 2, 3), axes[:3]):
+    headline = {1: "perplexity", 2: "mse", 3: "chrf"}
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    for stage in (1, 2, 3):
+        ax = axes[0][stage - 1]
         path = out / f"stage{stage}" / "metrics.jsonl"
         if path.is_file():
             rows = [json.loads(line) for line in path.read_text().splitlines()]
-            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+            parts = sorted({k for r in rows for k in r if k.startswith("loss/")})
+            for key in (parts if len(parts) > 1 else ["loss"]):
+                ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows], lw=1,
+                        label=key.removeprefix("loss/"))
+            if len(parts) > 1:
+                ax.legend(fontsize=8)
         ax.set(title=f"stage {stage}: training loss", xlabel="step", ylabel="loss")
-    ax = axes[3]
-    bars = []
-    for stage, metric in ((2, "spearman"), (3, "chrf")):
+        ax = axes[1][stage - 1]
         path = out / f"stage{stage}" / "eval.json"
         if path.is_file():
-            for task, by_model in json.loads(path.read_text()).items():
-                for name, values in by_model.items():
-                    if metric in values:
-                        bars.append((f"{task}\n{name}", values[metric], metric))
-    if bars:
-        ax.barh([b[0] for b in bars], [b[1] for b in bars], color=["C0" if b[2] == "spearman" else "C1" for b in bars])
-        ax.invert_yaxis()
-        ax.tick_params(axis="y", labelsize=6)
-    ax.set(title="results (blue: Spearman, orange: chrF)")
+            results = json.loads(path.read_text())
+            tasks = list(results)
+            models = list(dict.fromkeys(m for by_model in results.values() for m in by_model))
+            width = 0.8 / max(1, len(models))
+            for i, model in enumerate(models):
+                ax.bar([x + i * width for x in range(len(tasks))],
+                       [results[task].get(model, {}).get(headline[stage], float("nan")) for task in tasks],
+                       width, label=model)
+            ax.set_xticks([x + width * (len(models) - 1) / 2 for x in range(len(tasks))], tasks, fontsize=8)
+            ax.legend(fontsize=8)
+        lower = " (lower is better)" if stage < 3 else " (higher is better)"
+        ax.set(title=f"stage {stage}: held-out {headline[stage]}{lower}", ylabel=headline[stage])
     fig.tight_layout()
     png = out / "demo.png"
-    fig.savefig(png, dpi=120)
+    fig.savefig(png, dpi=110)
     return png
 
 
