@@ -273,6 +273,10 @@ def gathered(params: Iterable[torch.nn.Parameter], modify: bool = False) -> Iter
 # ---------------------------------------------------------------------------------------------
 # engine
 
+_ENGINE_OF: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
+"""The engine built over each module, for the helpers that need ZeRO's hooks (`whole_base_for_inference`)."""
+
+
 def build_engine(model: torch.nn.Module, param_groups: list[dict], ds: dict, lr_lambda) -> Any:
     """The DeepSpeed engine over `model`; only the parameters in `param_groups` reach the optimizer.
 
@@ -289,9 +293,6 @@ def build_engine(model: torch.nn.Module, param_groups: list[dict], ds: dict, lr_
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     _ENGINE_OF[model] = engine
     return engine
-
-
-_ENGINE_OF: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
 
 
 def _free_memory_bytes() -> int:

@@ -205,16 +205,13 @@ def probe_metrics(cfg: RunConfig, probe_model: TaggedModel, probe_encoder: Encod
     """A ridge probe per head task on the frozen base's last prompt token (no tags). Collective."""
     results = {}
     micro = cfg.evaluation.micro_batch
-    for train_set, test_set in zip(train_sets, test_sets):
-        if train_set.task.loss != "head":
-            continue
-        with inference(cfg, probe_model):
-            states = {name: all_states(probe_model, item.examples, micro, pad_id)
-                      for name, item in (("train", train_set), ("test", test_set))}
-        y_train = np.array([e.head_target[0] for e in train_set.examples])
-        w, b = ridge_fit(states["train"], y_train)
-        pred = states["test"] @ w + b
-        results[test_set.task.name] = regression_metrics(pred.tolist(), [e.head_target[0] for e in test_set.examples])
+    pairs = [(train, test) for train, test in zip(train_sets, test_sets) if train.task.loss == "head"]
+    with inference(cfg, probe_model):  # one gather of the base for every task's features
+        states = [[all_states(probe_model, item.examples, micro, pad_id) for item in pair] for pair in pairs]
+    for (train_set, test_set), (x_train, x_test) in zip(pairs, states):
+        w, b = ridge_fit(x_train, np.array([e.head_target[0] for e in train_set.examples]))
+        results[test_set.task.name] = regression_metrics((x_test @ w + b).tolist(),
+                                                         [e.head_target[0] for e in test_set.examples])
     return results
 
 
@@ -226,12 +223,14 @@ def start_heads_from_probe(cfg: RunConfig, model: TaggedModel, encoder: Encoder,
     starting = [t for t in cfg.tags if t.head and t.head.init == "probe"]
     if not starting:
         return before
-    for tag in starting:
+    examples = {tag.name: [e for task, items in zip(cfg.tasks, train_examples) if task.head == tag.name for e in items]
+                for tag in starting}
+    with inference(cfg, model):  # one gather of the base for every head's features
+        features = {name: all_states(model, items, cfg.evaluation.micro_batch, tokenizer.pad_token_id)
+                    for name, items in examples.items()}
+    for tag in starting:  # heads are set outside: `set_trainable` gathers through ZeRO's own machinery
         head = model.heads[model.head_names.index(tag.name)]
-        examples = [e for task, items in zip(cfg.tasks, train_examples) if task.head == tag.name for e in items]
-        with inference(cfg, model):
-            features = all_states(model, examples, cfg.evaluation.micro_batch, tokenizer.pad_token_id)
-        w, b = ridge_fit(features, np.array([e.head_target[0] for e in examples]))
+        w, b = ridge_fit(features[tag.name], np.array([e.head_target[0] for e in examples[tag.name]]))
         mean, std = float(head.mean[0]), float(head.std[0])  # the head works in standardised label units
         dist.set_trainable(head.linear.weight, torch.tensor(w / std, dtype=torch.float32)[None])
         dist.set_trainable(head.linear.bias, torch.tensor([(b - mean) / std], dtype=torch.float32))

@@ -19,15 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from tagscale import dist  # noqa: E402
 from tagscale.config import load_config  # noqa: E402
 from tagscale.errors import run_cli  # noqa: E402
 from tagscale.evaluate import generations  # noqa: E402
 from tagscale.train import build  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
