@@ -111,7 +111,10 @@ class TaskConfig:
     train: Optional[DataConfig] = field(default_factory=DataConfig)
     """Training examples; null makes an evaluation-only task (e.g. zero-shot: tags composed as never trained)."""
     eval: Optional[DataConfig] = None
-    """Held-out examples (default: the test split of a built-in train source)."""
+    """Held-out test examples (default: the test split of a built-in train source), scored once, after training."""
+    val: Optional[DataConfig] = None
+    """Validation examples that select the kept step (default: a seeded `train.val_fraction` of the training
+    records, carved out before training; never the test split)."""
 
     @property
     def loss(self) -> str:
@@ -140,7 +143,8 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warm-up."""
     grad_clip: float = 0.0
-    """Clip the gradient norm (0: off)."""
+    """Clip the global L2 norm of the trainables' gradient to this value before each optimizer step (DeepSpeed's
+    ``gradient_clipping``; 0: off)."""
     seed: int = 0
     """Seed of data order and random tag init."""
     max_length: int = 512
@@ -155,7 +159,13 @@ class TrainConfig:
     log_every: int = 1
     """Log metrics every N steps."""
     eval_every: int = 0
-    """Evaluate the eval sets every N steps (0: only at the end)."""
+    """Score the validation sets every N steps, besides the start (step 0) and the last step, which are always
+    scored (0: only those two). The run keeps, saves and tests the trainables of the best-scoring step."""
+    val_fraction: float = 0.1
+    """Share of each trained task's training records held out for validation when the task gives no ``val``
+    data (seeded by train.seed; 0: no validation, the last step is kept)."""
+    val_limit: int = 200
+    """At most this many validation examples per task (text tasks are scored by greedy generation: keep it small)."""
     save_every: int = 0
     """Write a resumable checkpoint every N steps (0: only on a signal)."""
     keep_checkpoints: int = 2
@@ -181,6 +191,8 @@ class EvalConfig:
     decoding), instead of each layer again on every forward. `auto`: when it fits in half of every rank's free memory."""
     limit: Optional[int] = None
     """Evaluate at most this many examples per task."""
+    bootstrap: int = 1000
+    """Resamples of the test examples behind every 95% confidence interval (0: no intervals)."""
 
 
 @dataclass
@@ -476,10 +488,21 @@ def validate(cfg: RunConfig) -> None:
                 raise UserError(f"{where}.train: set exactly one of path (a .jsonl/.csv file) and builtin")
             if data is not None and part == "eval" and data.path is not None and data.builtin is not None:
                 raise UserError(f"{where}.eval: set one of path and builtin, not both")
+        if task.val is not None and task.train is None:
+            raise UserError(f"{where}.val: an evaluation-only task (train: null) is not validated; drop val")
+        if task.val is not None and (task.val.path is None or task.val.builtin is not None):
+            raise UserError(f"{where}.val: expected a path (a .jsonl/.csv file); a built-in source's validation "
+                            f"is carved from its training split by train.val_fraction")
     t = cfg.train
     for name in ("steps", "micro_batch", "global_batch", "max_length", "log_every"):
         if getattr(t, name) < 1:
             raise UserError(f"{src}: train.{name}: expected a positive integer, got {getattr(t, name)}")
+    if not 0 <= t.val_fraction < 1:
+        raise UserError(f"{src}: train.val_fraction: expected a value in [0, 1), got {t.val_fraction}")
+    if t.val_limit < 1:
+        raise UserError(f"{src}: train.val_limit: expected a positive integer, got {t.val_limit}")
+    if t.grad_clip < 0:
+        raise UserError(f"{src}: train.grad_clip: expected 0 (off) or a positive norm, got {t.grad_clip}")
     for name in ("eval_every", "save_every", "keep_checkpoints"):
         if getattr(t, name) < 0:
             raise UserError(f"{src}: train.{name}: expected 0 or more, got {getattr(t, name)}")

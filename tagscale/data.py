@@ -228,13 +228,35 @@ def collate(examples: list[Example], pad_id: int, padding_side: str = "right", s
     return batch
 
 
+def validation_split(n: int, fraction: float, limit: int, seed: int, task_index: int) -> tuple[list[int], list[int]]:
+    """Row indices of a task's training records kept for training and held out for validation: a seeded random
+    `fraction` (at least one, at most `limit`; none below 2 records or at fraction 0), the rest in their order."""
+    n_val = 0 if fraction <= 0 or n < 2 else min(limit, n - 1, max(1, int(round(fraction * n))))
+    held = set(np.random.default_rng([seed, task_index, 2]).permutation(n)[:n_val].tolist())
+    return [i for i in range(n) if i not in held], sorted(held)
+
+
+def task_records(cfg: RunConfig, index: int) -> tuple[list[dict], list[dict]]:
+    """A trained task's training and validation records: its `val` data when given (at most train.val_limit),
+    else a seeded `train.val_fraction` of its training records (never the test split)."""
+    task = cfg.tasks[index]
+    where = f"{cfg.source}: tasks[{index}].train"
+    records = read_records(task.train, where, "train")
+    if task.val is not None:
+        return records, read_records(task.val, f"{cfg.source}: tasks[{index}].val", "val")[:cfg.train.val_limit]
+    keep, held = validation_split(len(records), cfg.train.val_fraction, cfg.train.val_limit, cfg.train.seed, index)
+    return [records[i] for i in keep], [records[i] for i in held]
+
+
 @dataclass
 class TrainData:
-    """Every task's encoded training examples and the sampler over them."""
+    """Every task's encoded training examples and the sampler over them, and each task's validation records."""
 
     examples: list[list[Example]]
     sampler: MixtureSampler
     skipped: dict[str, int]
+    validation: list[list[dict]] = field(default_factory=list)
+    """Each task's validation records (empty for an evaluation-only task or without validation)."""
 
     def lengths(self, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
         return {pair: len(self.examples[pair[0]][pair[1]].ids) for pair in pairs}
@@ -253,16 +275,18 @@ class TrainData:
 
 def build_train_data(cfg: RunConfig, encoder: Encoder) -> TrainData:
     """Read, encode and index every task's training data."""
-    examples, skipped = [], {}
+    examples, skipped, validation = [], {}, []
     for i, task in enumerate(cfg.tasks):
         if task.train is None:  # evaluation only: never sampled
             examples.append([])
+            validation.append([])
             continue
         where = f"{cfg.source}: tasks[{i}].train"
-        records = read_records(task.train, where, "train")
+        records, held = task_records(cfg, i)
         encoded, n_skipped = encode_task(encoder, task, i, records, cfg.train.too_long, where)
         examples.append(encoded)
+        validation.append(held)
         skipped[task.name] = n_skipped
     sampler = MixtureSampler([len(e) for e in examples], [t.weight if t.train else 0.0 for t in cfg.tasks],
                              cfg.train.global_batch, cfg.train.seed)
-    return TrainData(examples, sampler, skipped)
+    return TrainData(examples, sampler, skipped, validation)

@@ -39,45 +39,50 @@ def run_stage(stage: int, out: Path, ds_config: str, ranks: int, extra: list[str
 
 
 def results_table(out: Path) -> str:
-    """Every stage's eval.json side by side: each task, the baselines and the trained tags."""
+    """Every stage's eval.json: each task, its baselines and the trained tags, each metric with its 95% interval,
+    and under the trained row its difference from its start and whether that is beyond the interval."""
+    from tagscale.evaluate import format_table
+
     lines = []
     for stage in (1, 2, 3):
         path = out / f"stage{stage}" / "eval.json"
-        if not path.is_file():
-            continue
-        lines.append(f"\nstage {stage}")
-        for task, by_model in json.loads(path.read_text()).items():
-            metrics = [k for k in next(iter(by_model.values())) if k in
-                       ("mse", "mae", "pearson", "spearman", "r2", "bleu", "chrf", "loss", "perplexity", "accuracy")]
-            lines.append(f"  {task:<22}" + "".join(f"{m:>11}" for m in metrics))
-            for name, values in by_model.items():
-                lines.append(f"    {name:<20}" + "".join(f"{values.get(m, float('nan')):>11.4f}" for m in metrics))
+        if path.is_file():
+            lines += [f"\nstage {stage}", format_table(json.loads(path.read_text()), indent="  ")]
     return "\n".join(lines)
 
 
 def plot(out: Path) -> Path:
-    """Top: each stage's training loss (per loss part where there are several). Bottom: each stage's headline
-    metric per task, one bar per model (initial, probe, trained). One PNG."""
+    """Top: each stage's training loss (per loss part where there are several). Middle: each stage's validation
+    metric per task against the step, the kept step marked. Bottom: each stage's headline test metric per task, one
+    bar per model (initial, probe, trained) with its 95% interval. One PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     headline = {1: "perplexity", 2: "mse", 3: "chrf"}
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    fig, axes = plt.subplots(3, 3, figsize=(16, 11))
     for stage in (1, 2, 3):
-        ax = axes[0][stage - 1]
         path = out / f"stage{stage}" / "metrics.jsonl"
-        if path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines()]
-            parts = sorted({k for r in rows for k in r if k.startswith("loss/")})
-            for key in (parts if len(parts) > 1 else ["loss"]):
-                ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows], lw=1,
-                        label=key.removeprefix("loss/"))
-            if len(parts) > 1:
-                ax.legend(fontsize=8)
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        steps = [r for r in rows if "loss" in r]
+        ax = axes[0][stage - 1]
+        parts = sorted({k for r in steps for k in r if k.startswith("loss/")})
+        for key in (parts if len(parts) > 1 else ["loss"]):
+            ax.plot([r["step"] for r in steps], [r.get(key) for r in steps], lw=1, label=key.removeprefix("loss/"))
+        if len(parts) > 1:
+            ax.legend(fontsize=8)
         ax.set(title=f"stage {stage}: training loss", xlabel="step", ylabel="loss")
         ax = axes[1][stage - 1]
+        checks = [r for r in rows if "val_score" in r]
+        for key in sorted({k for r in checks for k in r if k.startswith("val/")}):
+            ax.plot([r["step"] for r in checks], [r.get(key) for r in checks], marker="o", ms=3, lw=1,
+                    label=key.removeprefix("val/"))
+        if checks:
+            ax.axvline(checks[-1]["best_step"], color="k", ls=":", lw=1, label=f"kept: step {checks[-1]['best_step']}")
+            ax.legend(fontsize=7)
+        ax.set(title=f"stage {stage}: validation (selects the kept step)", xlabel="step")
+        ax = axes[2][stage - 1]
         path = out / f"stage{stage}" / "eval.json"
         if path.is_file():
             results = json.loads(path.read_text())
@@ -85,16 +90,20 @@ def plot(out: Path) -> Path:
             models = list(dict.fromkeys(m for by_model in results.values() for m in by_model))
             width = 0.8 / max(1, len(models))
             for i, model in enumerate(models):
-                ax.bar([x + i * width for x in range(len(tasks))],
-                       [results[task].get(model, {}).get(headline[stage], float("nan")) for task in tasks],
-                       width, label=model)
+                cells = [results[task].get(model, {}) for task in tasks]
+                values = [c.get(headline[stage]) for c in cells]
+                values = [float("nan") if v is None else v for v in values]
+                bounds = [(c.get("ci95") or {}).get(headline[stage]) for c in cells]
+                errors = [[v - b[0] if b else 0 for v, b in zip(values, bounds)],
+                          [b[1] - v if b else 0 for v, b in zip(values, bounds)]]
+                ax.bar([x + i * width for x in range(len(tasks))], values, width, yerr=errors, capsize=2, label=model)
             ax.set_xticks([x + width * (len(models) - 1) / 2 for x in range(len(tasks))], tasks, fontsize=8)
             ax.legend(fontsize=8)
         lower = " (lower is better)" if stage < 3 else " (higher is better)"
-        ax.set(title=f"stage {stage}: held-out {headline[stage]}{lower}", ylabel=headline[stage])
+        ax.set(title=f"stage {stage}: test {headline[stage]}{lower}, 95% intervals", ylabel=headline[stage])
     fig.tight_layout()
     png = out / "demo.png"
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=100)
     return png
 
 

@@ -23,8 +23,9 @@ import torch
 
 from tagscale import dist
 from tagscale.config import RunConfig, TaskConfig
-from tagscale.data import IGNORE, Encoder, Example, collate, encode_task, fill, read_records
-from tagscale.metrics import classification_metrics, regression_metrics, translation_metrics
+from tagscale.data import IGNORE, Encoder, Example, collate, encode_task, fill, read_records, task_records
+from tagscale.metrics import (PRIMARY, classification_metrics, next_token_metrics, paired_difference,
+                              regression_metrics, to_json, translation_from_stats, translation_stats, with_intervals)
 from tagscale.model import TaggedModel
 
 
@@ -65,6 +66,50 @@ def eval_sets(cfg: RunConfig, encoder: Encoder) -> list[EvalSet]:
                                   with_target=task.loss != "target")
         out.append(EvalSet(task, i, examples))
     return out
+
+
+def validation_sets(cfg: RunConfig, encoder: Encoder, validation: list[list[dict]]) -> list[EvalSet]:
+    """The validation set of every trained task that has one (`TrainData.validation`), encoded like a test set."""
+    out = []
+    for i, (task, records) in enumerate(zip(cfg.tasks, validation)):
+        if records:
+            examples, _ = encode_task(encoder, task, i, records, "skip", f"{cfg.source}: tasks[{i}].val",
+                                      with_target=task.loss != "target")
+            out.append(EvalSet(task, i, examples))
+    return out
+
+
+def task_kind(model: TaggedModel, task: TaskConfig) -> str:
+    """regression | classification (head tasks) | target (text) | lm (next-token): what decides its metrics."""
+    if task.loss == "head":
+        return model.heads[model.head_names.index(task.head)].spec.type
+    return task.loss
+
+
+def metric_columns(kind: str, outputs: list, item: EvalSet) -> tuple:
+    """The metric function of a task kind and the per-example columns it reads (a bootstrap resamples rows)."""
+    if kind in ("regression", "classification"):
+        target = [e.head_target[0] for e in item.examples]
+        if kind == "regression":
+            return regression_metrics, ([float(o) for o in outputs], target)
+        return classification_metrics, ([int(o) for o in outputs], [int(t) for t in target])
+    if kind == "target":
+        refs = [fill(item.task.target, e.record).strip() for e in item.examples]
+        return translation_from_stats, translation_stats(outputs, refs)
+    return next_token_metrics, ([o[0] for o in outputs], [o[1] for o in outputs])
+
+
+def scored(kind: str, outputs: list, item: EvalSet, resamples: int) -> dict:
+    """A task's metrics from its per-example outputs, with 95% bootstrap intervals (`resamples` > 0) and the
+    outputs themselves (so that another model can be compared with it example by example)."""
+    metric_fn, columns = metric_columns(kind, outputs, item)
+    metrics = with_intervals(metric_fn, *columns, resamples=resamples) if resamples else metric_fn(*columns)
+    if kind == "target":
+        refs = [fill(item.task.target, e.record).strip() for e in item.examples]
+        metrics["examples"] = list(zip(outputs[:3], refs[:3]))
+    if kind in ("regression", "classification"):
+        metrics["targets"] = list(columns[1])
+    return metrics | {"outputs": list(outputs)}
 
 
 def shard(items: list[Example], rank: int, world: int) -> tuple[list[Example], int]:
@@ -116,48 +161,45 @@ def generations(model: TaggedModel, tokenizer, examples: list[Example], micro: i
 
 
 @torch.no_grad()
-def next_token_loss(model: TaggedModel, examples: list[Example], micro: int, pad_id: int) -> tuple[float, int]:
-    """Summed cross-entropy and token count over the examples' next-token targets."""
-    total, count = 0.0, 0
+def next_token_loss(model: TaggedModel, examples: list[Example], micro: int, pad_id: int) -> list[tuple[float, int]]:
+    """Each example's summed cross-entropy over its next-token targets, and their count."""
+    out = []
     for chunk in _batches(examples, micro):
         batch = {k: v.to(dist.device()) for k, v in collate(chunk, pad_id).items()}
         hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
         at = batch["lm_targets"] != IGNORE
         logits = model.lm_logits(hidden[at]).float()
-        total += float(torch.nn.functional.cross_entropy(logits, batch["lm_targets"][at], reduction="sum"))
-        count += int(at.sum())
-    return total, count
+        losses = torch.nn.functional.cross_entropy(logits, batch["lm_targets"][at], reduction="none").double()
+        row = at.nonzero()[:, 0]  # the example each target belongs to
+        sums = torch.zeros(len(chunk), dtype=torch.float64, device=losses.device).index_add_(0, row, losses)
+        out += [(float(v), int(c)) for v, c in zip(sums.cpu(), at.sum(1).cpu())]
+    return out
 
 
 def evaluate(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer,
-             sets: Optional[list[EvalSet]] = None) -> dict[str, dict]:
-    """Metrics per task (on every rank). Collective: every rank calls it with the same sets."""
+             sets: Optional[list[EvalSet]] = None, resamples: Optional[int] = None) -> dict[str, dict]:
+    """Metrics per task (on every rank), with bootstrap intervals (`resamples`, default evaluation.bootstrap;
+    0: none). Collective: every rank calls it with the same sets."""
     sets = eval_sets(cfg, encoder) if sets is None else sets
+    resamples = cfg.evaluation.bootstrap if resamples is None else resamples
     with inference(cfg, model):
-        return {item.task.name: task_metrics(cfg, model, tokenizer, item) for item in sets}
+        outputs = [task_outputs(cfg, model, tokenizer, item) for item in sets]
+    return {item.task.name: scored(task_kind(model, item.task), out, item, resamples) for item, out in zip(sets, outputs)}
 
 
-def task_metrics(cfg: RunConfig, model: TaggedModel, tokenizer, item: EvalSet) -> dict:
-    """One task's metrics over its held-out set, each rank scoring its shard. Collective."""
+def task_outputs(cfg: RunConfig, model: TaggedModel, tokenizer, item: EvalSet) -> list:
+    """Each example's output over a held-out set, in order, each rank computing its shard: a head's prediction,
+    a generated text, or a next-token (loss sum, token count). Collective."""
     rank, world, micro = dist.rank(), dist.world_size(), cfg.evaluation.micro_batch
     mine, real = shard(item.examples, rank, world)
     if item.task.loss == "head":
-        preds = dist.all_gather_objects(head_predictions(model, mine, micro, tokenizer.pad_token_id)[:real])
-        pred = [p for part in preds for p in part]
-        target = [e.head_target[0] for e in item.examples]
-        head = model.heads[model.head_names.index(item.task.head)]
-        if head.spec.type == "regression":
-            return regression_metrics([p[0] for p in pred], target)
-        return classification_metrics([p[0] for p in pred], [int(t) for t in target])
+        parts = dist.all_gather_objects(head_predictions(model, mine, micro, tokenizer.pad_token_id)[:real])
+        return [p[0] for part in parts for p in part]
     if item.task.loss == "target":
-        texts = dist.all_gather_objects(generations(model, tokenizer, mine, micro, cfg.evaluation.max_new_tokens)[:real])
-        hyps = [t for part in texts for t in part]
-        refs = [fill(item.task.target, e.record).strip() for e in item.examples]
-        return translation_metrics(hyps, refs) | {"examples": list(zip(hyps[:3], refs[:3]))}
-    total, count = next_token_loss(model, mine, micro, tokenizer.pad_token_id)
-    sums = dist.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64))
-    loss = float(sums[0] / max(sums[1], 1))
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": int(sums[1])}
+        parts = dist.all_gather_objects(generations(model, tokenizer, mine, micro, cfg.evaluation.max_new_tokens)[:real])
+    else:
+        parts = dist.all_gather_objects(next_token_loss(model, mine, micro, tokenizer.pad_token_id)[:real])
+    return [o for part in parts for o in part]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,57 +222,86 @@ def all_states(model: TaggedModel, examples: list[Example], micro: int, pad_id: 
     return np.concatenate(dist.all_gather_objects(last_token_states(model, mine, micro, pad_id)[:real]))
 
 
-def ridge_fit(features: np.ndarray, target: np.ndarray, seed: int = 0) -> tuple[np.ndarray, float]:
-    """Ridge regression with the penalty chosen on a 20% hold-out of the training set, then refit on all."""
-    mean, scale = features.mean(0), features.std(0) + 1e-6
-    x = (features - mean) / scale
-    order = np.random.default_rng(seed).permutation(len(x))
-    cut = max(1, len(x) // 5)
-    val, fit = order[:cut], order[cut:]
+PENALTIES = 10.0 ** np.arange(-5.0, 3.5, 0.5)
+"""The ridge penalties tried, as multiples of the mean eigenvalue of the centred features' Gram matrix (one grid
+serves every base, whatever its hidden-state scale)."""
+
+
+def ridge_fit(features: np.ndarray, target: np.ndarray, val_features: Optional[np.ndarray] = None,
+              val_target: Optional[np.ndarray] = None, seed: int = 0) -> tuple[np.ndarray, float]:
+    """Ridge regression on the centred features in their own units, fitted on the training rows, its penalty
+    chosen from `PENALTIES` by the MSE on the validation rows (without them: on a seeded 20% hold-out of the
+    training rows, then refit on all of them). Returns (w, b).
+
+    The features are not standardised: a hidden state has near-constant dimensions, and a ridge on standardised
+    features gives them weights of 1/std, so a head started there (`init: probe`) turns the first small move of a
+    tag along such a dimension into a huge change of its output (measured: the standardised loss 0.26 -> 12.7 at
+    the second step). A penalty on the weights in the features' own units keeps the head smooth."""
+    x = np.asarray(features, dtype=np.float64)
+    if val_features is None or len(val_features) == 0:
+        order = np.random.default_rng(seed).permutation(len(x))
+        cut = max(1, len(x) // 5)
+        fit_rows, x_val, y_val = order[cut:], x[order[:cut]], target[order[:cut]]
+    else:
+        fit_rows, x_val, y_val = np.arange(len(x)), np.asarray(val_features, dtype=np.float64), val_target
 
     def solve(rows: np.ndarray, penalty: float) -> tuple[np.ndarray, float]:
         xm, ym = x[rows].mean(0), target[rows].mean()
         xc = x[rows] - xm
-        w = np.linalg.solve(xc.T @ xc + penalty * np.eye(x.shape[1]), xc.T @ (target[rows] - ym))
-        return w, ym - xm @ w
+        gram = xc.T @ xc
+        scale = max(float(np.trace(gram)) / x.shape[1], 1e-12)
+        w = np.linalg.solve(gram + penalty * scale * np.eye(x.shape[1]), xc.T @ (target[rows] - ym))
+        return w, float(ym - xm @ w)
 
-    best = min((float(np.mean((x[val] @ w + b - target[val]) ** 2)), p)
-               for p in 10.0 ** np.arange(-2, 6) for w, b in [solve(fit, p)])
-    w, b = solve(np.arange(len(x)), best[1])
-    return w / scale, b - (mean / scale) @ w
+    best = min((float(np.mean((x_val @ w + b - y_val) ** 2)), p) for p in PENALTIES for w, b in [solve(fit_rows, p)])
+    return solve(np.arange(len(x)), best[1])
 
 
-def probe_metrics(cfg: RunConfig, probe_model: TaggedModel, probe_encoder: Encoder, train_sets: list[EvalSet],
+def head_labels(examples: list[Example]) -> np.ndarray:
+    return np.array([e.head_target[0] for e in examples], dtype=np.float64)
+
+
+def probe_metrics(cfg: RunConfig, probe_model: TaggedModel, train_sets: list[EvalSet], val_sets: list[EvalSet],
                   test_sets: list[EvalSet], pad_id: int) -> dict[str, dict]:
-    """A ridge probe per head task on the frozen base's last prompt token (no tags). Collective."""
+    """A ridge probe per head task on the frozen base's last prompt token (no tags), its penalty chosen on the
+    task's validation set. Collective."""
     results = {}
     micro = cfg.evaluation.micro_batch
-    pairs = [(train, test) for train, test in zip(train_sets, test_sets) if train.task.loss == "head"]
+    val_of = {s.task.name: s for s in val_sets}
+    triples = [(train, val_of.get(train.task.name), test) for train, test in zip(train_sets, test_sets)
+               if train.task.loss == "head"]
     with inference(cfg, probe_model):  # one gather of the base for every task's features
-        states = [[all_states(probe_model, item.examples, micro, pad_id) for item in pair] for pair in pairs]
-    for (train_set, test_set), (x_train, x_test) in zip(pairs, states):
-        w, b = ridge_fit(x_train, np.array([e.head_target[0] for e in train_set.examples]))
-        results[test_set.task.name] = regression_metrics((x_test @ w + b).tolist(),
-                                                         [e.head_target[0] for e in test_set.examples])
+        states = [[all_states(probe_model, item.examples, micro, pad_id) if item else None for item in triple]
+                  for triple in triples]
+    for (train_set, val_set, test_set), (x_train, x_val, x_test) in zip(triples, states):
+        w, b = ridge_fit(x_train, head_labels(train_set.examples), x_val,
+                         head_labels(val_set.examples) if val_set else None)
+        results[test_set.task.name] = scored("regression", (x_test @ w + b).tolist(), test_set,
+                                             cfg.evaluation.bootstrap)
     return results
 
 
 def start_heads_from_probe(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer,
-                           train_examples: list[list[Example]], before: dict) -> dict:
+                           train_examples: list[list[Example]], val_sets: list[EvalSet], before: dict) -> dict:
     """Heads with `init: probe` start at the ridge fit on the hidden states at their function tag (initial tags)
-    over the training set; their tasks' test metrics at that start join the baselines as "linear probe (start)".
-    Collective; run once, on a fresh start (a resumed run reads its heads from the checkpoint)."""
+    over the training set, the penalty chosen on the validation set; their tasks' test metrics at that start join
+    the baselines as "linear probe (start)". Collective; run once, on a fresh start (a resumed run reads its heads
+    from the checkpoint)."""
     starting = [t for t in cfg.tags if t.head and t.head.init == "probe"]
     if not starting:
         return before
     examples = {tag.name: [e for task, items in zip(cfg.tasks, train_examples) if task.head == tag.name for e in items]
                 for tag in starting}
+    held = {tag.name: [e for s in val_sets if s.task.head == tag.name for e in s.examples] for tag in starting}
+    micro = cfg.evaluation.micro_batch
     with inference(cfg, model):  # one gather of the base for every head's features
-        features = {name: all_states(model, items, cfg.evaluation.micro_batch, tokenizer.pad_token_id)
-                    for name, items in examples.items()}
+        features = {name: all_states(model, items, micro, tokenizer.pad_token_id) for name, items in examples.items()}
+        val_features = {name: all_states(model, items, micro, tokenizer.pad_token_id) if items else None
+                        for name, items in held.items()}
     for tag in starting:  # heads are set outside: `set_trainable` gathers through ZeRO's own machinery
         head = model.heads[model.head_names.index(tag.name)]
-        w, b = ridge_fit(features[tag.name], np.array([e.head_target[0] for e in examples[tag.name]]))
+        w, b = ridge_fit(features[tag.name], head_labels(examples[tag.name]), val_features[tag.name],
+                         head_labels(held[tag.name]) if held[tag.name] else None)
         mean, std = float(head.mean[0]), float(head.std[0])  # the head works in standardised label units
         dist.set_trainable(head.linear.weight, torch.tensor(w / std, dtype=torch.float32)[None])
         dist.set_trainable(head.linear.bias, torch.tensor([(b - mean) / std], dtype=torch.float32))
@@ -245,15 +316,41 @@ def start_heads_from_probe(cfg: RunConfig, model: TaggedModel, encoder: Encoder,
     return out
 
 
-def format_table(results: dict[str, dict[str, dict]]) -> str:
-    """A plain-text table: one row per (task, model), the task's metrics as columns."""
+SHOWN = ("mse", "mae", "pearson", "spearman", "r2", "accuracy", "bleu", "chrf", "loss", "perplexity")
+"""The metrics a table prints, in this order (a task shows those it has)."""
+
+
+def _cell(values: dict, metric: str) -> str:
+    value = values.get(metric)
+    interval = (values.get("ci95") or {}).get(metric)
+    text = "nan" if value is None or not math.isfinite(value) else f"{value:.4f}"
+    return f"{text} [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else text
+
+
+def comparison_line(values: dict) -> Optional[str]:
+    """`trained vs <start>: <metric> <diff> [low, high]: <verdict>` for a model that was compared with its start."""
+    vs = values.get("vs_start")
+    if not vs or vs.get("diff") is None:
+        return None
+    interval = f" [{vs['ci95'][0]:+.4f}, {vs['ci95'][1]:+.4f}]" if vs.get("ci95") else ""
+    return f"vs {vs['against']}: {vs['metric']} {vs['diff']:+.4f}{interval}: {vs['verdict']}"
+
+
+def format_table(results: dict[str, dict[str, dict]], indent: str = "") -> str:
+    """A plain-text table: one row per (task, model), each metric as `value [95% interval]`; under the trained
+    row, its paired difference from its starting point and whether that is beyond the interval."""
     lines = []
     for task, by_model in results.items():
-        metrics = [k for k in next(iter(by_model.values())) if k not in {"n", "examples", "tokens"}]
-        lines.append(f"{task:<14} " + " ".join(f"{m:>10}" for m in metrics))
-        for name, values in by_model.items():
-            cells = " ".join(f"{values.get(m, float('nan')):>10.4f}" for m in metrics)
-            lines.append(f"  {name:<12} {cells}")
+        metrics = [m for m in SHOWN if any(m in values for values in by_model.values())]
+        rows = [(row_name(name, values), [_cell(values, m) for m in metrics]) for name, values in by_model.items()]
+        widths = [max(len(m), *(len(r[1][j]) for r in rows)) for j, m in enumerate(metrics)]
+        name_width = max(24, *(len(name) + 4 for name, _ in rows))
+        lines.append(f"{indent}{task:<{name_width}}" + "  ".join(f"{m:>{w}}" for m, w in zip(metrics, widths)))
+        for (name, cells), values in zip(rows, by_model.values()):
+            lines.append(f"{indent}  {name:<{name_width - 2}}" + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+            line = comparison_line(values)
+            if line:
+                lines.append(f"{indent}    {line}")
     return "\n".join(lines)
 
 
@@ -269,7 +366,7 @@ def save_baselines(cfg: RunConfig, results: dict[str, dict[str, dict]]) -> None:
     """Write the before-training metrics (rank 0)."""
     if dist.is_main():
         baselines_path(cfg).parent.mkdir(parents=True, exist_ok=True)
-        baselines_path(cfg).write_text(json.dumps(results, indent=2))
+        baselines_path(cfg).write_text(to_json(results, indent=2))
 
 
 def baselines(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer) -> dict[str, dict[str, dict]]:
@@ -282,37 +379,75 @@ def baselines(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer) -
         return json.loads(path.read_text())
     out: dict[str, dict[str, dict]] = {}
     sets = eval_sets(cfg, encoder)
+    resamples = cfg.evaluation.bootstrap
     for item in sets:  # heads start at zero: before training each one predicts its training-label mean
-        if item.task.loss == "head" and model.heads[model.head_names.index(item.task.head)].spec.type == "regression":
+        if task_kind(model, item.task) == "regression":
             head = model.heads[model.head_names.index(item.task.head)]
-            target = [e.head_target[0] for e in item.examples]
-            out[item.task.name] = {"initial": regression_metrics([float(head.mean[0])] * len(target), target)}
+            out[item.task.name] = {"initial": scored("regression", [float(head.mean[0])] * len(item.examples), item,
+                                                     resamples)}
     for task, metrics in evaluate(cfg, model, encoder, tokenizer, [s for s in sets if s.task.name not in out]).items():
         out.setdefault(task, {})["initial"] = metrics
     if cfg.evaluation.baselines and any(t.loss == "head" for t in cfg.tasks):
         from tagscale.methods import apply_method
 
-        probe_cfg = dataclasses.replace(cfg, method="linear_probe", tasks=[t for t in cfg.tasks if t.loss == "head"])
-        probe_cfg = apply_method(probe_cfg, {})
+        kept = [i for i, t in enumerate(cfg.tasks) if t.loss == "head"]
+        probe_cfg = apply_method(dataclasses.replace(cfg, method="linear_probe", tasks=[cfg.tasks[i] for i in kept]), {})
         probe_encoder = Encoder(tokenizer, encoder.placeholders, set(), encoder.head_names, encoder.max_length)
         test = eval_sets(probe_cfg, probe_encoder)
-        train = [EvalSet(t, i, encode_task(probe_encoder, t, i, read_records(t.train, t.name, "train"), "skip",
-                                           t.name)[0])  for i, t in enumerate(probe_cfg.tasks) if t.train]
-        for task, metrics in probe_metrics(probe_cfg, model, probe_encoder, train, test, tokenizer.pad_token_id).items():
+        train, val = [], []
+        for j, i in enumerate(kept):  # the run's own training / validation split of each task
+            if cfg.tasks[i].train is None:
+                continue
+            for part, records in zip((train, val), task_records(cfg, i)):
+                if records:
+                    part.append(EvalSet(probe_cfg.tasks[j], j, encode_task(probe_encoder, probe_cfg.tasks[j], j, records,
+                                                                           "skip", cfg.tasks[i].name)[0]))
+        for task, metrics in probe_metrics(probe_cfg, model, train, val, test, tokenizer.pad_token_id).items():
             out.setdefault(task, {})["linear probe"] = metrics
     save_baselines(cfg, out)
     return out
 
 
-def final(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer, before: dict) -> dict[str, dict[str, dict]]:
-    """After training: the trained model beside the baselines; eval.json and a printed table (rank 0)."""
+def compare_with_start(model: TaggedModel, item: EvalSet, trained: dict, by_model: dict, resamples: int) -> Optional[dict]:
+    """The trained model's headline metric minus its starting point's (the probe start where the head began
+    there, else the initial tags), with a 95% paired-bootstrap interval over the test examples."""
+    against = next((name for name in ("linear probe (start)", "initial") if name in by_model), None)
+    kind = task_kind(model, item.task)
+    if against is None or "outputs" not in by_model[against]:
+        return None
+    metric, higher = PRIMARY[kind]
+    metric_fn, columns_a = metric_columns(kind, trained["outputs"], item)
+    _, columns_b = metric_columns(kind, by_model[against]["outputs"], item)
+    diff = paired_difference(metric_fn, metric, columns_a, columns_b, resamples=resamples)
+    interval = diff["ci95"]
+    if interval is None or not math.isfinite(diff["diff"]):
+        verdict = "no interval"
+    elif interval[0] > 0 or interval[1] < 0:
+        verdict = "better, beyond the interval" if (interval[0] > 0) == higher else "worse, beyond the interval"
+    else:
+        verdict = "within the interval (no clear difference)"
+    return diff | {"against": against, "verdict": verdict}
+
+
+def final(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer, before: dict,
+          selected: Optional[dict] = None) -> dict[str, dict[str, dict]]:
+    """After training: the trained model (the selected step's, `selected` naming it) beside the baselines, each
+    compared with its start; eval.json and a printed table (rank 0)."""
     out = {task: dict(models) for task, models in before.items()}
-    for task, metrics in evaluate(cfg, model, encoder, tokenizer).items():
-        out.setdefault(task, {})["trained"] = metrics
+    sets = eval_sets(cfg, encoder)
+    for item, (task, metrics) in zip(sets, evaluate(cfg, model, encoder, tokenizer, sets).items()):
+        metrics["vs_start"] = compare_with_start(model, item, metrics, out.get(task, {}), cfg.evaluation.bootstrap)
+        out.setdefault(task, {})["trained"] = metrics | ({"selected": selected} if selected else {})
     if dist.is_main():
-        (Path(cfg.output.dir) / "eval.json").write_text(json.dumps(out, indent=2))
+        (Path(cfg.output.dir) / "eval.json").write_text(to_json(out, indent=2))
         print(format_table(out), flush=True)
     return out
+
+
+def row_name(name: str, values: dict) -> str:
+    """A model's name in a table; a trained model says which step validation kept, out of how many."""
+    selected = values.get("selected")
+    return f"{name} (step {selected['best_step']}/{selected['steps']})" if selected else name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder = Encoder(base.tokenizer, {s.name: model.bank.placeholder_ids(s.name) for s in model.bank.specs}, set(),
                       model.head_names, cfg.train.max_length)
     results = {task: {"trained": metrics} for task, metrics in evaluate(cfg, model, encoder, base.tokenizer).items()}
-    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    print(to_json(results, indent=2) if args.json else format_table(results))
     return 0
 
 

@@ -26,7 +26,7 @@ FORMAT = 1
 """The run.json format."""
 # Settings a resumed or extended run may change without being "another config".
 RESUMABLE_KEYS = {("train", "steps"), ("train", "resume"), ("train", "save_every"), ("train", "log_every"),
-                  ("train", "eval_every"), ("train", "keep_checkpoints"), ("output", "dir"), ("wandb",), ("source",)}
+                  ("train", "keep_checkpoints"), ("output", "dir"), ("wandb",), ("source",)}
 # The files transformers loads a model's weights from (one file, or the index of a sharded checkpoint).
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _checked: set[str] = set()  # check_inputs runs once per process for a given config (the CLI calls it early)
@@ -306,6 +306,11 @@ def read_ds_config(path: str | Path, cfg: RunConfig, world_size: int) -> dict:
                             f"({recipe_keys[key]}; micro {micro} x accumulation {accumulation} x ranks "
                             f"{world_size}): remove the key from the DeepSpeed config, the recipe sets it")
         ds[key] = value
+    clip = ds.get("gradient_clipping", 0.0)
+    if clip not in (0, 0.0, "auto", cfg.train.grad_clip):
+        raise UserError(f"{path}: gradient_clipping is {clip} but the recipe {cfg.source} gives train.grad_clip: "
+                        f"{cfg.train.grad_clip}: remove the key from the DeepSpeed config, the recipe sets it")
+    ds["gradient_clipping"] = cfg.train.grad_clip  # DeepSpeed clips the global norm before each step (0: off)
     return ds
 
 
@@ -331,7 +336,7 @@ def check_inputs(cfg: RunConfig, ds_config: str | Path) -> None:
                         f"marker); expected auto, never or a checkpoints/step-N folder")
     check_tag_sources(cfg, check_earlier_runs(cfg, hidden_size))
     for i, task in enumerate(cfg.tasks):
-        for part, data in (("train", task.train), ("eval", task.eval)):
+        for part, data in (("train", task.train), ("eval", task.eval), ("val", task.val)):
             where = f"{cfg.source}: tasks[{i}].{part}"
             if data is None:
                 continue

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
@@ -13,6 +12,7 @@ import torch
 
 from tagscale import dist
 from tagscale.config import RunConfig
+from tagscale.metrics import to_json
 
 
 def numel(param: torch.nn.Parameter) -> int:
@@ -132,7 +132,7 @@ class RunLog:
         if not self.main:
             return
         with (self.folder / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(to_json(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 

@@ -64,17 +64,125 @@ def classification_metrics(pred_labels: Sequence, target: Sequence) -> dict[str,
     return {"accuracy": correct / len(target), "n": len(target)}
 
 
-def translation_metrics(hyps: Sequence[str], refs: Sequence[str], tokenize: str = "13a") -> dict[str, float]:
-    """Corpus BLEU and chrF (sacrebleu, 0-100; and n) of hypotheses against one reference each."""
+def translation_stats(hyps: Sequence[str], refs: Sequence[str], tokenize: str = "13a") -> tuple[list, list]:
+    """Per-sentence sufficient statistics of corpus BLEU and chrF (sacrebleu's own): a corpus score is a function
+    of their sums, so a bootstrap resamples rows instead of re-tokenizing sentences."""
     if len(hyps) != len(refs):
         raise ValueError(f"hyps has {len(hyps)} sentences but refs has {len(refs)}")
-    if len(hyps) == 0:
-        return {"bleu": math.nan, "chrf": math.nan, "n": 0}
-    import sacrebleu  # imported here so regression-only users need not install it
+    from sacrebleu.metrics import BLEU, CHRF  # imported here so regression-only users need not install it
 
     hyps, refs = list(hyps), [list(refs)]  # sacrebleu takes a list of reference streams
-    return {
-        "bleu": float(sacrebleu.corpus_bleu(hyps, refs, tokenize=tokenize).score),
-        "chrf": float(sacrebleu.corpus_chrf(hyps, refs).score),
-        "n": len(hyps),
-    }
+    bleu = BLEU(tokenize=tokenize)._extract_corpus_statistics(hyps, refs) if hyps else []
+    chrf = CHRF()._extract_corpus_statistics(hyps, refs) if hyps else []
+    return bleu, chrf
+
+
+def translation_from_stats(bleu_rows: Sequence, chrf_rows: Sequence, tokenize: str = "13a") -> dict[str, float]:
+    """Corpus BLEU and chrF (0-100; and n) from `translation_stats` rows."""
+    if len(bleu_rows) == 0:
+        return {"bleu": math.nan, "chrf": math.nan, "n": 0}
+    from sacrebleu.metrics import BLEU, CHRF
+
+    bleu = BLEU(tokenize=tokenize)._compute_score_from_stats(list(np.sum(np.asarray(bleu_rows), 0)))
+    chrf = CHRF()._compute_score_from_stats(list(np.sum(np.asarray(chrf_rows), 0)))
+    return {"bleu": float(bleu.score), "chrf": float(chrf.score), "n": len(bleu_rows)}
+
+
+def translation_metrics(hyps: Sequence[str], refs: Sequence[str], tokenize: str = "13a") -> dict[str, float]:
+    """Corpus BLEU and chrF (sacrebleu, 0-100; and n) of hypotheses against one reference each."""
+    return translation_from_stats(*translation_stats(hyps, refs, tokenize), tokenize=tokenize)
+
+
+def next_token_metrics(loss_sums: Sequence[float], token_counts: Sequence[int]) -> dict[str, float]:
+    """loss (mean cross-entropy per target token), perplexity and tokens, from each example's summed loss and count."""
+    total, count = float(np.sum(loss_sums)), int(np.sum(token_counts))
+    loss = total / count if count else math.nan
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)) if count else math.nan, "tokens": count}
+
+
+# ---------------------------------------------------------------------------------------------
+# which metric decides, and how sure a number is
+
+PRIMARY = {"regression": ("mse", False), "classification": ("accuracy", True), "target": ("chrf", True),
+           "lm": ("loss", False)}
+"""The metric that selects a step and compares models, per kind of task: (name, higher is better)."""
+
+
+def relative_gain(value: float, start: float, higher_is_better: bool) -> float:
+    """How much better `value` is than `start`, as a fraction of |start| (0 when equal; negative when worse).
+
+    A mixture's validation score is the mean of its tasks' gains: each task counts the same whatever its units."""
+    if not (math.isfinite(value) and math.isfinite(start)):
+        return -math.inf if not math.isfinite(value) else 0.0
+    gain = value - start if higher_is_better else start - value
+    return gain / max(abs(start), 1e-12)
+
+
+def _resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def _percentile_interval(values: list[float]) -> list[float] | None:
+    finite = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
+    if len(finite) < 0.9 * len(values) or len(finite) == 0:  # undefined on too many resamples: no interval
+        return None
+    return [float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))]
+
+
+def _take(column: Sequence, rows: np.ndarray) -> list:
+    return [column[i] for i in rows]
+
+
+def with_intervals(metric_fn, *columns: Sequence, resamples: int = 1000, seed: int = 0) -> dict:
+    """`metric_fn(*columns)` plus ``ci95``: a 95% percentile-bootstrap interval per metric, resampling examples
+    (the rows of the columns, e.g. predictions and targets) with replacement. A metric undefined on more than 10%
+    of the resamples (e.g. Pearson of a constant predictor) gets no interval (null)."""
+    point = metric_fn(*columns)
+    n = len(columns[0])
+    keys = [k for k, v in point.items() if isinstance(v, float) and k not in ("n", "tokens")]
+    if n < 2 or resamples <= 0:
+        return point | {"ci95": {k: None for k in keys}}
+    draws: dict[str, list[float]] = {k: [] for k in keys}
+    for rows in _resample_indices(n, resamples, seed):
+        values = metric_fn(*(_take(c, rows) for c in columns))
+        for k in keys:
+            draws[k].append(float(values[k]))
+    return point | {"ci95": {k: _percentile_interval(v) for k, v in draws.items()}}
+
+
+def paired_difference(metric_fn, key: str, columns_a: Sequence[Sequence], columns_b: Sequence[Sequence],
+                      resamples: int = 1000, seed: int = 0) -> dict:
+    """metric(a) - metric(b) on the same examples, with a 95% paired-bootstrap interval (each resample draws the
+    same examples for both): whether two models differ beyond the noise of the test set."""
+    def diff(*cols) -> float:
+        half = len(cols) // 2
+        return float(metric_fn(*cols[:half])[key]) - float(metric_fn(*cols[half:])[key])
+
+    columns = list(columns_a) + list(columns_b)
+    n = len(columns[0])
+    value = diff(*columns)
+    if n < 2 or resamples <= 0:
+        return {"metric": key, "diff": value, "ci95": None}
+    draws = [diff(*(_take(c, rows) for c in columns)) for rows in _resample_indices(n, resamples, seed)]
+    return {"metric": key, "diff": value, "ci95": _percentile_interval(draws)}
+
+
+def json_safe(value):
+    """`value` with every NaN or infinite float replaced by None, so `json.dumps(..., allow_nan=False)` writes
+    strict JSON (null) that every reader accepts."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    return value
+
+
+def to_json(value, indent: int | None = None) -> str:
+    """Strict JSON text of `value` (non-finite numbers as null)."""
+    import json
+
+    return json.dumps(json_safe(value), indent=indent, allow_nan=False, default=str)

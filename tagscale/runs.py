@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from tagscale.config import RunConfig
 from tagscale.errors import UserError
+from tagscale.metrics import to_json
 # run.json reading and the output-folder check live in tagscale.inputs (no torch there); used as runs.* too
 from tagscale.inputs import (FORMAT, check_earlier_runs, check_finished_run, check_output_folder,  # noqa: F401
                              check_tag_sources, read_run_json, tags_in_tasks)
@@ -50,7 +51,7 @@ class RunPlan:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(to_json(data, indent=2))
     tmp.replace(path)
 
 

@@ -53,6 +53,7 @@ from tagscale.data import Encoder, TrainData, build_train_data, collate  # noqa:
 from tagscale.logs import RunLog  # noqa: E402
 from tagscale.methods import apply_method  # noqa: E402
 from tagscale.model import TaggedModel  # noqa: E402
+from tagscale.selection import Selector  # noqa: E402
 
 
 class NonFiniteLoss(UserError):
@@ -88,6 +89,8 @@ class Session:
     encoder: Encoder
     tokenizer: object
     log: RunLog
+    selector: Selector
+    """The validation sets and the best step so far (its trainables are what the run saves and tests)."""
 
 
 def build(cfg: RunConfig, ds_config: str) -> Session:
@@ -116,7 +119,8 @@ def build(cfg: RunConfig, ds_config: str) -> Session:
             head.mean.fill_(mean), head.std.fill_(std)
     engine = dist.build_engine(model, runs.param_groups(model, cfg), ds, runs.lr_lambda(cfg))
     log = RunLog(cfg, model, base.identity, data.skipped)
-    return Session(cfg, recipe, engine, model, data, plan, base.identity, encoder, base.tokenizer, log)
+    selector = Selector(cfg, model, encoder, base.tokenizer, evaluate.validation_sets(cfg, encoder, data.validation))
+    return Session(cfg, recipe, engine, model, data, plan, base.identity, encoder, base.tokenizer, log, selector)
 
 
 def train_steps(s: Session, start: int, stop: StopFlag | None = None) -> bool:
@@ -138,9 +142,11 @@ def train_steps(s: Session, start: int, stop: StopFlag | None = None) -> bool:
             raise NonFiniteLoss(f"step {step + 1}: the loss is {mean_loss}; stopped, the last good checkpoint is kept "
                                 f"in {Path(cfg.output.dir) / 'checkpoints'} (lower train.lr or check the data)")
         s.log.step(step + 1, mean_loss, s.model.last_losses, lr, tokens, time.perf_counter() - started)
+        if s.selector.due(step + 1):
+            s.log.write(s.selector.consider(step + 1, engine))
         stopping = dist.any_rank(stop is not None and stop.raised)
         if stopping or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-            save_checkpoint(engine, cfg, step + 1)
+            save_checkpoint(s, step + 1)
         if stopping:
             s.log.preempted(step + 1)
             return False
@@ -166,30 +172,37 @@ def main(argv: list[str] | None = None) -> int:
     resume_from = runs.find_resume_point(cfg)
     if resume_from is None:
         before = evaluate.start_heads_from_probe(session.cfg, session.model, session.encoder, session.tokenizer,
-                                                 session.data.examples, before)
+                                                 session.data.examples, session.selector.sets, before)
+        if session.selector.due(0):  # the start is the first candidate: a run never ends below it on validation
+            session.log.write(session.selector.consider(0, session.engine))
     if resume_from is not None:
         state = runs.read_checkpoint(resume_from)
         dist.load_portable_state(session.engine, state["engine"])
         if "rng" in state:  # absent from checkpoints written before RNG states were saved
             dist.restore_rng_states(state["rng"])
         start = state["step"]
+        if "selection" in state:
+            session.selector.load_state_dict(state["selection"])
         if dist.is_main():
             runs.trim_metrics(Path(cfg.output.dir), start)  # steps after the checkpoint are run (and logged) again
         session.log.resumed(resume_from, start)
     if not train_steps(session, start, stop):
         return 0
+    session.selector.restore_best(session.engine)  # the best step on validation is what the run keeps and tests
     folder = save_outputs(session, cfg.train.steps)
     if cfg.evaluation.enabled:
-        evaluate.final(session.cfg, session.model, session.encoder, session.tokenizer, before)
+        evaluate.final(session.cfg, session.model, session.encoder, session.tokenizer, before,
+                       session.selector.summary())
     session.log.finish(folder)
     return 0
 
 
-def save_checkpoint(engine, cfg, step: int) -> None:
+def save_checkpoint(s: Session, step: int) -> None:
     """A resumable checkpoint: trainables, Adam state, scheduler, every rank's RNG states, step (the data
-    position: batches are a function of the step); world-size independent. Collective."""
-    state = {"engine": dist.portable_state(engine), "rng": dist.all_gather_objects(dist.rng_state()), "step": step,
-             "world_size": dist.world_size()}
+    position: batches are a function of the step), the selection so far; world-size independent. Collective."""
+    cfg = s.cfg
+    state = {"engine": dist.portable_state(s.engine), "rng": dist.all_gather_objects(dist.rng_state()), "step": step,
+             "world_size": dist.world_size(), "selection": s.selector.state_dict()}
     if dist.is_main():
         runs.write_checkpoint(Path(cfg.output.dir), step, state, cfg.train.keep_checkpoints)
     dist.barrier()
@@ -206,7 +219,8 @@ def save_outputs(s: Session, step: int) -> Path:
         heads[f"{head.spec.tag}.mean"], heads[f"{head.spec.tag}.std"] = head.mean.float().cpu(), head.std.float().cpu()
     out = Path(cfg.output.dir)
     if dist.is_main():
-        meta = runs.run_metadata(s.recipe, model, plan, s.identity, "complete", step, s.log.summary())
+        meta = runs.run_metadata(s.recipe, model, plan, s.identity, "complete", step,
+                                 s.log.summary() | {"selection": s.selector.summary()})
         runs.save_outputs(out, tags, heads, meta)
         (out / "PREEMPTED").unlink(missing_ok=True)
     dist.barrier()

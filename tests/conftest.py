@@ -61,6 +61,16 @@ def train(recipe: str, *overrides: str, ranks: int = 1, ds_config: str = "ds_con
 
 
 def metrics(run_dir: Path) -> list[dict]:
+    """The training steps' records of metrics.jsonl (validation records are `validations`)."""
+    return [r for r in records(run_dir) if "loss" in r]
+
+
+def validations(run_dir: Path) -> list[dict]:
+    """The validation records of metrics.jsonl: step, val_score, best_step, val/<task>/<metric>."""
+    return [r for r in records(run_dir) if "val_score" in r]
+
+
+def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 

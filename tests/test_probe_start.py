@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import train
-from tagscale.data import Encoder, read_records
+from tagscale.data import Encoder, read_records, validation_split
 from tagscale.config import DataConfig
 from tagscale.evaluate import ridge_fit
 
@@ -44,7 +44,9 @@ def test_head_starts_at_the_probe_fit(tiny_base, tmp_path):
     records = read_records(DataConfig(path=DATA), "test", "train")
     y = np.array([r["y"] for r in records])
     features = features_by_hand(tiny_base, load_file(str(run / "tags.safetensors"))["<Count>"], records)
-    w, b = ridge_fit(features, y)
+    keep, held = validation_split(len(records), 0.1, 200, 0, 0)  # the run's default validation split
+    assert len(held) == round(0.1 * len(records)) and not set(keep) & set(held)
+    w, b = ridge_fit(features[keep], y[keep], features[held], y[held])  # penalty chosen on validation
     reference = features @ w + b
 
     heads = load_file(str(run / "heads.safetensors"))

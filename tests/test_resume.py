@@ -206,14 +206,15 @@ def test_saved_on_two_ranks_resumes_on_one(reference, two_ranks_one_killed):
 
 def test_infinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
     """A finite but huge label (1e30, unstandardised) overflows the fp32 loss at the first step that draws it."""
-    from tagscale.data import MixtureSampler
+    from tagscale.data import MixtureSampler, validation_split
 
     records = [json.loads(line) for line in (ROOT / "tests/data/fixture_protein_count.jsonl").read_text().splitlines()]
-    sampler = MixtureSampler([len(records)], [1.0], 4, 0)  # the recipe's data order: global batch 4, seed 0
+    kept, _ = validation_split(len(records), 0.1, 200, 0, 0)  # the default validation split holds some back
+    sampler = MixtureSampler([len(kept)], [1.0], 4, 0)  # the recipe's data order: global batch 4, seed 0
     first_step = {}
     for step in range(STEPS):
         for _, index in sampler.global_batch(step):
-            first_step.setdefault(index, step + 1)
+            first_step.setdefault(kept[index], step + 1)
     huge, bad_step = next((i, s) for i, s in first_step.items() if s >= 3)  # two good checkpoints come first
     records[huge]["y"] = 1e30
     data = tmp_path / "huge_label.jsonl"

@@ -36,6 +36,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
 from tagscale.errors import UserError, nearest, run_cli  # noqa: E402
+from tagscale.metrics import to_json  # noqa: E402
+from tagscale.scaling import finding, result_rows  # noqa: E402
 
 METHODS = ("tag_llm", "prompt_tuning", "linear_probe")
 COST_GROUP = "cost"  # the folder of the random-init cost-curve runs
@@ -43,6 +45,8 @@ LAUNCH_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", 
                "CROSS_SIZE", "LOCAL_WORLD_SIZE"}
 REGRESSION_METRICS = ("mse", "mae", "pearson", "spearman", "r2")
 GIB = 1024**3
+FORMULA_TASKS = ("qed", "descriptor")
+"""Built-in tasks whose labels are formulas of the input (RDKit's QED, peptides' BLOSUM1): marked in the finding."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,20 +319,32 @@ def gather(out: Path) -> list[RunRow]:
 # The report
 
 def _fmt(value: Optional[float], digits: int = 4) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+    return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
+
+
+def _with_interval(values: dict, metric: str) -> str:
+    interval = (values.get("ci95") or {}).get(metric)
+    return _fmt(values.get(metric)) + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
+
+
+def _without_outputs(run: dict) -> dict:
+    """A run for runs.json without the per-example outputs and targets (results.json and the finding use them)."""
+    strip = lambda by_task: {t: {k: v for k, v in m.items() if k not in ("outputs", "targets")} for t, m in by_task.items()}
+    return run | {"metrics": strip(run["metrics"]), "initial": strip(run["initial"])}
 
 
 def table(rows: list[RunRow]) -> str:
     """One line per run and task (cost-curve runs: one line, no metrics)."""
-    head = ["group", "task", "base", "parameters", "method", "trainable", *REGRESSION_METRICS, "mse at start",
-            "test n", "tokens/s", "step s", "peak RSS GiB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|---|---:|" + "---:|" * 10]
+    head = ["group", "task", "base", "parameters", "method", "trainable", *REGRESSION_METRICS, "mean predictor mse",
+            "test n", "kept step", "tokens/s", "step s", "peak RSS GiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|---|---:|" + "---:|" * 11]
     for r in rows:
         cost = [_fmt(r.tokens_per_s, 0), _fmt(r.step_s, 2),
                 _fmt(r.peak_rss_bytes / GIB if r.peak_rss_bytes else None, 2)]
         for task, values in (r.metrics.items() or [("–", {})]):
-            cells = [_fmt(values.get(m)) for m in REGRESSION_METRICS]
-            cells += [_fmt(r.initial.get(task, {}).get("mse")), str(values.get("n", "–"))]
+            cells = [_with_interval(values, m) for m in REGRESSION_METRICS]
+            cells += [_with_interval(r.initial.get(task, {}), "mse"), str(values.get("n", "–")),
+                      str((values.get("selected") or {}).get("best_step", "–"))]
             lines.append("| " + " | ".join([r.group, task, r.base, f"{r.parameters / 1e6:,.1f} M", r.method,
                                             f"{r.trainable:,}", *cells, *cost]) + " |")
     return "\n".join(lines)
@@ -448,17 +464,24 @@ def write_report(out: Path, report: Path, command: str) -> Path:
         raise UserError(f"--out: {out}: no complete run folders (run.json with status complete) to report")
     report.mkdir(parents=True, exist_ok=True)
     images = plots(rows, report)
-    data = {"command": command, "runs": [asdict(r) for r in rows]}
+    runs = [asdict(r) for r in rows]
+    data = {"command": command, "runs": [_without_outputs(r) for r in runs]}
     if timings:
         data["timings"] = timings
-    (report / "runs.json").write_text(json.dumps(data, indent=2) + "\n")
+    (report / "runs.json").write_text(to_json(data, indent=2) + "\n")
+    results = result_rows([r for r in runs if r["group"] != COST_GROUP])
+    (report / "results.json").write_text(to_json(results, indent=2) + "\n")
     lines = ["# Scaling report: Tag-LLM vs prompt tuning vs linear probe across base sizes", "",
              "Made by:", "", "```", command, "```", "",
              f"{len(rows)} complete runs read from `{_shown(out)}` (run.json, metrics.jsonl, eval.json). Task metrics are on "
-             "each task's held-out test split, in label units; `mse at start` is the same run before training (the head starts at "
-             "zero, so it predicts the training mean: the bar to beat); tokens/s and step time are medians over the steps "
+             "each task's held-out test split, in label units; `mean predictor mse` is the untrained head's (it "
+             "predicts the training-label mean: the bar to beat); `kept step` is the step validation selected; tokens/s and step time are medians over the steps "
              "after the first; peak RSS is the largest rank's getrusage peak. Rows in group `cost` are random-init "
-             "shapes run only for the cost curve (evaluation off).", "", table(rows), ""]
+             "shapes run only for the cost curve (evaluation off). Every metric is `value [95% interval]` (bootstrap over the test "
+             "examples); `results.json` holds each run's headline metric with its interval and a `mean` row per task and base.",
+             "", "## Finding", "", "Computed from the runs (paired bootstrap over the same test examples; a method "
+             "is `clearly better` only when the 95% interval of the difference excludes zero):", "",
+             *finding([r for r in runs if r["group"] != COST_GROUP], FORMULA_TASKS), "", "## Runs", "", table(rows), ""]
     lines += [f"![{name}]({name})" for name in images]
     if timings:
         lines += ["", "Wall time of each run (this machine, shared with other jobs; `skipped` runs were complete):", "", "| run | status | seconds |",

@@ -1,0 +1,200 @@
+"""Validation selection (train.eval_every), gradient clipping (train.grad_clip), confidence intervals, strict JSON.
+
+References computed another way: a validation set on which any training is worse (its labels all equal the
+training-label mean, which an untrained head predicts exactly), the resumable checkpoint of the kept step, a plain
+PyTorch AdamW step after `torch.nn.utils.clip_grad_norm_`, and bootstrap coverage on simulated data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import metrics, tags_of, train, validations
+from tagscale.data import validation_split
+from tagscale.metrics import classification_metrics, paired_difference, regression_metrics, with_intervals
+
+DATA = "tests/data/fixture_protein_count.jsonl"
+
+
+def strict_json(text: str):
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_validation_split_is_seeded_disjoint_and_bounded():
+    keep, held = validation_split(100, 0.1, 200, 0, 0)
+    assert len(held) == 10 and sorted(keep + held) == list(range(100)) and not set(keep) & set(held)
+    assert validation_split(100, 0.1, 200, 0, 0) == (keep, held)  # seeded: the same split every time
+    assert validation_split(100, 0.1, 200, 1, 0)[1] != held and validation_split(100, 0.1, 200, 0, 1)[1] != held
+    assert len(validation_split(10_000, 0.1, 200, 0, 0)[1]) == 200  # at most val_limit
+    assert validation_split(1, 0.1, 200, 0, 0) == ([0], []) and validation_split(50, 0.0, 200, 0, 0)[1] == []
+    assert len(validation_split(5, 0.1, 200, 0, 0)[1]) == 1  # at least one
+
+
+def test_run_whose_validation_only_gets_worse_keeps_step_0(tmp_path):
+    """Validation labels all equal to the training-label mean: the untrained head (step 0) is exact on them and
+    every step of training moves away, so the run must keep step 0: a zero head and the initial tag."""
+    rows = [json.loads(line) for line in open(DATA)]
+    mean = float(np.mean([r["y"] for r in rows]))
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"seq": r["seq"], "y": mean}) + "\n" for r in rows[:12]))
+    run, still = tmp_path / "run", tmp_path / "still"
+    common = ["train.eval_every=2", f"tasks.0.val.path={val}", "evaluation.enabled=true", f"tasks.0.eval.path={DATA}"]
+    train("tests/recipes/tiny_head.yaml", f"output.dir={run}", *common)
+    train("tests/recipes/tiny_head.yaml", f"output.dir={still}", "train.lr=1e-30", "train.head_lr=1e-30", *common)
+    scores = validations(run)
+    assert [r["step"] for r in scores] == [0, 2, 4, 6, 8]
+    assert all(r["val/count/mse"] > scores[0]["val/count/mse"] for r in scores[1:])  # training only got worse
+    assert len(set(round(m["loss"], 6) for m in metrics(run))) > 1  # it did train
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["selection"]["best_step"] == 0 and meta["selection"]["val_examples"] == {"count": 12}
+    heads = load_file(str(run / "heads.safetensors"))
+    assert torch.equal(heads["<Count>.weight"], torch.zeros_like(heads["<Count>.weight"]))
+    assert float(heads["<Count>.bias"]) == 0.0
+    assert torch.equal(tags_of(run)["<Count>"], tags_of(still)["<Count>"])  # the initial tag, bit for bit
+    trained = strict_json((run / "eval.json").read_text())["count"]["trained"]
+    assert trained["selected"]["best_step"] == 0
+    initial = strict_json((run / "eval.json").read_text())["count"]["initial"]
+    assert trained["mse"] == pytest.approx(initial["mse"], rel=1e-5)  # step 0 predicts the mean, as "initial"
+
+
+def test_kept_step_is_the_best_validation_step_and_equals_its_checkpoint(tmp_path):
+    """Validation every step on a run that overshoots: the saved tags and heads are those of the checkpoint at
+    the step with the best validation score, not the last step's."""
+    run = tmp_path / "run"
+    train("tests/recipes/tiny_head.yaml", f"output.dir={run}", "train.eval_every=1", "train.save_every=1",
+          "train.keep_checkpoints=20", "train.lr=0.03", "evaluation.enabled=true", f"tasks.0.eval.path={DATA}")
+    scores = validations(run)
+    assert [r["step"] for r in scores] == list(range(9))
+    best = max(scores, key=lambda r: (r["val_score"], -r["step"]))["step"]
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["selection"]["best_step"] == best and scores[-1]["best_step"] == best
+    assert 0 < best < 8, "the overshooting run should peak before its last step (else this test proves nothing)"
+    state = torch.load(run / "checkpoints" / f"step-{best:08d}" / "state.pt", weights_only=False)["engine"]["params"]
+    last = torch.load(run / "checkpoints" / f"step-{8:08d}" / "state.pt", weights_only=False)["engine"]["params"]
+    heads = load_file(str(run / "heads.safetensors"))
+    assert torch.equal(tags_of(run)["<Count>"], state["bank.tag0"])
+    assert torch.equal(heads["<Count>.weight"], state["heads.0.linear.weight"])
+    assert not torch.equal(state["bank.tag0"], last["bank.tag0"])
+    assert strict_json((run / "eval.json").read_text())["count"]["trained"]["selected"]["best_step"] == best
+
+
+def test_selection_survives_a_resume(tmp_path):
+    """Interrupted after its step-5 checkpoint and resumed: the same kept step and tags as the uninterrupted run."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    common = ["train.eval_every=1", "train.lr=0.03", "train.save_every=5", "evaluation.enabled=false"]
+    train("tests/recipes/tiny_head.yaml", f"output.dir={whole}", *common)
+    train("tests/recipes/tiny_head.yaml", f"output.dir={resumed}", *common)
+    for name in ("run.json", "tags.safetensors", "heads.safetensors"):  # as if killed after the checkpoint
+        (resumed / name).unlink()
+    proc = train("tests/recipes/tiny_head.yaml", f"output.dir={resumed}", *common)
+    assert "resumed from" in proc.stdout + proc.stderr
+    a, b = (json.loads((d / "run.json").read_text())["selection"] for d in (whole, resumed))
+    assert a["best_step"] == b["best_step"] and a["val_score"] == pytest.approx(b["val_score"], abs=1e-9)
+    assert torch.equal(tags_of(whole)["<Count>"], tags_of(resumed)["<Count>"])
+    assert [r["step"] for r in validations(resumed)] == list(range(9))  # step 5 once, not twice
+
+
+def test_grad_clip_matches_clip_grad_norm_by_hand(tmp_path):
+    """Two steps of the real engine with train.grad_clip equal plain PyTorch: loss.backward(),
+    torch.nn.utils.clip_grad_norm_, AdamW, on a copy of the same model and batches; and differ from no clipping."""
+    from tagscale import dist
+    from tagscale.config import load_config
+    from tagscale.data import collate
+    from tagscale.train import build, train_steps
+
+    def session(clip: float):
+        cfg = load_config("tests/recipes/tiny_head.yaml", [f"output.dir={tmp_path / str(clip)}", "train.steps=2",
+                                                           "train.micro_batch=4", "train.warmup_ratio=0",
+                                                           "train.schedule=constant", f"train.grad_clip={clip}",
+                                                           "train.val_fraction=0", "evaluation.enabled=false"])
+        return build(cfg, "ds_configs/zero3_cpu.json")
+
+    dist.init()
+    clipped = session(1e-3)
+    model = clipped.model
+    named = [(n, p) for n, p in model.named_parameters()]
+    with dist.gathered([p for _, p in named]):
+        start = {n: p.detach().clone().float() for n, p in named}
+    batches = [collate(clipped.data.rank_micro_batches(step, 4, 0, 1)[0], clipped.tokenizer.pad_token_id)
+               for step in range(2)]
+    assert train_steps(clipped, 0)
+    after = {n: dist.full_fp32(p) for n, p in named if p.requires_grad}
+
+    # the reference: the same module's parameters as plain tensors (ZeRO-3 lifted), plain PyTorch steps
+    from tagscale.bases import load_base
+    from tagscale.config import BaseConfig
+    from tagscale import runs
+
+    cfg = clipped.cfg
+    base = load_base(BaseConfig(preset="tiny"))
+    plain = runs.assemble(cfg, base, runs.plan_tags(cfg, {}), lambda params, modify=False: __import__("contextlib").nullcontext())
+    plain.load_state_dict({n: start[n] for n, _ in plain.named_parameters()} |
+                          {n: b for n, b in model.named_buffers() if n.startswith("heads.")}, strict=False)
+    for head, ref in zip(plain.heads, model.heads):
+        head.mean.copy_(ref.mean), head.std.copy_(ref.std)
+    params = [p for p in plain.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(runs.param_groups(plain, cfg), betas=(0.9, 0.999), eps=1e-8)
+    norms = []
+    for batch in batches:
+        optimizer.zero_grad()
+        plain(**batch).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1e-3)))
+        optimizer.step()
+    assert min(norms) > 1e-2  # both steps are clipped (their norms are far above 1e-3)
+    for name, p in plain.named_parameters():
+        if p.requires_grad:
+            assert (p.detach() - after[name]).abs().max() <= 1e-6, name
+
+    unclipped = session(0.0)
+    assert train_steps(unclipped, 0)
+    free = {n: dist.full_fp32(p) for n, p in unclipped.model.named_parameters() if p.requires_grad}
+    assert max((free[n] - after[n]).abs().max().item() for n in free) > 1e-4  # clipping changed the steps
+
+
+def test_every_json_a_run_writes_is_strict(tmp_path):
+    """NaN and infinity are written as null: the constant predictor's Pearson, an undefined interval."""
+    run = tmp_path / "run"
+    train("tests/recipes/tiny_head.yaml", f"output.dir={run}", "evaluation.enabled=true", f"tasks.0.eval.path={DATA}")
+    initial = strict_json((run / "eval_baselines.json").read_text())["count"]["initial"]
+    assert initial["pearson"] is None and initial["ci95"]["pearson"] is None
+    for path in [*run.glob("*.json"), *(run / "checkpoints").glob("*.json")]:
+        strict_json(path.read_text())
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        strict_json(line)
+
+
+def test_bootstrap_interval_covers_the_truth_about_95_percent():
+    """Accuracy of a classifier that is right with probability 0.7, 100 test examples: over 300 simulated test
+    sets, the 95% interval holds 0.7 in 90-99% of them (binomial spread of 300 trials at 95%: +-2.5 points)."""
+    rng = np.random.default_rng(1)
+    covered = 0
+    for trial in range(300):
+        target = rng.integers(0, 2, 100)
+        pred = np.where(rng.random(100) < 0.7, target, 1 - target)
+        low, high = with_intervals(classification_metrics, pred.tolist(), target.tolist(), resamples=400,
+                                   seed=trial)["ci95"]["accuracy"]
+        covered += low <= 0.7 <= high
+    assert 0.90 <= covered / 300 <= 0.99
+
+
+def test_paired_difference_separates_a_better_model_and_not_an_equal_one():
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=300)
+    good, poor = target + 0.3 * rng.normal(size=300), target + 0.6 * rng.normal(size=300)
+    diff = paired_difference(regression_metrics, "mse", [good, target], [poor, target], resamples=300)
+    assert diff["diff"] == pytest.approx(np.mean((good - target) ** 2) - np.mean((poor - target) ** 2))
+    assert diff["ci95"][1] < 0  # good has the lower MSE beyond the noise
+    same = paired_difference(regression_metrics, "mse", [good, target], [good, target], resamples=50)
+    assert same["diff"] == 0 and same["ci95"] == [0.0, 0.0]
+    interval = with_intervals(regression_metrics, good.tolist(), target.tolist(), resamples=300)["ci95"]["mse"]
+    assert interval[0] < np.mean((good - target) ** 2) < interval[1]
+    assert math.isfinite(interval[0]) and interval[1] - interval[0] < 0.05
