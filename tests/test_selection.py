@@ -198,3 +198,22 @@ def test_paired_difference_separates_a_better_model_and_not_an_equal_one():
     interval = with_intervals(regression_metrics, good.tolist(), target.tolist(), resamples=300)["ci95"]["mse"]
     assert interval[0] < np.mean((good - target) ** 2) < interval[1]
     assert math.isfinite(interval[0]) and interval[1] - interval[0] < 0.05
+
+
+def test_next_token_and_text_tasks_are_validated_by_loss_and_chrf(tmp_path):
+    """Stage 1 selects by next-token loss on its held-out records, stage 3 by chrF of greedy generations."""
+    s1, s3 = tmp_path / "s1", tmp_path / "s3"
+    train("tests/recipes/tiny_stage1.yaml", f"output.dir={s1}", "train.steps=2", "train.val_fraction=0.2")
+    train("tests/recipes/tiny_stage3.yaml", f"output.dir={s3}", f"from_runs=[{s1}]", "train.val_fraction=0.2",
+          "train.eval_every=3")
+    first = validations(s1)
+    assert [r["step"] for r in first] == [0, 2]
+    assert {k for k in first[0] if k.startswith("val/")} == {"val/protein/loss", "val/english/loss", "val/french/loss"}
+    assert all(r["val/protein/loss"] > 0 for r in first)
+    gains = [(r["val/protein/loss"], r["val/english/loss"], r["val/french/loss"]) for r in first]
+    expected = sum((a - b) / a for a, b in zip(gains[0], gains[1])) / 3  # mean relative gain over step 0
+    assert first[1]["val_score"] == pytest.approx(expected, rel=1e-9)
+    third = validations(s3)
+    assert [r["step"] for r in third] == [0, 3, 6] and all("val/en-fr/chrf" in r for r in third)
+    meta = json.loads((s3 / "run.json").read_text())["selection"]
+    assert meta["val_examples"] == {"en-fr": 8} and "chrf" in meta["rule"]
