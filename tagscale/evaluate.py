@@ -62,10 +62,17 @@ def eval_sets(cfg: RunConfig, encoder: Encoder) -> list[EvalSet]:
         records = read_records(data, f"{cfg.source}: tasks[{i}].eval", "test")
         if cfg.evaluation.limit is not None:
             records = records[:cfg.evaluation.limit]
-        examples, _ = encode_task(encoder, task, i, records, "skip", f"{cfg.source}: tasks[{i}].eval",
+        examples, _ = encode_task(encoder, task, i, records, held_out_too_long(cfg, task), f"{cfg.source}: tasks[{i}].eval",
                                   with_target=task.loss != "target")
         out.append(EvalSet(task, i, examples))
     return out
+
+
+def held_out_too_long(cfg: RunConfig, task: TaskConfig) -> str:
+    """What a held-out set does with an example longer than train.max_length: a next-token task is cut as its
+    training examples are (train.too_long: truncate), so that it is scored on the same kind of text; anything else
+    is skipped (a cut prompt would lose its function tag)."""
+    return "truncate" if task.loss == "lm" and cfg.train.too_long == "truncate" else "skip"
 
 
 def validation_sets(cfg: RunConfig, encoder: Encoder, validation: list[list[dict]]) -> list[EvalSet]:
@@ -73,7 +80,7 @@ def validation_sets(cfg: RunConfig, encoder: Encoder, validation: list[list[dict
     out = []
     for i, (task, records) in enumerate(zip(cfg.tasks, validation)):
         if records:
-            examples, _ = encode_task(encoder, task, i, records, "skip", f"{cfg.source}: tasks[{i}].val",
+            examples, _ = encode_task(encoder, task, i, records, held_out_too_long(cfg, task), f"{cfg.source}: tasks[{i}].val",
                                       with_target=task.loss != "target")
             out.append(EvalSet(task, i, examples))
     return out

@@ -217,3 +217,24 @@ def test_next_token_and_text_tasks_are_validated_by_loss_and_chrf(tmp_path):
     assert [r["step"] for r in third] == [0, 3, 6] and all("val/en-fr/chrf" in r for r in third)
     meta = json.loads((s3 / "run.json").read_text())["selection"]
     assert meta["val_examples"] == {"en-fr": 8} and "chrf" in meta["rule"]
+
+
+def test_held_out_next_token_examples_are_cut_like_training_ones(tiny_base, tmp_path):
+    """train.too_long: truncate cuts long next-token examples in training; the test and validation sets cut them too
+    (they used to be skipped: the demo's protein test set shrank from 20 sequences to 1)."""
+    from tagscale.config import load_config
+    from tagscale.data import Encoder, build_train_data
+    from tagscale.evaluate import eval_sets, validation_sets
+
+    cfg = load_config("tests/recipes/tiny_stage1.yaml", [f"output.dir={tmp_path}", "train.max_length=24",
+                                                         "train.too_long=truncate", "train.val_fraction=0.25",
+                                                         f"tasks.0.eval.path=tests/data/proteins.jsonl"])
+    rows = tiny_base.identity["embedding_rows"]
+    placeholders = {t.name: list(range(rows + 4 * i, rows + 4 * i + 4)) for i, t in enumerate(cfg.tags)}
+    encoder = Encoder(tiny_base.tokenizer, placeholders, set(placeholders), [], 24)
+    records = [json.loads(line) for line in open("tests/data/proteins.jsonl")]
+    assert sum(len(r["seq"]) > 24 for r in records) >= 10  # many are longer than max_length
+    (test,) = [s for s in eval_sets(cfg, encoder) if s.task.name == "protein"]
+    assert len(test.examples) == len(records) and max(len(e.ids) for e in test.examples) == 24
+    val = [s for s in validation_sets(cfg, encoder, build_train_data(cfg, encoder).validation) if s.task.name == "protein"]
+    assert len(val[0].examples) == 10 and max(len(e.ids) for e in val[0].examples) == 24
