@@ -40,6 +40,18 @@ def test_sweep_runs_every_method_and_reports(tmp_path):
     # linear_probe trains only the head (h + 1 = 65); tag_llm two 4-vector tags and the head
     assert sorted(r["trainable"] for r in data["runs"]) == [65, 8 * 64 + 65]
 
+    results = json.loads((report / "results.json").read_text())  # strict JSON: the parser would take NaN
+    keys = {"task", "base", "parameters", "method", "metric", "value", "ci_low", "ci_high", "n_test", "seeds",
+            "best_step", "steps", "trainable", "tokens_per_s"}
+    assert all(set(r) == keys for r in results)
+    assert sorted(r["method"] for r in results) == ["linear_probe", "mean", "tag_llm"]
+    for r in results:
+        assert r["metric"] == "mse" and r["n_test"] == 16 and r["ci_low"] <= r["value"] <= r["ci_high"]
+    mean = next(r for r in results if r["method"] == "mean")
+    initial = json.loads((out / "scaling_tiny" / "tag_llm" / "tiny" / "stage2" / "eval.json").read_text())["count"]
+    assert mean["value"] == initial["initial"]["mse"]  # the training-label mean's test MSE
+    assert "## Finding" in text and "- **count**:" in text and "tiny (0 M): best " in text
+
     again = sweep(*args)  # resume-friendly: nothing left to run
     assert again.returncode == 0 and again.stdout.count("skipped (complete)") == 2
 

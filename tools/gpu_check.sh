@@ -16,7 +16,7 @@ PY
 deepspeed --num_gpus 1 tagscale/train.py --ds_config ds_configs/zero3_bf16.json --config tools/recipes/gpu_7b.yaml "$@"
 python3 - <<'PY'
 import json, statistics, torch
-rows = [json.loads(l) for l in open("runs/gpu_check/run/metrics.jsonl")][2:]   # first steps warm up
+rows = [r for r in map(json.loads, open("runs/gpu_check/run/metrics.jsonl")) if "loss" in r][2:]   # first steps warm up
 n = 6_738_415_616 - 32000 * 4096                                              # non-embedding parameters
 tps = statistics.median(r["tokens_per_s"] for r in rows)
 peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

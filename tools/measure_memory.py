@@ -97,7 +97,7 @@ def run_case(case: Case, workdir: Path, timeout: int) -> dict:
     cmd += ["--ds_config", str(ds_path), "--config", RECIPE, f"base.preset={case.preset}",
             f"base.dtype={'bfloat16' if case.dtype == 'bf16' else 'float32'}", f"tasks.0.train.path={data}",
             f"output.dir={run_dir}", f"train.steps={case.steps}", f"train.global_batch={case.ranks}",
-            f"train.max_length={case.text_chars + 64}"]
+            f"train.max_length={case.text_chars + 64}", "train.val_fraction=0"]  # training alone is measured
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env.setdefault("TAGSCALE_PROGRESS", "0")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -151,7 +151,7 @@ def measure(cases: list[Case], workdir: Path, timeout: int = 1800) -> list[dict]
 def read_run(run_dir: Path) -> dict:
     """A finished measurement run's run.json and metrics.jsonl."""
     meta = json.loads((run_dir / "run.json").read_text())
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     return {"meta": meta, "steps": steps}
 
 
