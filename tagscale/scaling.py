@@ -74,6 +74,24 @@ def _verdict(diff: Optional[dict], lower_better: bool) -> str:
     return "not distinguishable"
 
 
+def _tag_llm_against(here: dict, metric: str, lower: bool) -> list[str]:
+    """Tag-LLM against every other method at one base, each difference with its paired interval, and the step its
+    validation kept (0: training never beat its start on validation)."""
+    ours = here["tag_llm"]
+    parts = []
+    for name, theirs in here.items():
+        if name in ("tag_llm", "mean"):
+            continue
+        diff = compare(ours, theirs, metric)
+        shown = f" {diff['diff']:+.4f} [{diff['ci95'][0]:+.4f}, {diff['ci95'][1]:+.4f}]" if diff and diff.get("ci95") else ""
+        parts.append(f"tag_llm vs {name}{shown}: {_verdict(diff, lower)}")
+    kept = ours.get("selected") or {}
+    if kept.get("best_step") is not None:
+        parts.append(f"tag_llm kept step {kept['best_step']} of {kept.get('steps', '?')}"
+                     + (" (validation never beat its start)" if kept["best_step"] == 0 else ""))
+    return parts
+
+
 def finding(runs: list[dict], formula_tasks: tuple[str, ...] = ()) -> list[str]:
     """The report's finding in words, per task and base: the best method with its interval, whether it clears the
     mean predictor and the runner-up beyond the noise, and how Tag-LLM's gap to the best other method moves with
@@ -102,12 +120,14 @@ def finding(runs: list[dict], formula_tasks: tuple[str, ...] = ()) -> list[str]:
             parts = [f"{base} ({parameters / 1e6:.0f} M): best {best_name} {metric} {shown}"]
             if "mean" in here and best_name != "mean":
                 parts.append(f"vs mean: {_verdict(compare(best, here['mean'], metric), lower)}")
-            if len(ranked) > 1:
+            if len(ranked) > 1 and not ({best_name, ranked[1][0]} & ({"tag_llm"} & here.keys())):
                 runner_name, runner = ranked[1]
                 diff = compare(best, runner, metric)
                 shown = f" ({diff['diff']:+.4f} [{diff['ci95'][0]:+.4f}, {diff['ci95'][1]:+.4f}])" \
                     if diff and diff.get("ci95") else ""
                 parts.append(f"vs runner-up {runner_name}{shown}: {_verdict(diff, lower)}")
+            if "tag_llm" in here:
+                parts += _tag_llm_against(here, metric, lower)
             others = [(n, m) for n, m in here.items() if n not in ("tag_llm", "mean")]
             if "tag_llm" in here and others:
                 rival_name, rival = min(others, key=lambda kv: kv[1][metric] if lower else -kv[1][metric])

@@ -32,7 +32,7 @@ def test_sweep_runs_every_method_and_reports(tmp_path):
     assert "python tools/sweep.py run --recipe tests/recipes/scaling_tiny.yaml" in text  # the command, at the top
     rows = [line for line in text.splitlines() if line.startswith("| scaling_tiny | count | tiny |")]
     assert len(rows) == 2 and {r.split(" | ")[4] for r in rows} == {"linear_probe", "tag_llm"}
-    for name in ("metrics.png", "cost.png"):
+    for name in ("metrics.png", "cost.png", "learning.png"):
         assert (report / name).stat().st_size > 10_000
     data = json.loads((report / "runs.json").read_text())
     assert {r["method"] for r in data["runs"]} == {"linear_probe", "tag_llm"}
@@ -51,6 +51,9 @@ def test_sweep_runs_every_method_and_reports(tmp_path):
     initial = json.loads((out / "scaling_tiny" / "tag_llm" / "tiny" / "stage2" / "eval.json").read_text())["count"]
     assert mean["value"] == initial["initial"]["mse"]  # the training-label mean's test MSE
     assert "## Finding" in text and "- **count**:" in text and "tiny (0 M): best " in text
+    assert "tag_llm vs linear_probe " in text and "tag_llm kept step " in text  # every rival, and the kept step
+    curves = {r["method"]: r["validation"] for r in data["runs"]}  # the learning curve's points: steps 0 and 2
+    assert all([v["step"] for v in curves[m]] == [0, 2] and "val/count/mse" in curves[m][0] for m in curves)
 
     again = sweep(*args)  # resume-friendly: nothing left to run
     assert again.returncode == 0 and again.stdout.count("skipped (complete)") == 2

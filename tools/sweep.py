@@ -268,6 +268,8 @@ class RunRow:
     metrics: dict[str, dict] = field(default_factory=dict)  # task -> trained metrics
     initial: dict[str, dict] = field(default_factory=dict)  # task -> metrics before training (head at zero: the mean)
     folder: str = ""
+    global_batch: int = 0
+    validation: list[dict] = field(default_factory=list)  # metrics.jsonl's validation records: step, val/<task>/<metric>
 
 
 def _median_after_first(values: list[float]) -> Optional[float]:
@@ -306,7 +308,9 @@ def read_run(run_dir: Path, out: Path) -> Optional[RunRow]:
         step_s=_median_after_first([r["step_s"] for r in records if "step_s" in r]),
         peak_rss_bytes=meta.get("peak_rss_bytes"), peak_accel_bytes=meta.get("peak_accel_bytes"),
         world_size=int(meta.get("world_size", 1)), skipped_too_long=meta.get("skipped_too_long", {}),
-        metrics=metrics, initial=initial, folder=str(run_dir.relative_to(out)))
+        metrics=metrics, initial=initial, folder=str(run_dir.relative_to(out)),
+        global_batch=int(config.get("train", {}).get("global_batch", 0)),
+        validation=[r for r in records if "val_score" in r])
 
 
 def gather(out: Path) -> list[RunRow]:
@@ -372,6 +376,9 @@ def _plain_log_ticks(ax, matplotlib) -> None:
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
+_COLORS = {"tag_llm": "tab:blue", "prompt_tuning": "tab:orange", "linear_probe": "tab:green", "expert": "tab:red"}
+
+
 def plots(rows: list[RunRow], folder: Path) -> list[str]:
     """metrics.png: each task's metrics against parameter count, one line per method; cost.png: tokens/s, step
     time and peak memory against parameter count (task runs per method, and the random-init cost-curve runs)."""
@@ -380,7 +387,7 @@ def plots(rows: list[RunRow], folder: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"tag_llm": "tab:blue", "prompt_tuning": "tab:orange", "linear_probe": "tab:green"}
+    colors = _COLORS
     made = []
     tasks = sorted({t for r in rows for t in r.metrics})
     if tasks:
@@ -390,16 +397,21 @@ def plots(rows: list[RunRow], folder: Path) -> list[str]:
         for col, task in enumerate(tasks):
             for row_i, metric in enumerate(shown):
                 ax = axes[row_i][col]
-                for method in METHODS:
-                    points = sorted((r.parameters, r.metrics[task][metric]) for r in rows
+                shown_methods = sorted({r.method for r in rows}, key=lambda m: METHODS.index(m) if m in METHODS else 9)
+                for i, method in enumerate(shown_methods):
+                    shift = 10 ** (0.012 * (i - (len(shown_methods) - 1) / 2))  # side by side: intervals overlap
+                    points = sorted((r.parameters, r.metrics[task][metric],
+                                     (r.metrics[task].get("ci95") or {}).get(metric)) for r in rows
                                     if r.method == method and task in r.metrics and metric in r.metrics[task])
-                    if points:
-                        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=colors[method],
-                                label=method)
+                    if points:  # the 95% bootstrap interval as the error bar, where the run has one
+                        errors = [[p[1] - p[2][0] if p[2] else 0 for p in points],
+                                  [p[2][1] - p[1] if p[2] else 0 for p in points]]
+                        ax.errorbar([p[0] * shift for p in points], [p[1] for p in points], yerr=errors, fmt="o-",
+                                    capsize=3, color=colors.get(method, "black"), label=method)
                 start = sorted({(r.parameters, r.initial[task][metric]) for r in rows
                                 if metric == "mse" and task in r.initial and metric in r.initial[task]})
                 if start:  # before training the head predicts the training mean: the bar every method must beat
-                    ax.plot([p[0] for p in start], [p[1] for p in start], ":", color="grey",
+                    ax.plot([p[0] for p in start], [p[1] for p in start], "x:", color="grey",
                             label="before training (mean)")
                     ax.legend(fontsize=7)
                 ax.set_xscale("log")
@@ -448,6 +460,53 @@ def plots(rows: list[RunRow], folder: Path) -> list[str]:
     return made
 
 
+def learning_plot(rows: list[RunRow], folder: Path) -> list[str]:
+    """learning.png: each task's validation metric against the training step (and the training examples seen,
+    step x global batch), one line per method and base, the kept step starred: where a method still improves at
+    the end of its budget, a longer one might pay."""
+    curves = [(r, task, metric) for r in rows if r.validation for task in r.metrics
+              for metric in [next((k.split("/")[2] for k in r.validation[0] if k.startswith(f"val/{task}/")), None)]
+              if metric]
+    if not curves:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({task for _, task, _ in curves})
+    bases = sorted({(r.parameters, r.base) for r, _, _ in curves})
+    styles = dict(zip([b for _, b in bases], ["-", "--", ":", "-."] * 4))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.0), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        metric = "?"
+        for r, t, metric in (c for c in curves if c[1] == task):
+            key = f"val/{task}/{metric}"
+            points = [(v["step"], v[key]) for v in r.validation if v.get(key) is not None]
+            if not points:
+                continue
+            color = _COLORS.get(r.method, "black")
+            ax.plot([p[0] for p in points], [p[1] for p in points], styles[r.base], marker="o", ms=3, color=color,
+                    label=f"{r.method}, {r.base}")
+            kept = (r.metrics[task].get("selected") or {}).get("best_step")
+            kept_value = dict(points).get(kept)
+            if kept_value is not None:
+                ax.plot([kept], [kept_value], "*", ms=11, color=color, mec="black", mew=0.5)
+        batch = max((r.global_batch for r, t, _ in curves if t == task), default=0)
+        if batch:
+            top = ax.secondary_xaxis("top", functions=(lambda s, b=batch: s * b, lambda e, b=batch: e / b))
+            top.set_xlabel("training examples seen", fontsize=8)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"validation {metric}")
+        ax.set_title(f"{task}: validation {metric} (star: kept step)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "learning.png", dpi=110)
+    plt.close(fig)
+    return ["learning.png"]
+
+
 def _shown(path: Path) -> str:
     """A path as the user would type it: relative to the current folder when inside it."""
     try:
@@ -463,7 +522,7 @@ def write_report(out: Path, report: Path, command: str) -> Path:
     if not rows:
         raise UserError(f"--out: {out}: no complete run folders (run.json with status complete) to report")
     report.mkdir(parents=True, exist_ok=True)
-    images = plots(rows, report)
+    images = plots(rows, report) + learning_plot(rows, report)
     runs = [asdict(r) for r in rows]
     data = {"command": command, "runs": [_without_outputs(r) for r in runs]}
     if timings:
