@@ -9,7 +9,11 @@ number of ranks. No distributed imports: ranks come in as plain integers.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -18,12 +22,16 @@ import torch
 
 from tagscale.config import TAG_NAME, RunConfig, TaskConfig
 from tagscale.errors import UserError
-# The readers live in tagscale.inputs (no torch there: the command line checks files before loading torch);
+# The readers live in tagscale.records (no torch there: the command line checks files before loading torch);
 # read_records, tags_in_tasks and template_tags are used from here too.
-from tagscale.inputs import FIELD, label_value, read_records, tags_in_tasks, template_tags  # noqa: F401
-from tagscale.inputs import record_where as _record_where
+from tagscale.cache import cache_dir
+from tagscale.inputs import FIELD, label_value, tags_in_tasks, template_tags  # noqa: F401
+from tagscale.records import RecordSet, _datasets, read_records  # noqa: F401  (read_records: used from here too)
+from tagscale.records import record_where as _record_where
 
 IGNORE = -100
+ENCODING_VERSION = 1
+"""Bump when the encoding changes: the encoded caches of older versions are then not reused."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,72 +83,232 @@ class Encoder:
         parts = re.split(f"({TAG_NAME.pattern})", template)
         return tuple(("tag", p) if TAG_NAME.fullmatch(p) else ("text", p) for p in parts if p)
 
-    def _text_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
-
     def prompt(self, template: str, record: dict) -> tuple[list[int], list[bool], dict[str, int]]:
-        """Ids of a filled template, a flag per id marking tag placeholders, and each tag's last position."""
-        ids, is_tag, last = list(self.bos), [False] * len(self.bos), {}
+        return self.prompts(template, [record])[0]
+
+    def prompts(self, template: str, records: list[dict]) -> list[tuple[list[int], list[bool], dict[str, int]]]:
+        """For each record: the ids of its filled template, a flag per id marking tag placeholders, and each tag's
+        last position. Each text piece is tokenized on its own, for all records in one tokenizer call."""
+        out = [(list(self.bos), [False] * len(self.bos), {}) for _ in records]
         for kind, piece in self._segments(template):
             if kind == "tag":
-                ids += self.placeholders[piece]
-                is_tag += [True] * len(self.placeholders[piece])
-                last[piece] = len(ids) - 1
-            else:
-                new = self._text_ids(fill(piece, record))
+                for ids, is_tag, last in out:
+                    ids += self.placeholders[piece]
+                    is_tag += [True] * len(self.placeholders[piece])
+                    last[piece] = len(ids) - 1
+                continue
+            for (ids, is_tag, _), new in zip(out, self._texts_ids([fill(piece, r) for r in records])):
                 ids += new
                 is_tag += [False] * len(new)
-        return ids, is_tag, last
+        return out
+
+    def _texts_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text (none for an empty one), in one batched tokenizer call."""
+        filled = [i for i, t in enumerate(texts) if t]
+        out: list[list[int]] = [[] for _ in texts]
+        if filled:
+            for i, ids in zip(filled, self.tokenizer([texts[i] for i in filled], add_special_tokens=False).input_ids):
+                out[i] = list(ids)
+        return out
 
     def encode(self, task: TaskConfig, task_index: int, record: dict, with_target: bool = True) -> Example:
-        ids, is_tag, last = self.prompt(task.template, record)
-        targets = [IGNORE] * len(ids)
-        example = Example(ids, targets, task_index, record=record)
-        if task.loss == "lm":
-            for t in range(1, len(ids)):  # every text token after the first, tags excluded
-                if not is_tag[t]:
+        return self.encode_batch(task, task_index, [record], with_target)[0]
+
+    def encode_batch(self, task: TaskConfig, task_index: int, records: list[dict],
+                     with_target: bool = True) -> list[Example]:
+        """The examples of `records` (ids, targets, head position and label, split point) for one task."""
+        targets_ids = [None] * len(records)
+        if task.loss == "target" and with_target:
+            eos = [self.eos] if self.eos is not None else []
+            targets_ids = [ids + eos for ids in self._texts_ids([fill(task.target, r) for r in records])]
+        out = []
+        for record, (ids, is_tag, last), target in zip(records, self.prompts(task.template, records), targets_ids):
+            targets = [IGNORE] * len(ids)
+            example = Example(ids, targets, task_index, record=record)
+            if task.loss == "lm":
+                for t in range(1, len(ids)):  # every text token after the first, tags excluded
+                    if not is_tag[t]:
+                        targets[t - 1] = ids[t]
+            elif target is not None:
+                start = len(ids)
+                ids += target
+                is_tag += [False] * len(target)
+                targets += [IGNORE] * len(target)
+                for t in range(start, len(ids)):
                     targets[t - 1] = ids[t]
-        elif task.loss == "target" and with_target:
-            target = self._text_ids(fill(task.target, record)) + ([self.eos] if self.eos is not None else [])
-            start = len(ids)
-            ids += target
-            is_tag += [False] * len(target)
-            targets += [IGNORE] * len(target)
-            for t in range(start, len(ids)):
-                targets[t - 1] = ids[t]
-        elif task.loss == "head":
-            example.head_index = self.head_names.index(task.head)
-            example.head_pos = last.get(task.head, len(ids) - 1)  # baselines: the last prompt token
-            example.head_target = [label_value(record, task)]
-        trainable_at = [t for t, i in enumerate(ids) if is_tag[t] and self._tag_at(i) in self.trainable_tags]
-        loss_at = [example.head_pos] if example.head_pos >= 0 else [t for t, y in enumerate(targets) if y != IGNORE]
-        example.split = min(trainable_at[:1] + loss_at[:1] + [len(ids) - 1])
-        return example
+            elif task.loss == "head":
+                example.head_index = self.head_names.index(task.head)
+                example.head_pos = last.get(task.head, len(ids) - 1)  # baselines: the last prompt token
+                example.head_target = [label_value(record, task)]
+            trainable_at = [t for t, i in enumerate(ids) if is_tag[t] and self._tag_at(i) in self.trainable_tags]
+            loss_at = [example.head_pos] if example.head_pos >= 0 else [t for t, y in enumerate(targets) if y != IGNORE]
+            example.split = min(trainable_at[:1] + loss_at[:1] + [len(ids) - 1])
+            out.append(example)
+        return out
+
+    def identity(self) -> str:
+        """What decides the encoding besides the task and the records: the tokenizer (its vocabulary and rules),
+        the tags' placeholder ids, which tags train, the heads and max_length; a key of the encoded cache."""
+        if not hasattr(self, "_identity"):
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            rules = backend.to_str() if backend is not None else repr(sorted(self.tokenizer.get_vocab().items()))
+            text = json.dumps([ENCODING_VERSION, type(self.tokenizer).__name__, hashlib.sha256(rules.encode()).hexdigest(),
+                               self.bos, self.eos, self.placeholders, sorted(self.trainable_tags), self.head_names,
+                               self.max_length], sort_keys=True, default=str)
+            self._identity = hashlib.sha256(text.encode()).hexdigest()
+        return self._identity
 
     @functools.lru_cache(maxsize=None)
     def _tag_at(self, placeholder: int) -> Optional[str]:
         return next((name for name, ids in self.placeholders.items() if placeholder in ids), None)
 
 
-def encode_task(encoder: Encoder, task: TaskConfig, task_index: int, records: list[dict], too_long: str,
-                where: str, with_target: bool = True) -> tuple[list[Example], int]:
-    """Encode every record; returns the examples and how many were skipped as too long."""
+def _fit(example: Example, max_length: int, too_long: str, task: TaskConfig) -> Example:
+    """A next-token example cut to max_length when train.too_long is truncate (longer ones are left to the caller)."""
+    if len(example.ids) > max_length and too_long == "truncate" and task.loss == "lm":
+        example.ids, example.lm_targets = example.ids[:max_length], example.lm_targets[:max_length]
+        example.lm_targets[-1] = IGNORE  # its target was cut off
+    return example
+
+
+def _too_long(record: dict, length: int, max_length: int) -> UserError:
+    return UserError(f"{_record_where(record)}: {length} tokens, longer than train.max_length ({max_length}); "
+                     f"raise it or set train.too_long: skip")
+
+
+def encode_task(encoder: Encoder, task: TaskConfig, task_index: int, records, too_long: str, where: str,
+                with_target: bool = True) -> tuple:
+    """Encode every record; returns the examples and how many were skipped as too long.
+
+    A RecordSet (what tagscale.records reads) is encoded once into an Arrow table under `$TAGSCALE_CACHE/encoded`
+    and memory-mapped: an `EncodedSet`, read row by row. A list of dicts (a few inputs) gives a list of Examples.
+    """
+    if isinstance(records, RecordSet):
+        return EncodedSet.build(encoder, task, task_index, records, too_long, where, with_target)
     examples, skipped = [], 0
-    for record in records:
-        example = encoder.encode(task, task_index, record, with_target)
-        if len(example.ids) > encoder.max_length and too_long == "truncate" and task.loss == "lm":
-            example.ids, example.lm_targets = example.ids[:encoder.max_length], example.lm_targets[:encoder.max_length]
-            example.lm_targets[-1] = IGNORE  # its target was cut off
+    for example in encoder.encode_batch(task, task_index, list(records), with_target):
+        example = _fit(example, encoder.max_length, too_long, task)
         if len(example.ids) > encoder.max_length:
             if too_long == "error":
-                raise UserError(f"{_record_where(record)}: {len(example.ids)} tokens, longer than train.max_length "
-                                f"({encoder.max_length}); raise it or set train.too_long: skip")
+                raise _too_long(example.record, len(example.ids), encoder.max_length)
             skipped += 1
             continue
         examples.append(example)
     if not examples:
         raise UserError(f"{where}: every example is longer than train.max_length ({encoder.max_length})")
     return examples, skipped
+
+
+COLUMNS = ("ids", "lm_targets", "head_index", "head_pos", "head_target", "split", "length", "source")
+"""An encoded example's columns; `source` is its row in the record set, `length` its number of ids."""
+PARALLEL_FROM = 20_000
+"""Record sets at least this large are encoded by several processes (`datasets`' num_proc)."""
+
+
+class EncodedSet:
+    """A task's encoded examples: an Arrow table memory-mapped from the encoded cache, read as Examples by index.
+
+    The lengths (for length-sorted micro-batches) and head labels (for their standardisation) are numpy columns;
+    nothing else is held in memory, whatever the number of examples."""
+
+    def __init__(self, table, records: RecordSet, task_index: int):
+        self.table, self.records, self.task_index = table, records, task_index
+        self.lengths = _arrow_column(table, "length").to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):  # a list of Examples (an evaluation shard, a batch)
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = int(index) + (len(self) if index < 0 else 0)
+        row = self.table[index]
+        return Example(row["ids"], row["lm_targets"], self.task_index, head_index=row["head_index"],
+                       head_pos=row["head_pos"], head_target=row["head_target"], split=row["split"],
+                       record=self.records[row["source"]])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def head_targets(self) -> np.ndarray:
+        """The first output's label of every example (head tasks)."""
+        import pyarrow.compute as pc
+
+        return pc.list_element(_arrow_column(self.table, "head_target"), 0).to_numpy().astype(np.float64)
+
+    @classmethod
+    def build(cls, encoder: Encoder, task: TaskConfig, task_index: int, records: RecordSet, too_long: str,
+              where: str, with_target: bool) -> tuple["EncodedSet", int]:
+        """Encode `records` once (the first rank to take the cache's lock; the others then open the same files)."""
+        from filelock import FileLock
+
+        datasets = _datasets()
+        key = json.dumps([encoder.identity(), task.template, task.target, task.loss, task.head, task.label, task_index,
+                          with_target, too_long, records.fingerprint], sort_keys=True)
+        folder = cache_dir() / "encoded" / hashlib.sha256(key.encode()).hexdigest()[:20]
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder) + ".lock"):
+            if not (folder / "skipped.json").is_file():
+                _encode_into(folder, encoder, task, task_index, records, too_long, with_target, datasets)
+        skipped = json.loads((folder / "skipped.json").read_text())
+        if skipped.get("error"):  # cached too: the same records fail the same way, at once
+            row, length = skipped["error"]
+            raise _too_long(records[row], length, encoder.max_length)
+        table = datasets.load_from_disk(str(folder / "table"))
+        if len(table) == 0:
+            raise UserError(f"{where}: every example is longer than train.max_length ({encoder.max_length})")
+        return cls(table, records, task_index), skipped["skipped"]
+
+
+def _arrow_column(table, name: str):
+    """One column of a datasets table as a pyarrow array (its selection applied), without Python objects."""
+    column = table.with_format("arrow")[name]
+    return column.combine_chunks() if hasattr(column, "combine_chunks") else column
+
+
+def _encode_into(folder, encoder: Encoder, task: TaskConfig, task_index: int, records: RecordSet, too_long: str,
+                 with_target: bool, datasets) -> None:
+    """Encode `records` into `folder` (table/ and skipped.json, written last: its presence marks the cache whole)."""
+    features = datasets.Features({
+        "ids": datasets.Sequence(datasets.Value("int32")), "lm_targets": datasets.Sequence(datasets.Value("int32")),
+        "head_index": datasets.Value("int32"), "head_pos": datasets.Value("int32"),
+        "head_target": datasets.Sequence(datasets.Value("float64")), "split": datasets.Value("int32"),
+        "length": datasets.Value("int32"), "source": datasets.Value("int64")})
+    names = [n for n in records.table.column_names]
+
+    def encode(batch: dict, indices: list[int]) -> dict:
+        rows = [records.record(dict(zip(names, values)), index)
+                for index, values in zip(indices, zip(*(batch[n] for n in names)))]
+        out = {name: [] for name in COLUMNS}
+        for index, example in zip(indices, encoder.encode_batch(task, task_index, rows, with_target)):
+            example = _fit(example, encoder.max_length, too_long, task)
+            for name in COLUMNS[:-2]:
+                out[name].append(getattr(example, name))
+            out["length"].append(len(example.ids))
+            out["source"].append(index)
+        return out
+
+    scratch = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        parallel = min(os.cpu_count() or 1, 8) if len(records) >= PARALLEL_FROM else None
+        table = records.table.map(encode, batched=True, batch_size=1000, with_indices=True, features=features,
+                                  remove_columns=names, num_proc=parallel, new_fingerprint=folder.name,
+                                  cache_file_name=str(scratch / "encoded.arrow"))
+        lengths = _arrow_column(table, "length").to_numpy()
+        long = np.nonzero(lengths > encoder.max_length)[0]
+        summary: dict = {"skipped": int(len(long))}
+        if len(long) and too_long == "error":
+            summary["error"] = [int(table[int(long[0])]["source"]), int(lengths[long[0]])]
+            table = table.select([])
+        elif len(long):
+            table = table.select(np.nonzero(lengths <= encoder.max_length)[0])
+        shutil.rmtree(folder, ignore_errors=True)
+        table.save_to_disk(str(folder / "table"))
+        (folder / "skipped.json").write_text(json.dumps(summary))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,15 +396,17 @@ def collate(examples: list[Example], pad_id: int, padding_side: str = "right", s
     return batch
 
 
-def validation_split(n: int, fraction: float, limit: int, seed: int, task_index: int) -> tuple[list[int], list[int]]:
+def validation_split(n: int, fraction: float, limit: int, seed: int, task_index: int) -> tuple[np.ndarray, np.ndarray]:
     """Row indices of a task's training records kept for training and held out for validation: a seeded random
     `fraction` (at least one, at most `limit`; none below 2 records or at fraction 0), the rest in their order."""
     n_val = 0 if fraction <= 0 or n < 2 else min(limit, n - 1, max(1, int(round(fraction * n))))
-    held = set(np.random.default_rng([seed, task_index, 2]).permutation(n)[:n_val].tolist())
-    return [i for i in range(n) if i not in held], sorted(held)
+    held = np.sort(np.random.default_rng([seed, task_index, 2]).permutation(n)[:n_val])
+    keep = np.ones(n, dtype=bool)
+    keep[held] = False
+    return np.nonzero(keep)[0], held
 
 
-def task_records(cfg: RunConfig, index: int) -> tuple[list[dict], list[dict]]:
+def task_records(cfg: RunConfig, index: int) -> tuple[RecordSet, RecordSet]:
     """A trained task's training and validation records: its `val` data when given (at most train.val_limit),
     else a seeded `train.val_fraction` of its training records (never the test split)."""
     task = cfg.tasks[index]
@@ -245,7 +415,7 @@ def task_records(cfg: RunConfig, index: int) -> tuple[list[dict], list[dict]]:
     if task.val is not None:
         return records, read_records(task.val, f"{cfg.source}: tasks[{index}].val", "val")[:cfg.train.val_limit]
     keep, held = validation_split(len(records), cfg.train.val_fraction, cfg.train.val_limit, cfg.train.seed, index)
-    return [records[i] for i in keep], [records[i] for i in held]
+    return (records if not len(held) else records.select(keep)), records.select(held)
 
 
 @dataclass
@@ -259,7 +429,8 @@ class TrainData:
     """Each task's validation records (empty for an evaluation-only task or without validation)."""
 
     def lengths(self, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
-        return {pair: len(self.examples[pair[0]][pair[1]].ids) for pair in pairs}
+        return {(t, i): int(self.examples[t].lengths[i]) if isinstance(self.examples[t], EncodedSet)
+                else len(self.examples[t][i].ids) for t, i in pairs}
 
     def rank_micro_batches(self, step: int, micro: int, rank: int, world: int) -> list[list[Example]]:
         pairs = self.sampler.global_batch(step)
@@ -268,7 +439,9 @@ class TrainData:
 
     def label_stats(self, task_index: int) -> tuple[float, float]:
         """Mean and standard deviation of a head task's training labels (std 1 when constant)."""
-        values = np.array([e.head_target[0] for e in self.examples[task_index]], dtype=np.float64)
+        examples = self.examples[task_index]
+        values = examples.head_targets() if isinstance(examples, EncodedSet) else \
+            np.array([e.head_target[0] for e in examples], dtype=np.float64)
         std = float(values.std())
         return float(values.mean()), std if std > 0 else 1.0
 

@@ -1,5 +1,5 @@
-"""A run's inputs, read and checked without torch: data records, earlier run folders, the base folder's
-config.json, the output folder and the DeepSpeed JSON.
+"""A run's inputs checked without torch: data records (read by tagscale.records), earlier run folders, the base
+folder's config.json, the output folder and the DeepSpeed JSON.
 
 `check_inputs` runs right after the recipe is read and before torch and DeepSpeed are even imported, so a
 bad file is one line (file, field or line, what was expected) within a second and before any rank starts;
@@ -8,7 +8,6 @@ nothing is written. The training code reuses the same readers, so each rule live
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -19,7 +18,8 @@ from typing import Optional
 from tagscale.config import TAG_NAME, DataConfig, RunConfig, TaskConfig, grad_accumulation
 from tagscale.errors import UserError, nearest
 # the built-in sources' own rules for numbers, SMILES and proteins, so a user's file meets the same ones
-from tagscale.sources import BUILTINS, _check_protein, _parse_smiles, _to_float, load_builtin, resolve_options
+from tagscale.records import read_records, record_where  # noqa: F401  (data.py and the checks read through it)
+from tagscale.sources import BUILTINS, _check_protein, _parse_smiles, _to_float, resolve_options
 
 FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 FORMAT = 1
@@ -34,50 +34,6 @@ _checked: set[str] = set()  # check_inputs runs once per process for a given con
 
 # ---------------------------------------------------------------------------------------------
 # data records
-
-def read_records(data: DataConfig, where: str, split: str) -> list[dict]:
-    """Records (dicts of fields) from a .jsonl or .csv file, or from a built-in offline source."""
-    if data.builtin is not None:
-        records = load_builtin(data.builtin, split, dict(data.options))
-        origin = f"builtin {data.builtin}"
-    else:
-        path = Path(data.path)
-        origin = str(path)
-        if not path.is_file():
-            raise UserError(f"{where}.path: {path}: no such data file (expected a .jsonl or .csv file)")
-        if path.suffix == ".jsonl":
-            records = []
-            with path.open() as handle:
-                for line_no, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise UserError(f"{path}: line {line_no}: not valid JSON ({err.msg})") from None
-                    if not isinstance(record, dict):
-                        raise UserError(f"{path}: line {line_no}: expected a JSON object of fields")
-                    record["_line"] = line_no
-                    records.append(record)
-        elif path.suffix == ".csv":
-            with path.open(newline="") as handle:
-                records = [dict(row, _line=i + 2) for i, row in enumerate(csv.DictReader(handle))]
-        else:
-            raise UserError(f"{where}.path: {path}: expected a .jsonl or .csv file")
-    if data.limit is not None:
-        records = records[:data.limit]
-    if not records:
-        raise UserError(f"{where}: {origin}: no examples (the dataset is empty)")
-    for record in records:
-        record.setdefault("_origin", origin)
-    return records
-
-
-def record_where(record: dict) -> str:
-    """``file: line N`` of a record, for messages."""
-    line = record.get("_line")
-    return f"{record.get('_origin', '<data>')}" + (f": line {line}" if line else "")
-
 
 def template_tags(template: str) -> list[str]:
     """The tag names a template uses, in order."""

@@ -429,18 +429,31 @@ def _write_jsonl_atomic(path: Path, records: list[Record]) -> None:
         raise
 
 
-def load_builtin(name: str, split: str, options: dict[str, Any] | None = None) -> list[Record]:
-    """Records of builtin dataset `name`, split "train" or "test"; prepared on first call, then read from the cache."""
+def builtin_file(name: str, split: str, options: dict[str, Any] | None = None) -> Path:
+    """The prepared JSONL of builtin dataset `name`, split "train" or "test" (prepared on the first call; a file
+    lock makes concurrent ranks prepare it once)."""
+    from filelock import FileLock  # a dependency of datasets; here so that reading the registry stays light
+
+    check_split(name, split)
+    path = cache_path(name, split, resolve_options(name, options))
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            if not path.is_file():
+                _write_jsonl_atomic(path, BUILTINS[name](split, **resolve_options(name, options)))
+    return path
+
+
+def check_split(name: str, split: str) -> None:
     if name not in BUILTINS:
         raise UserError(
             f"unknown builtin dataset {name!r}{nearest(name, BUILTINS)}; expected one of {', '.join(BUILTINS)}")
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r} for dataset {name!r}; expected train or test")
-    resolved = resolve_options(name, options)
-    path = cache_path(name, split, resolved)
-    if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
-    records = BUILTINS[name](split, **resolved)
-    _write_jsonl_atomic(path, records)
-    return records
+
+
+def load_builtin(name: str, split: str, options: dict[str, Any] | None = None) -> list[Record]:
+    """Records of builtin dataset `name` as dicts (small sources and tests; training reads them through
+    tagscale.records, memory-mapped)."""
+    with open(builtin_file(name, split, options), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]

@@ -29,14 +29,19 @@ def strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
+def split(*args) -> tuple[list[int], list[int]]:
+    keep, held = validation_split(*args)
+    return keep.tolist(), held.tolist()
+
+
 def test_validation_split_is_seeded_disjoint_and_bounded():
-    keep, held = validation_split(100, 0.1, 200, 0, 0)
+    keep, held = split(100, 0.1, 200, 0, 0)
     assert len(held) == 10 and sorted(keep + held) == list(range(100)) and not set(keep) & set(held)
-    assert validation_split(100, 0.1, 200, 0, 0) == (keep, held)  # seeded: the same split every time
-    assert validation_split(100, 0.1, 200, 1, 0)[1] != held and validation_split(100, 0.1, 200, 0, 1)[1] != held
-    assert len(validation_split(10_000, 0.1, 200, 0, 0)[1]) == 200  # at most val_limit
-    assert validation_split(1, 0.1, 200, 0, 0) == ([0], []) and validation_split(50, 0.0, 200, 0, 0)[1] == []
-    assert len(validation_split(5, 0.1, 200, 0, 0)[1]) == 1  # at least one
+    assert split(100, 0.1, 200, 0, 0) == (keep, held)  # seeded: the same split every time
+    assert split(100, 0.1, 200, 1, 0)[1] != held and split(100, 0.1, 200, 0, 1)[1] != held
+    assert len(split(10_000, 0.1, 200, 0, 0)[1]) == 200  # at most val_limit
+    assert split(1, 0.1, 200, 0, 0) == ([0], []) and split(50, 0.0, 200, 0, 0)[1] == []
+    assert len(split(5, 0.1, 200, 0, 0)[1]) == 1  # at least one
 
 
 def test_run_whose_validation_only_gets_worse_keeps_step_0(tmp_path):

@@ -1,0 +1,127 @@
+"""tagscale.records and the encoded cache: every file kind reads the same records, text as written, lines right in
+big files, and the Arrow-backed examples equal the in-memory encoding of the same records (another code path)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from tagscale.config import DataConfig, RunConfig, TaskConfig
+from tagscale.data import Encoder, EncodedSet, encode_task
+from tagscale.errors import UserError
+from tagscale.inputs import check_records
+from tagscale.records import RecordSet, read_records
+
+ROWS = [{"seq": "MKT", "y": "1.5", "id": "007"}, {"seq": "MKVL", "y": "2", "id": "010"},
+        {"seq": "MA", "y": "-3", "id": "011"}]
+
+
+def fields(records) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
+
+
+def read(path, **kw) -> RecordSet:
+    return read_records(DataConfig(path=str(path), **kw), "test", "train")
+
+
+def test_every_file_kind_reads_the_same_records(tmp_path):
+    import datasets
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    # Excel's CSV: a UTF-8 byte-order mark and Windows line ends (the BOM used to hide the first column)
+    (tmp_path / "a.csv").write_bytes(("\ufeffseq,y,id\r\n" + "".join(f"{r['seq']},{r['y']},{r['id']}\r\n"
+                                                                     for r in ROWS)).encode())
+    datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "a.parquet"))
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "shards").mkdir()
+    for i, chunk in enumerate((ROWS[:2], ROWS[2:])):
+        (tmp_path / "shards" / f"part-{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chunk))
+    for name in ("a.jsonl", "a.csv", "a.parquet", "saved", "shards/part-*.jsonl"):
+        records = read(tmp_path / name)
+        assert fields(records) == ROWS, name  # the CSV's '007' stays text, as written
+    shards = read(tmp_path / "shards/part-*.jsonl")
+    assert [(r["_origin"].rsplit("/", 1)[-1], r["_line"]) for r in shards] == \
+        [("part-0.jsonl", 1), ("part-0.jsonl", 2), ("part-1.jsonl", 1)]
+    assert [r["_line"] for r in read(tmp_path / "a.csv")] == [2, 3, 4]  # line 1 is the header
+    assert fields(read(tmp_path / "a.jsonl", limit=2)) == ROWS[:2]
+    assert fields(read(tmp_path / "a.jsonl").select([2, 0])) == [ROWS[2], ROWS[0]]
+
+
+def test_a_bad_row_in_a_large_file_is_reported_by_its_line(tmp_path):
+    """200,000 rows with blank lines between some, one bad label near the end: found by its line in the file."""
+    path = tmp_path / "big.jsonl"
+    bad_line = None
+    with path.open("w") as handle:
+        line = 0
+        for i in range(200_000):
+            if i % 50_000 == 7:
+                handle.write("\n")
+                line += 1
+            row = {"seq": "MKT", "y": "high" if i == 199_990 else i}
+            handle.write(json.dumps(row) + "\n")
+            line += 1
+            if i == 199_990:
+                bad_line = line
+    records = read(path)
+    assert len(records) == 200_000 and records[199_990]["_line"] == bad_line
+    task = TaskConfig(name="t", template="{seq} <Y>", head="<Y>", label="y")
+    cfg = RunConfig.__new__(RunConfig)
+    cfg.tags = []
+    with pytest.raises(UserError, match=rf"big.jsonl: line {bad_line}: field 'y'.*expected a number"):
+        check_records(cfg, task, records)
+    again = read(path)  # opened from the Arrow cache: the same table files
+    assert again.table.cache_files and again.table.cache_files[0]["filename"] == records.table.cache_files[0]["filename"]
+
+
+def test_json_lines_that_arrow_refuses_but_python_reads(tmp_path):
+    path = tmp_path / "nan.jsonl"
+    path.write_text('{"seq": "MKT", "y": 1}\n{"seq": "MKV", "y": NaN}\n')
+    assert [r["_line"] for r in read(path)] == [1, 2] and np.isnan(read(path)[1]["y"])
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_base):
+    rows = tiny_base.identity["embedding_rows"]
+    return Encoder(tiny_base.tokenizer, {"<Y>": [rows, rows + 1]}, {"<Y>"}, ["<Y>"], 24)
+
+
+def test_encoded_cache_equals_the_in_memory_encoding(tmp_path, encoder):
+    """The Arrow path (batched map into the cache, too-long rows skipped, memory-mapped) against encoding the same
+    records one by one in memory; the second encode opens the cache."""
+    rows = [{"seq": "M" * (i % 30 + 1), "y": float(i)} for i in range(300)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = TaskConfig(name="t", template="Protein {seq} then <Y>", head="<Y>", label="y")
+    encoded, skipped = encode_task(encoder, task, 0, read(path), "skip", "test")
+    assert isinstance(encoded, EncodedSet)
+    by_hand = [encoder.encode(task, 0, dict(r, _line=i + 1)) for i, r in enumerate(rows)]
+    kept = [e for e in by_hand if len(e.ids) <= 24]
+    assert skipped == len(by_hand) - len(kept) > 0 and len(encoded) == len(kept)
+    for mine, ref in zip(encoded, kept):
+        assert (mine.ids, mine.lm_targets, mine.head_pos, mine.head_target, mine.split) == \
+            (ref.ids, ref.lm_targets, ref.head_pos, ref.head_target, ref.split)
+        assert mine.record["_line"] == ref.record["_line"]
+    assert encoded.lengths.tolist() == [len(e.ids) for e in kept]
+    assert encoded.head_targets().tolist() == [e.head_target[0] for e in kept]
+    files = {f["filename"] for f in encoded.table.cache_files}
+    assert files and all("/encoded/" in f for f in files)  # memory-mapped from the cache, not held in memory
+    again, _ = encode_task(encoder, task, 0, read(path), "skip", "test")
+    assert {f["filename"] for f in again.table.cache_files} == files
+    with pytest.raises(UserError, match=r"d.jsonl: line \d+: \d+ tokens, longer than train.max_length \(24\)"):
+        encode_task(encoder, task, 0, read(path), "error", "test")
+
+
+def test_data_benchmark_runs_and_the_cached_run_repeats_the_first(tmp_path):
+    """tools/bench_data.py at a small size on 2 ranks: the second run (both caches warm) gives the first's losses."""
+    proc = subprocess.run([sys.executable, "tools/bench_data.py", "--rows", "3000", "--ranks", "2",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_data.json").read_text())
+    # speed lives in the benchmark's printed ratios, not in a timed test: here, what the second run opened is right
+    assert result["rows"] == 3000 and result["ranks"] == 2 and result["cache_bytes"] > 3000 * 300
+    assert result["same_losses_from_cache"] and len(result["losses"]) == 2
