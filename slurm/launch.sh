@@ -103,7 +103,11 @@ echo "$(date -Iseconds) stage$STAGE job $JOB restart ${SLURM_RESTART_COUNT:-0} $
 # too, checkpoint and exit 0 (shared/notes/slurm.md A.5).
 train=("$ROOT/tagscale/train.py" --ds_config "$DS_CONFIG" --config "$RECIPE"
        "output.dir=$RUN_DIR" "${overrides[@]}" "$@")
-cmd="trap '' USR1 TERM; hostfile=\$(mktemp); printf '%s\n' $(printf '%q ' "${hostfile[@]}")> \$hostfile"
+# Each node first says who it is (its host name and the address that name resolves to, which is what gloo/NCCL
+# advertise to the other nodes): a wrong host file or an address that only works locally shows in the log.
+cmd="trap '' USR1 TERM; echo \"[launch] node \$SLURM_NODEID of $SLURM_NNODES: host \$(hostname)"
+cmd="$cmd, address \$(getent hosts \$(hostname) | awk '{print \$1; exit}'), node_rank \$SLURM_NODEID\""
+cmd="$cmd; hostfile=\$(mktemp); printf '%s\n' $(printf '%q ' "${hostfile[@]}")> \$hostfile"
 cmd="$cmd; deepspeed --hostfile \$hostfile --no_ssh --node_rank \$SLURM_NODEID"
 cmd="$cmd --master_addr $MASTER_ADDR --master_port $MASTER_PORT $(printf '%q ' "${train[@]}")"
 cmd="$cmd; rc=\$?; rm -f \$hostfile; exit \$rc"
