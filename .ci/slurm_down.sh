@@ -28,8 +28,9 @@ stop() {  # stop PIDFILE COMM: SIGTERM, up to 30 s, then SIGKILL that pid only
 
 # a multi-node cluster (TAGSCALE_SLURM_NODES>1) says its mode here; its clients may have to enter a namespace
 mode=$(cat "$DIR/mode" 2>/dev/null || true)
+NSP=tagscale-$(printf %s "$DIR" | md5sum | cut -c1-6)   # as slurm_up.sh names this cluster's namespaces
 client() {
-  if [ "$mode" = netns ] && [ -e /run/netns/tagscale-tsnode1 ]; then nsenter --net=/run/netns/tagscale-tsnode1 "$@"
+  if [ "$mode" = netns ] && [ -e "/run/netns/$NSP-tsnode1" ]; then nsenter --net="/run/netns/$NSP-tsnode1" "$@"
   else "$@"; fi
 }
 

@@ -20,7 +20,7 @@
 # Based on the tested recipe in the notes (shared/notes/slurm.md, Part B).
 #
 # Multi-node (TAGSCALE_SLURM_NODES=N > 1; shared/notes/slurm-multinode.md): nodes tsnode1..N, each a slurmd -N.
-#   netns:    one network namespace per node (tagscale-tsnodeI, address 10.211.0.I on its `slurm0`, a veth into a
+#   netns:    one network namespace per node (tagscale-<hash of DIR>-tsnodeI, address 10.211.0.I on its `slurm0`, a veth into a
 #             hub namespace with a bridge) and its own UTS namespace (hostname tsnodeI), so every node has its own
 #             network stack, host name and address; slurmctld runs in tsnode1's namespace. All addresses live in
 #             namespaces this script made; nothing is added to the host's network. Clients must run inside
@@ -81,10 +81,12 @@ if [ "$NODES" -gt 1 ]; then
   HOSTS_MARK="# tagscale-ci multinode $DIR"    # not a substring of the one-node MARK: its down script keeps ours
   MUNGE_DIR=$DIR/munge
   MUNGE_SOCK=$MUNGE_DIR/munge.socket
+  # namespace names are global: derive them from $DIR so two such clusters (two checkouts' tests) never share one
+  NSP=tagscale-$(printf %s "$DIR" | md5sum | cut -c1-6)
   names=()
   for i in $(seq "$NODES"); do names+=("tsnode$i"); done
   client() {  # a Slurm client command where slurmctld can be reached
-    if [ "$(cat "$DIR/mode" 2>/dev/null)" = netns ]; then nsenter --net="/run/netns/tagscale-tsnode1" "$@"; else "$@"; fi
+    if [ "$(cat "$DIR/mode" 2>/dev/null)" = netns ]; then nsenter --net="/run/netns/$NSP-tsnode1" "$@"; else "$@"; fi
   }
   nodes_state() { client sinfo -h -N -o '%N=%T' 2>/dev/null | tr '\n' ' '; }
   all_idle() { [ "$(client sinfo -h -N -o %T 2>/dev/null | grep -c '^idle$')" = "$NODES" ]; }
@@ -121,18 +123,19 @@ if [ "$NODES" -gt 1 ]; then
   # the network: a hub namespace with a bridge, one namespace per node with a veth `slurm0` into it
   mode=loopback
   if [ "$NET" != loopback ]; then
-    if ip netns add tagscale-hub 2>"$DIR/netns.err"; then
-      echo tagscale-hub >> "$DIR/netns"
-      ip -n tagscale-hub link set lo up
-      ip -n tagscale-hub link add br0 type bridge
-      ip -n tagscale-hub link set br0 up
+    [ -e "/run/netns/$NSP-hub" ] && die "netns $NSP-hub exists but is not listed in $DIR/netns: not ours to reuse"
+    if ip netns add "$NSP-hub" 2>"$DIR/netns.err"; then
+      echo "$NSP-hub" >> "$DIR/netns"
+      ip -n "$NSP-hub" link set lo up
+      ip -n "$NSP-hub" link add br0 type bridge
+      ip -n "$NSP-hub" link set br0 up
       for i in $(seq "$NODES"); do
-        ns=tagscale-tsnode$i
+        ns=$NSP-tsnode$i
         ip netns add "$ns"
         echo "$ns" >> "$DIR/netns"
         ip -n "$ns" link set lo up
-        ip link add name slurm0 netns "$ns" type veth peer name "v$i" netns tagscale-hub
-        ip -n tagscale-hub link set "v$i" master br0 up
+        ip link add name slurm0 netns "$ns" type veth peer name "v$i" netns "$NSP-hub"
+        ip -n "$NSP-hub" link set "v$i" master br0 up
         ip -n "$ns" addr add "$SUBNET.$i/24" dev slurm0
         ip -n "$ns" link set slurm0 up
         echo "$SUBNET.$i tsnode$i $HOSTS_MARK" >> /etc/hosts   # MASTER_ADDR=tsnode1 must resolve everywhere
@@ -216,7 +219,7 @@ EOF
   # `unshare --uts` + hostname: each node's processes see their own host name, as on a real cluster
   indo() {  # indo NODE CMD...: run CMD as on NODE
     if [ $mode = netns ]; then
-      nsenter --net="/run/netns/tagscale-$1" unshare --uts sh -c "hostname $1; exec \"\$@\"" sh "${@:2}"
+      nsenter --net="/run/netns/$NSP-$1" unshare --uts sh -c "hostname $1; exec \"\$@\"" sh "${@:2}"
     else
       "${@:2}"
     fi
@@ -241,7 +244,7 @@ EOF
   {
     echo "export SLURM_CONF=$SLURM_CONF"
     echo "export TAGSCALE_SLURM_MODE=$mode"
-    if [ $mode = netns ]; then echo "export TAGSCALE_SLURM_CLIENT='nsenter --net=/run/netns/tagscale-tsnode1'"
+    if [ $mode = netns ]; then echo "export TAGSCALE_SLURM_CLIENT='nsenter --net=/run/netns/$NSP-tsnode1'"
     else echo "export TAGSCALE_SLURM_CLIENT=''"; fi
   } > "$DIR/env"
   pids="munged=$(cat "$MUNGE_DIR/munged.pid") slurmctld=$(cat "$DIR/slurmctld.pid")"
