@@ -26,25 +26,40 @@ stop() {  # stop PIDFILE COMM: SIGTERM, up to 30 s, then SIGKILL that pid only
   rm -f "$1"
 }
 
+# a multi-node cluster (TAGSCALE_SLURM_NODES>1) says its mode here; its clients may have to enter a namespace
+mode=$(cat "$DIR/mode" 2>/dev/null || true)
+NSP=tagscale-$(printf %s "$DIR" | md5sum | cut -c1-6)   # as slurm_up.sh names this cluster's namespaces
+client() {
+  if [ "$mode" = netns ] && [ -e "/run/netns/$NSP-tsnode1" ]; then nsenter --net="/run/netns/$NSP-tsnode1" "$@"
+  else "$@"; fi
+}
+
 # 1. jobs first: stopping slurmd does not end running jobs (slurmstepd would linger)
 if alive "$DIR/slurmctld.pid" slurmctld; then
-  jobs=$(squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ')
+  jobs=$(client squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ')
   if [ -n "${jobs// /}" ]; then
     log "cancelling jobs: $jobs"
     # shellcheck disable=SC2086
-    scancel $jobs 2>/dev/null || true
-    for i in $(seq 90); do [ -z "$(squeue -h -t R,CG,S 2>/dev/null)" ] && break; sleep 0.5; done
+    client scancel $jobs 2>/dev/null || true
+    for i in $(seq 90); do [ -z "$(client squeue -h -t R,CG,S 2>/dev/null)" ] && break; sleep 0.5; done
   fi
 fi
 
 # 2. daemons
 stop "$DIR/slurmd.pid" slurmd
+for f in "$DIR"/slurmd-*.pid; do [ -e "$f" ] && stop "$f" slurmd; done   # multi-node: one per node
 stop "$DIR/slurmctld.pid" slurmctld
 if [ -e "$DIR/munged.ours" ]; then
   stop /run/munge/munged.pid munged
   rm -f "$DIR/munged.ours"
 fi
+stop "$DIR/munge/munged.pid" munged   # multi-node: its own munged
 grep -qF "$MARK" /etc/hosts 2>/dev/null && sed -i "/$MARK/d" /etc/hosts
+HOSTS_MARK="# tagscale-ci multinode $DIR"
+grep -qF "$HOSTS_MARK" /etc/hosts 2>/dev/null && sed -i "\\|$HOSTS_MARK|d" /etc/hosts
+# the namespaces slurm_up.sh made (listed by name in $DIR/netns), and nothing else
+for ns in $(cat "$DIR/netns" 2>/dev/null); do ip netns del "$ns" 2>/dev/null && log "netns $ns deleted"; done
+rm -f "$DIR/netns" "$DIR/mode"
 
 # 3. leftovers: job step daemons whose job could not be cancelled
 left=""

@@ -90,6 +90,24 @@ if [ -n "$SLURM_ARRAY_JOB_ID" ]; then
 else
   JOB=$SLURM_JOB_ID
 fi
+# ZeRO++ hpZ (ds_configs/zero3_bf16_multinode.json): the secondary partition must span exactly one node, and the
+# ranks per node are known only here. A config that names zero_hpz_partition_size gets it filled in: ranks per node,
+# or 1 (off) on a single node, where there is no node boundary to keep traffic inside. The filled copy goes beside
+# the run folders (shared storage: every node's ranks read it), not into /tmp, which other nodes cannot see.
+if grep -q '"zero_hpz_partition_size"' "$DS_CONFIG"; then
+  hpz=$PROCS
+  [ "$SLURM_NNODES" -gt 1 ] || hpz=1
+  filled=$(dirname "$RUN_DIR")/ds_config-stage$STAGE-job${JOB}.json
+  mkdir -p "$(dirname "$filled")"
+  python3 - "$DS_CONFIG" "$hpz" "$filled" <<'PY' || die "DeepSpeed config $DS_CONFIG: not readable JSON"
+import json, sys
+cfg = json.load(open(sys.argv[1]))
+cfg.setdefault("zero_optimization", {})["zero_hpz_partition_size"] = int(sys.argv[2])
+json.dump(cfg, open(sys.argv[3], "w"), indent=1)
+PY
+  say "ZeRO++ hpZ: zero_hpz_partition_size=$hpz (ranks per node; 1 = off) in $filled, from $DS_CONFIG"
+  DS_CONFIG=$filled
+fi
 say "stage $STAGE, job $JOB (restart ${SLURM_RESTART_COUNT:-0}), $SLURM_NNODES node(s) [$SLURM_JOB_NODELIST]" \
     "x $PROCS rank(s), master $MASTER_ADDR:$MASTER_PORT"
 say "recipe $RECIPE, run folder $RUN_DIR${from:+, from $from}"
@@ -103,7 +121,11 @@ echo "$(date -Iseconds) stage$STAGE job $JOB restart ${SLURM_RESTART_COUNT:-0} $
 # too, checkpoint and exit 0 (shared/notes/slurm.md A.5).
 train=("$ROOT/tagscale/train.py" --ds_config "$DS_CONFIG" --config "$RECIPE"
        "output.dir=$RUN_DIR" "${overrides[@]}" "$@")
-cmd="trap '' USR1 TERM; hostfile=\$(mktemp); printf '%s\n' $(printf '%q ' "${hostfile[@]}")> \$hostfile"
+# Each node first says who it is (its host name and the address that name resolves to, which is what gloo/NCCL
+# advertise to the other nodes): a wrong host file or an address that only works locally shows in the log.
+cmd="trap '' USR1 TERM; echo \"[launch] node \$SLURM_NODEID of $SLURM_NNODES (\$SLURMD_NODENAME): host \$(hostname)"
+cmd="$cmd, address \$(getent hosts \$(hostname) | awk '{print \$1; exit}'), node_rank \$SLURM_NODEID\""
+cmd="$cmd; hostfile=\$(mktemp); printf '%s\n' $(printf '%q ' "${hostfile[@]}")> \$hostfile"
 cmd="$cmd; deepspeed --hostfile \$hostfile --no_ssh --node_rank \$SLURM_NODEID"
 cmd="$cmd --master_addr $MASTER_ADDR --master_port $MASTER_PORT $(printf '%q ' "${train[@]}")"
 cmd="$cmd; rc=\$?; rm -f \$hostfile; exit \$rc"

@@ -69,6 +69,22 @@ def test_7b_tokens_per_second():
     assert multi.allgather_s_per_micro == pytest.approx(2 * LLAMA_7B_PARAMS * 2 * 15 / 16 / 45e9)
 
 
+def test_bytes_across_nodes_with_and_without_hpz():
+    """Ring all-gather arithmetic; hpZ leaves a frozen base's steady-state gathers inside the node (measured on 2
+    nodes x 2 CPU ranks in tests/test_slurm_multinode.py: docs/multinode.md)."""
+    shape = planner.resolve_shape("70b")
+    one_node = planner.cross_node_bytes(shape, planner.Setup(gpus_per_node=8, nodes=1))
+    assert one_node == (0, 0, 0)
+    plain, hpz, first = planner.cross_node_bytes(shape, planner.Setup(gpus_per_node=8, nodes=2))
+    ring = 2 * 15 / 16
+    used = shape.total_params - shape.embedding_params  # a head task never calls the LM head
+    assert 0.97 < plain / (ring * 2 * 2 * used) <= 1.0   # forward + backward, all but ~1 layer re-gathered
+    assert abs(first / (ring * 2 * used) - 1) < 0.01      # hpZ's first forward crosses nodes once
+    assert hpz < 1e-5 * plain                              # then only the trainables' gradients do
+    text, _, _ = planner.cross_node_bytes(shape, planner.Setup(gpus_per_node=8, nodes=2, text_task=True))
+    assert text > plain                                    # the LM head is gathered too
+
+
 def test_recommendation():
     setup = planner.Setup(gpu="H100", gpus_per_node=8, seq=2048)
     chosen, why = planner.recommend(planner.resolve_shape("7b"), setup)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -53,6 +54,8 @@ def test_stage_headers(stage):
 # the cluster and helpers
 
 def sh(*cmd: str, env=None, timeout: int = 120, check: bool = True) -> str:
+    # a multi-node cluster in namespaces is reached from inside its first node's namespace (.ci/slurm_up.sh)
+    cmd = (*shlex.split((env or {}).get("TAGSCALE_SLURM_CLIENT", "")), *cmd)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

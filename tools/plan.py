@@ -215,6 +215,9 @@ class Setup:
     max_live: float = 1e9  # stage3_max_live_parameters
     max_reuse: float = 1e9  # stage3_max_reuse_distance
     reduce_bucket: float = 5e8  # reduce_bucket_size: ZeRO-3's contiguous-gradient buffer (allocated whole on a GPU)
+    persistence: float = 1e5  # stage3_param_persistence_threshold: smaller parameters are replicated, never gathered
+    accumulation: int = 1  # micro-batches per rank per optimizer step
+    text_task: bool = False  # stage 1 / text targets call the LM head (gathered too); head tasks never do
 
     @property
     def world(self) -> int:
@@ -241,6 +244,9 @@ class Plan:
     tokens_per_s_per_gpu: float
     tokens_per_s: float
     bound: str
+    cross_node_bytes_per_step: int = 0  # ZeRO-3 traffic over the node boundary per optimizer step (all links)
+    cross_node_bytes_per_step_hpz: int = 0  # the same with ZeRO++ hpZ (zero_hpz_partition_size = GPUs per node)
+    cross_node_bytes_first_step_hpz: int = 0  # hpZ's first step, which still gathers across nodes
     notes: list[str] = field(default_factory=list)
 
 
@@ -270,6 +276,50 @@ def gathered_bytes(shape: Shape, setup: Setup) -> int:
     kept_layers = min(shape.layers, int(setup.max_reuse // (2 * layer)) + 1)
     turn = min(kept_layers * layer + min(setup.prefetch_bucket, layer), max(setup.max_live, layer))
     return int(DTYPE_BYTES[setup.dtype] * max(shape.embedding_params, turn))
+
+
+def cross_node_bytes(shape: Shape, setup: Setup) -> tuple[int, int, int]:
+    """Bytes crossing the node boundary per optimizer step: plain ZeRO-3, hpZ in steady state, hpZ's first step.
+
+    A ring all-gather (NCCL's rings, gloo's allgather) over W ranks placed node by node crosses the boundary n times,
+    each crossing carrying (W-1)/W of the gathered bytes. Per micro-batch ZeRO-3 gathers in forward every parameter
+    the forward uses (embedding, layers, final norm; the LM head only for text tasks) and in backward the layers
+    that were released in between. DeepSpeed does not release a parameter whose next use lies within
+    max_reuse elements of fetches, nor one the prefetcher already looked past (partitioned_param_coordinator.py
+    __params_to_release), so about (max_reuse + prefetch_bucket) / (2 * layer) + 1 layers stay whole through the
+    turn: all of a small base (measured: the tiny base gathers nothing in backward even at max_reuse 0), about one
+    layer of a 70B. Parameters under the persistence threshold are replicated and never gathered. The trainables'
+    gradients (tags, heads: kilobytes) are reduce-scattered once per step in fp32. Not modelled: the step's small
+    collectives (loss, metrics) and TCP/gloo framing, measured at ~75 KB per step on 2 nodes x 2 CPU ranks.
+    hpZ keeps a secondary copy of each parameter sharded over the node's GPUs after its first gather, and gathers
+    from it afterwards: inside the node. DeepSpeed drops the secondary copies only of parameters the optimizer
+    updates (stage3.py invalidate_secondary_tensor), so for a frozen base only the first forward crosses nodes.
+    """
+    if setup.zero != 3 or setup.nodes == 1:
+        return 0, 0, 0
+    world, b = setup.world, DTYPE_BYTES[setup.dtype]
+    ring = setup.nodes * (world - 1) / world
+    gathered = lambda n: n if n >= setup.persistence else 0  # noqa: E731
+    layer = sum(gathered(n) for n in _layer_tensors(shape))
+    head = gathered(shape.embedding_params) if setup.text_task and not shape.tied_embeddings else 0
+    norm = gathered(shape.hidden)  # the final norm
+    forward = gathered(shape.embedding_params) + shape.layers * layer + norm + head
+    kept = min(shape.layers, int((setup.max_reuse + setup.prefetch_bucket) // (2 * shape.layer_params)) + 1)
+    backward = (shape.layers - kept) * layer + (norm + head if kept < shape.layers else 0)
+    trainable = setup.tag_vectors * shape.hidden + setup.head_outputs * (shape.hidden + 1)
+    grads = ring * trainable * 4
+    plain = ring * b * (forward + backward) * setup.accumulation + grads
+    return int(plain), int(grads), int(ring * b * forward + grads)
+
+
+def _layer_tensors(shape: Shape) -> list[int]:
+    """Element counts of one decoder layer's tensors (ZeRO-3 gathers tensor by tensor)."""
+    h, i = shape.hidden, shape.intermediate
+    tensors = [h * shape.q_width, h * shape.kv_width, h * shape.kv_width, shape.q_width * h, h * i, h * i, i * h]
+    tensors += [h] * shape.norms_per_layer + ([shape.head_dim, shape.head_dim] if shape.qk_norm else [])
+    if shape.attention_bias:
+        tensors += [shape.q_width, shape.kv_width, shape.kv_width, h]
+    return tensors
 
 
 def memory_by_part(shape: Shape, setup: Setup) -> tuple[dict[str, int], int]:
@@ -323,6 +373,7 @@ def plan(shape: Shape, setup: Setup) -> Plan:
         received = 2 * shape.total_params * DTYPE_BYTES[setup.dtype] * (setup.world - 1) / setup.world
         bandwidth = device.intra_node_gbs if setup.nodes == 1 else device.inter_node_gbs
         allgather_s = received / (bandwidth * 1e9)
+    across, across_hpz, first_hpz = cross_node_bytes(shape, setup)
     step_s = max(compute_s, allgather_s)  # overlap_comm: the slower of the two sets the pace
     per_gpu = tokens / step_s
     notes = []
@@ -341,7 +392,9 @@ def plan(shape: Shape, setup: Setup) -> Plan:
         setup=asdict(setup), memory_bytes=parts, peak_bytes=int(peak), device_memory_bytes=capacity,
         fits=peak <= 0.9 * capacity, host_bytes_per_rank=host, flops_per_token=flops_per_token,
         compute_s_per_micro=compute_s, allgather_s_per_micro=allgather_s, tokens_per_s_per_gpu=per_gpu,
-        tokens_per_s=per_gpu * setup.world, bound="all-gather" if allgather_s > compute_s else "compute", notes=notes)
+        tokens_per_s=per_gpu * setup.world, bound="all-gather" if allgather_s > compute_s else "compute",
+        cross_node_bytes_per_step=across, cross_node_bytes_per_step_hpz=across_hpz,
+        cross_node_bytes_first_step_hpz=first_hpz, notes=notes)
 
 
 def _tokens_to_hide_comm(shape: Shape, setup: Setup, flops_per_token: float) -> int:
@@ -424,6 +477,10 @@ def render(result: Plan, recommended: Plan, why: str, asked: bool) -> str:
     lines += ["", f"expected: {_rate(result.tokens_per_s_per_gpu)} tokens/s per GPU, {_rate(result.tokens_per_s)} in all "
               f"(MFU {s['mfu']:.0%} at {result.flops_per_token / result.parameters:.2f} FLOPs/param/token; "
               f"{result.bound} bound)"]
+    if result.cross_node_bytes_per_step:
+        lines.append(f"across nodes per step: {result.cross_node_bytes_per_step / 1e9:.3f} GB; with ZeRO++ hpZ "
+                     f"(zero_hpz_partition_size={s['gpus_per_node']}) {result.cross_node_bytes_per_step_hpz / 1e9:.6f} GB"
+                     f" after a first step of {result.cross_node_bytes_first_step_hpz / 1e9:.3f} GB")
     lines += [f"note: {n}" for n in result.notes]
     if asked:
         r = recommended.setup
@@ -447,6 +504,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bf16", help="bf16 or fp32 weights (default bf16)")
     parser.add_argument("--mfu", type=float, default=0.45, help="assumed model FLOPs utilisation (default 0.45)")
     parser.add_argument("--tag-vectors", type=int, default=20, help="trainable tag vectors in all (default 20)")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per rank per step (default 1)")
+    parser.add_argument("--text-task", action="store_true", help="the task calls the LM head (stage 1, text targets)")
     parser.add_argument("--ds-config", help="read ZeRO bucket sizes from this DeepSpeed JSON")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser.parse_args(argv)
@@ -457,7 +516,7 @@ def setup_from_args(args: argparse.Namespace) -> tuple[Setup, bool]:
     gpu = {k.lower(): k for k in DEVICES}.get(args.gpu.lower())
     if gpu is None:
         raise UserError(f"--gpu: unknown {args.gpu!r}{nearest(args.gpu, DEVICES)}; known: {', '.join(DEVICES)}")
-    for name in ("gpus", "nodes", "seq", "micro_batch"):
+    for name in ("gpus", "nodes", "seq", "micro_batch", "accumulation"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
     if args.tag_vectors < 0:
@@ -479,7 +538,7 @@ def setup_from_args(args: argparse.Namespace) -> tuple[Setup, bool]:
     setup = Setup(gpu=gpu, gpus_per_node=args.gpus, nodes=args.nodes, seq=args.seq, micro_batch=args.micro_batch,
                   zero=3 if args.zero is None else args.zero, offload=args.offload or "none",
                   checkpointing=args.checkpointing or "none", dtype=args.dtype, mfu=args.mfu,
-                  tag_vectors=args.tag_vectors, **buckets)
+                  tag_vectors=args.tag_vectors, accumulation=args.accumulation, text_task=args.text_task, **buckets)
     return setup, asked
 
 
@@ -490,7 +549,8 @@ def _ds_buckets(path: str) -> dict:
     except (OSError, json.JSONDecodeError, AttributeError) as err:
         raise UserError(f"--ds-config: {path}: not a readable DeepSpeed JSON ({str(err).splitlines()[0]})") from None
     keys = {"prefetch_bucket": "stage3_prefetch_bucket_size", "max_live": "stage3_max_live_parameters",
-            "max_reuse": "stage3_max_reuse_distance", "reduce_bucket": "reduce_bucket_size"}
+            "max_reuse": "stage3_max_reuse_distance", "reduce_bucket": "reduce_bucket_size",
+            "persistence": "stage3_param_persistence_threshold"}
     return {mine: float(zero[theirs]) for mine, theirs in keys.items() if isinstance(zero.get(theirs), (int, float))}
 
 
