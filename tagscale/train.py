@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher
 
 from tagscale.config import RunConfig, load_config
 from tagscale.errors import UserError, fail, run_cli
-from tagscale.inputs import check_inputs
+from tagscale.inputs import check_inputs, lock_output_folder
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -157,7 +157,25 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = read_and_check(argv)  # checked once: a second call (after the early check) returns at once
     stop = StopFlag()
     dist.init()
-    previous = dist.broadcast_object(runs.check_output_folder(cfg) if dist.is_main() else None)
+    lock, previous, refusal = None, None, None
+    if dist.is_main():  # rank 0 holds the folder before anything is written there, for the whole run
+        try:
+            lock = lock_output_folder(cfg)
+            previous = runs.check_output_folder(cfg)  # again, now under the lock
+        except UserError as err:
+            refusal = str(err)
+    previous, refusal = dist.broadcast_object((previous, refusal))
+    try:
+        if refusal is not None:  # every rank stops with it, none waits on rank 0
+            raise UserError(refusal)
+        return run(args, cfg, stop, previous)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(args: argparse.Namespace, cfg: RunConfig, stop: StopFlag, previous: dict | None) -> int:
+    """The run itself, in an output folder rank 0 holds."""
     if previous and previous.get("status") == "complete":
         if dist.is_main():
             print(f"{cfg.output.dir}: this run is already complete (step {previous['step']}); nothing to do")

@@ -229,3 +229,29 @@ def test_infinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_
     assert complete_steps(out) == [bad_step - 2, bad_step - 1] and not checkpoint(out, bad_step).exists()
     assert torch.load(checkpoint(out, bad_step - 1) / "state.pt", weights_only=False)["step"] == bad_step - 1
     assert not finished(out)
+
+
+def test_a_live_run_holds_its_folder_and_a_killed_ones_folder_is_taken_over(tmp_path):
+    """A second start into the folder of a live run is refused in one line naming the folder and the holder, and
+    changes nothing there; once the holder is SIGKILLed, the same command takes the folder over and resumes."""
+    import socket
+
+    out = tmp_path / "run"
+    proc = launch(out, env={"TAGSCALE_TEST_PAUSE_IN_CHECKPOINT": "2"})  # holds still inside step 2's checkpoint
+    deadline = time.monotonic() + 300
+    while not list((out / "checkpoints").glob(".tmp-step-00000002-*/state.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run never reached step 2's checkpoint"
+        time.sleep(0.02)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    second = train(RECIPE, f"output.dir={out}", "train.save_every=1", check=False)
+    assert second.returncode == 2 and "Traceback" not in second.stderr + second.stdout
+    line = second.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and sum(x.startswith("error:") for x in second.stderr.splitlines()) == 1
+    for piece in (str(out), "in use by a live run", f"pid {proc.pid}", f"host {socket.gethostname()}"):
+        assert piece in line, f"{piece!r} not in {line!r}"
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    kill_group(proc)
+    assert (out / ".lock").is_file()  # a killed holder leaves its file; the kernel has dropped its flock
+    log = train(RECIPE, f"output.dir={out}", "train.save_every=1").stdout
+    assert f"resumed from {checkpoint(out, 1)} at step 1" in log and finished(out)
+    assert not (out / ".lock").exists()  # a run that ends releases the folder
