@@ -145,10 +145,13 @@ def prepare(cfg: BaseConfig) -> None:
         resolve_folder(cfg.path)
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name: str, device_type: str | None = None) -> torch.dtype:
+    """A base.dtype name as a torch dtype; auto: bfloat16 on a GPU, float32 on CPU (`device_type`, default: this
+    machine's: CUDA where there is one)."""
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+        device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def load_base(cfg: BaseConfig) -> LoadedBase:

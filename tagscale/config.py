@@ -49,7 +49,7 @@ class HeadConfig:
     type: Literal["regression", "classification"] = "regression"
     """Regression (MSE) or classification (cross-entropy)."""
     outputs: int = 1
-    """k: outputs of a regression head, classes of a classification head."""
+    """Classes of a classification head; a regression head has exactly 1 (one label field per task)."""
     standardize: bool = True
     """Regression only: train on (y - mean) / std of the training labels; predictions are mapped back."""
     init: Literal["zero", "probe"] = "zero"
@@ -440,6 +440,10 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"{where}.head: only function tags carry heads; {tag.name} is a {tag.kind} tag")
         if tag.head and tag.head.outputs < 1:
             raise UserError(f"{where}.head.outputs: expected a positive number, got {tag.head.outputs}")
+        if tag.head and tag.head.type == "regression" and tag.head.outputs != 1:
+            # a record carries one number in `label`; more outputs would train on collation's zero padding
+            raise UserError(f"{where}.head.outputs: a regression head predicts one number (the task's label "
+                            f"field); got {tag.head.outputs} (make one task and head per label)")
         if tag.head and tag.head.type == "classification" and tag.head.outputs < 2:
             raise UserError(f"{where}.head.outputs: a classification head needs at least 2 classes")
         if tag.head and tag.head.init == "probe" and (tag.head.type, tag.head.outputs) != ("regression", 1):

@@ -13,6 +13,7 @@ import os
 import random
 import socket
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -59,10 +60,10 @@ def init() -> None:
     if "RANK" not in os.environ:  # a plain single process: a world of one on this host
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=collective_timeout())
+    if device().type == "cuda":
+        torch.cuda.set_device(device())
+    deepspeed.init_distributed(dist_backend=settings(device().type).backend, verbose=False,
+                               timeout=collective_timeout())
     atexit.register(_remove_shared_memory_buffer)
 
 
@@ -100,10 +101,41 @@ def is_main() -> bool:
 
 
 def device() -> torch.device:
-    """This rank's compute device."""
+    """This rank's compute device: where every model tagscale builds lives and every tensor it makes goes."""
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run gets on a kind of device, decided in one place (`settings`)."""
+
+    backend: str
+    """The torch.distributed backend: NCCL between GPUs, gloo between CPU processes."""
+    fused_adamw: bool
+    """One fused AdamW kernel for the whole small trainable set; torch has it for accelerators only."""
+    dtype: torch.dtype
+    """The compute dtype of `base.dtype: auto` (or the one given)."""
+    cpu_low_precision_linear: bool
+    """Route bf16/fp16 linears through `_CpuLowPrecisionLinear` (a CPU-only slow path's fix; never on a GPU)."""
+
+
+def settings(device_type: str, dtype: str | torch.dtype = "auto") -> Settings:
+    """The settings of a run on `device_type` ("cuda" or "cpu") computing in `dtype` (a base.dtype name or a
+    torch dtype; auto: bfloat16 on a GPU, float32 on CPU)."""
+    from tagscale.bases import resolve_dtype  # the one rule for `auto`
+
+    gpu = device_type == "cuda"
+    dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device_type)
+    return Settings(backend="nccl" if gpu else "gloo", fused_adamw=gpu, dtype=dtype,
+                    cpu_low_precision_linear=not gpu and dtype in (torch.bfloat16, torch.float16))
+
+
+def place(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Put a model built outside the DeepSpeed engine (prediction, standalone evaluation, benchmarks) on this
+    rank's device, in `dtype` where given: the evaluation helpers send every batch to `device()`."""
+    return module.to(device=device(), dtype=dtype) if dtype is not None else module.to(device())
 
 
 def barrier() -> None:
@@ -226,7 +258,7 @@ class _CpuLowPrecisionLinear(torch.autograd.Function):
 
 def low_precision_on_cpu(model: torch.nn.Module) -> bool:
     """Whether `model` computes in bf16/fp16 on CPU, where `use_fast_cpu_low_precision_linear` pays off."""
-    return device().type == "cpu" and next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+    return settings(device().type, next(model.parameters()).dtype).cpu_low_precision_linear
 
 
 def use_fast_cpu_low_precision_linear() -> None:
@@ -287,7 +319,7 @@ def build_engine(model: torch.nn.Module, param_groups: list[dict], ds: dict, lr_
         largest = max(p.numel() for g in param_groups for p in g["params"])
         zero["stage3_param_persistence_threshold"] = max(int(zero.get("stage3_param_persistence_threshold", 0)),
                                                          largest + 1)
-    fused = torch.cuda.is_available()  # one fused kernel for the whole small parameter set on GPUs
+    fused = settings(device().type).fused_adamw
     optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)

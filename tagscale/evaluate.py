@@ -219,7 +219,7 @@ def last_token_states(model: TaggedModel, examples: list[Example], micro: int, p
     for chunk in _batches(examples, micro):
         batch = {k: v.to(dist.device()) for k, v in collate(chunk, pad_id).items()}
         hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-        rows.append(hidden[torch.arange(len(chunk)), batch["head_pos"]].float().cpu().numpy())
+        rows.append(hidden[torch.arange(len(chunk), device=hidden.device), batch["head_pos"]].float().cpu().numpy())
     return np.concatenate(rows) if rows else np.zeros((0, model.bank.hidden_size))
 
 

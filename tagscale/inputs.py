@@ -8,9 +8,12 @@ nothing is written. The training code reuses the same readers, so each rule live
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import json
 import os
 import re
+import socket
 import struct
 from pathlib import Path
 from typing import Optional
@@ -29,6 +32,8 @@ RESUMABLE_KEYS = {("train", "steps"), ("train", "resume"), ("train", "save_every
                   ("train", "keep_checkpoints"), ("output", "dir"), ("wandb",), ("source",)}
 # The files transformers loads a model's weights from (one file, or the index of a sharded checkpoint).
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+LOCK_NAME = ".lock"
+"""The run-folder lock file, held (flock) by a live run's rank 0."""
 _checked: set[str] = set()  # check_inputs runs once per process for a given config (the CLI calls it early)
 
 
@@ -194,9 +199,16 @@ def comparable(config: dict) -> dict:
 def check_output_folder(cfg: RunConfig) -> Optional[dict]:
     """Refuse a folder that holds a run of another config; return its run.json when it holds this one."""
     folder = Path(cfg.output.dir)
+    # the folder, or the nearest of its parents that exists, must be a folder: mkdir would fail on a file later
+    existing = next((p for p in (folder, *folder.parents) if p.exists() or p.is_symlink()), None)
+    if existing is not None and not existing.is_dir():
+        what = "is" if existing == folder else f"lies inside {existing}, which is"
+        raise UserError(f"{cfg.source}: output.dir: {folder} {what} a file, not a folder; expected a new or "
+                        f"empty folder (nothing was written)")
     meta_path = folder / "run.json"
     if not meta_path.is_file():
-        if folder.is_dir() and any(p.name not in {"checkpoints", "wandb", "PREEMPTED"} for p in folder.iterdir()):
+        if folder.is_dir() and any(p.name not in {"checkpoints", "wandb", "PREEMPTED", LOCK_NAME}
+                                   for p in folder.iterdir()):
             if not (folder / "checkpoints").is_dir():
                 raise UserError(f"{cfg.source}: output.dir: {folder} holds files that are not a tagscale run; "
                                 f"expected an empty or new folder")
@@ -208,6 +220,63 @@ def check_output_folder(cfg: RunConfig) -> Optional[dict]:
         raise UserError(f"{cfg.source}: output.dir: {folder} holds a run of another config (differs in: "
                         f"{', '.join(diff)}); expected a new output.dir (nothing there was changed)")
     return meta
+
+
+class FolderLock:
+    """A run folder held by this process: an exclusive `flock` on ``<dir>/.lock``, which names the holder.
+
+    Why flock: the kernel drops it when the holder dies in any way (kill -9, OOM, a preempted Slurm job), so a
+    dead run's lock never needs clearing by hand and a rerun or requeue into the same folder simply takes it.
+    The file's text (host, pid, start) is only for the refusal message; the lock is the flock itself.
+    """
+
+    def __init__(self, path: Path, fd: int, created: list[Path]):
+        self.path, self.fd, self.created = path, fd, created
+
+    def release(self) -> None:
+        """Remove the lock file (where it is still ours) and the folders this lock made, if still empty."""
+        if self.fd < 0:
+            return
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)  # releases the flock
+        self.fd = -1
+        for folder in self.created:  # deepest first: a refused or failed start leaves no folder behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def lock_output_folder(cfg: RunConfig) -> FolderLock:
+    """Hold `output.dir` for this run; a folder held by a live run is one line naming it and its holder."""
+    folder = Path(cfg.output.dir)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process that has not yet named itself"
+            os.close(fd)
+            raise UserError(f"{cfg.source}: output.dir: {folder} is in use by a live run ({holder}); wait for it to "
+                            f"end or choose another output.dir") from None
+        try:  # a holder that ended between our open and our flock removed the file: lock the one there now
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n".encode())
+    return FolderLock(path, fd, created)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,11 +109,23 @@ class RunLog:
             self.bar.update(step)
             self.bar.write(f"resumed from {checkpoint} at step {step}")
 
-    def reduce_step(self, losses: list[float], tokens: int) -> tuple[float, int]:
-        """Mean micro-batch loss and real tokens over all ranks. Collective."""
-        totals = dist.all_reduce_sum(torch.tensor([sum(losses), len(losses), tokens], dtype=torch.float64))
+    def reduce_step(self, losses: list[float], parts: list[dict[str, tuple[float, int]]],
+                    tokens: int) -> tuple[float, dict[str, float], int]:
+        """The step's mean micro-batch loss, each part's mean loss, and real tokens, over all ranks. Collective.
+
+        `parts` holds, per micro-batch, each part's loss and what it averaged over (0: the part had no target
+        there). A part's mean is over the micro-batches of every rank that had it: a micro-batch without a
+        head's task would otherwise count as a zero loss. A part no micro-batch had is left out of the record.
+        """
+        names = sorted(parts[0]) if parts else []  # every forward names the same parts, on every rank
+        sums = [sum(p[n][0] for p in parts if p[n][1] > 0) for n in names]
+        present = [sum(1 for p in parts if p[n][1] > 0) for n in names]
+        totals = dist.all_reduce_sum(torch.tensor([sum(losses), len(losses), tokens, *sums, *present],
+                                                  dtype=torch.float64)).cpu()
         self.peaks = peak_memory_all_ranks(self.loading_peak)
-        return float(totals[0] / totals[1]), int(totals[2])
+        k = len(names)
+        means = {n: float(totals[3 + i] / totals[3 + k + i]) for i, n in enumerate(names) if totals[3 + k + i] > 0}
+        return float(totals[0] / totals[1]), means, int(totals[2])
 
     def step(self, step: int, loss: float, parts: dict, lr: list[float], tokens: int, seconds: float) -> None:
         if not self.main:

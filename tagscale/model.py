@@ -68,6 +68,8 @@ class TaggedModel(nn.Module):
         # No tags (the linear probe): no hooks, the plain base.
         self.splice = TagSplice(base.get_input_embeddings(), bank) if bank.specs else None
         self.last_losses: dict[str, float] = {}
+        self.last_counts: dict[str, int] = {}
+        """What each part of the last loss averaged over: target tokens (text) or rows (a head); 0: absent."""
 
     # -- pieces -------------------------------------------------------------------------------
     def decoder(self) -> nn.Module:
@@ -118,12 +120,14 @@ class TaggedModel(nn.Module):
         lm_targets = lm_targets[:, split:]
         head_pos = head_pos - split
         losses: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
         total = hidden.new_zeros((), dtype=torch.float32)
         if self.uses_lm_head:
             at_target = lm_targets != IGNORE
             logits = self.lm_logits(hidden[at_target]).float()
             ce_sum = F.cross_entropy(logits, lm_targets[at_target], reduction="sum")
             losses["text"] = ce_sum / at_target.sum().clamp(min=1)
+            counts["text"] = int(at_target.sum())
             total = total + losses["text"]
         for j, output in enumerate(self.head_outputs(hidden, head_pos, head_index)):
             spec = self.heads[j].spec
@@ -134,8 +138,10 @@ class TaggedModel(nn.Module):
             else:
                 loss_sum = F.cross_entropy(output.float(), target[:, 0].long(), reduction="sum")
             losses[spec.tag] = loss_sum / max(int(target.shape[0]), 1)
+            counts[spec.tag] = int(target.shape[0])
             total = total + losses[spec.tag]
         self.last_losses = {k: float(v.detach()) for k, v in losses.items()}
+        self.last_counts = counts
         return total
 
     # -- prediction -------------------------------------------------------------------------------

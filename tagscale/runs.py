@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tagscale import dist
 from tagscale.config import RunConfig
 from tagscale.errors import UserError
 from tagscale.metrics import to_json
@@ -279,6 +280,9 @@ def load_for_inference(folders: list[Path], base_cfg=None):
             head.linear.weight.copy_(values["weight"]), head.linear.bias.copy_(values["bias"])
             head.mean.copy_(values["mean"]), head.std.copy_(values["std"])
     model.requires_grad_(False)
+    # the evaluation helpers send every batch to dist.device(): the model lives there, tags and heads in the
+    # base's dtype (the recipe's, as base.dtype resolves here), as the engine casts them in training
+    dist.place(model, next(base.model.parameters()).dtype)
     return model.eval(), base
 
 

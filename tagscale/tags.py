@@ -130,7 +130,7 @@ def initial_vectors(init: str, p: int, weight: torch.Tensor, scale: float, gener
     if init == "text":
         if not text_ids:
             raise ValueError("init 'text' needs token ids")
-        rows = weight[torch.tensor(text_ids)].detach().float().cpu() * scale
+        rows = weight[torch.tensor(text_ids, device=weight.device)].detach().float().cpu() * scale
         reps = -(-p // len(text_ids))
         return rows.repeat(reps, 1)[:p]
     raise ValueError(f"unknown init {init!r}")

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher
 
 from tagscale.config import RunConfig, load_config
 from tagscale.errors import UserError, fail, run_cli
-from tagscale.inputs import check_inputs
+from tagscale.inputs import check_inputs, lock_output_folder
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -129,19 +129,20 @@ def train_steps(s: Session, start: int, stop: StopFlag | None = None) -> bool:
     target_width = max([h.spec.outputs for h in s.model.heads] + [1])
     split = cfg.use_prefix_split and cfg.base.activation_checkpointing == "none"
     for step in range(start, cfg.train.steps):
-        started, losses, tokens, lr = time.perf_counter(), [], 0, engine.get_lr()
+        started, losses, parts, tokens, lr = time.perf_counter(), [], [], 0, engine.get_lr()
         for examples in s.data.rank_micro_batches(step, cfg.train.micro_batch, rank, world):
             batch = collate(examples, s.tokenizer.pad_token_id, cfg.train.padding_side, split, target_width)
             tokens += int(batch["attention_mask"].sum())
             loss = engine(**{k: v.to(dist.device()) for k, v in batch.items()})
+            parts.append({k: (v, s.model.last_counts.get(k, 1)) for k, v in s.model.last_losses.items()})
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
-        mean_loss, tokens = s.log.reduce_step(losses, tokens)
+        mean_loss, part_means, tokens = s.log.reduce_step(losses, parts, tokens)
         if not math.isfinite(mean_loss):
             raise NonFiniteLoss(f"step {step + 1}: the loss is {mean_loss}; stopped, the last good checkpoint is kept "
                                 f"in {Path(cfg.output.dir) / 'checkpoints'} (lower train.lr or check the data)")
-        s.log.step(step + 1, mean_loss, s.model.last_losses, lr, tokens, time.perf_counter() - started)
+        s.log.step(step + 1, mean_loss, part_means, lr, tokens, time.perf_counter() - started)
         if s.selector.due(step + 1):
             s.log.write(s.selector.consider(step + 1, engine))
         stopping = dist.any_rank(stop is not None and stop.raised)
@@ -157,7 +158,25 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = read_and_check(argv)  # checked once: a second call (after the early check) returns at once
     stop = StopFlag()
     dist.init()
-    previous = dist.broadcast_object(runs.check_output_folder(cfg) if dist.is_main() else None)
+    lock, previous, refusal = None, None, None
+    if dist.is_main():  # rank 0 holds the folder before anything is written there, for the whole run
+        try:
+            lock = lock_output_folder(cfg)
+            previous = runs.check_output_folder(cfg)  # again, now under the lock
+        except UserError as err:
+            refusal = str(err)
+    previous, refusal = dist.broadcast_object((previous, refusal))
+    try:
+        if refusal is not None:  # every rank stops with it, none waits on rank 0
+            raise UserError(refusal)
+        return run(args, cfg, stop, previous)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(args: argparse.Namespace, cfg: RunConfig, stop: StopFlag, previous: dict | None) -> int:
+    """The run itself, in an output folder rank 0 holds."""
     if previous and previous.get("status") == "complete":
         if dist.is_main():
             print(f"{cfg.output.dir}: this run is already complete (step {previous['step']}); nothing to do")

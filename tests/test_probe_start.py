@@ -1,7 +1,8 @@
 """`head.init: probe`: a head starts at the ridge fit on the hidden states at its function tag (initial tags).
 
 Reference computed another way: the tag vectors put by hand into `inputs_embeds` of the plain base, its last hidden
-state at the tag's last vector, the same closed-form ridge on those features.
+state at the tag's last vector, and the ridge solved on those features by numpy's least squares (not tagscale's
+solver).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import train
 from tagscale.data import Encoder, read_records, validation_split
 from tagscale.config import DataConfig
-from tagscale.evaluate import ridge_fit
+from tagscale.evaluate import PENALTIES
 
 DATA = "tests/data/fixture_protein_count.jsonl"
 TEMPLATE = "Input: {seq}. Output: <Count>"
@@ -36,6 +37,23 @@ def features_by_hand(base, tag: torch.Tensor, records: list[dict]) -> np.ndarray
     return np.stack(out)
 
 
+def ridge_by_lstsq(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray) -> tuple[np.ndarray, float]:
+    """The documented probe, solved another way: for each penalty of the grid, ridge with an unpenalised intercept
+    as one least-squares problem on the augmented system [x 1; sqrt(a) I 0] [w; b] = [y; 0], a = penalty x the
+    mean per-feature sum of squares of the centred features; the penalty with the lowest validation MSE wins."""
+    n, d = x.shape
+    scale = max(float(((x - x.mean(0)) ** 2).sum()) / d, 1e-12)
+    fits = []
+    for penalty in PENALTIES:
+        system = np.vstack([np.hstack([x, np.ones((n, 1))]),
+                            np.hstack([np.sqrt(penalty * scale) * np.eye(d), np.zeros((d, 1))])])
+        solution = np.linalg.lstsq(system, np.concatenate([y, np.zeros(d)]), rcond=None)[0]
+        w, b = solution[:d], float(solution[d])
+        fits.append((float(np.mean((x_val @ w + b - y_val) ** 2)), w, b))
+    _, w, b = min(fits, key=lambda fit: fit[0])
+    return w, b
+
+
 def test_head_starts_at_the_probe_fit(tiny_base, tmp_path):
     run = tmp_path / "run"
     # One step at a negligible learning rate: the saved tags and head are the starting point.
@@ -46,7 +64,7 @@ def test_head_starts_at_the_probe_fit(tiny_base, tmp_path):
     features = features_by_hand(tiny_base, load_file(str(run / "tags.safetensors"))["<Count>"], records)
     keep, held = validation_split(len(records), 0.1, 200, 0, 0)  # the run's default validation split
     assert len(held) == round(0.1 * len(records)) and not set(keep) & set(held)
-    w, b = ridge_fit(features[keep], y[keep], features[held], y[held])  # penalty chosen on validation
+    w, b = ridge_by_lstsq(features[keep], y[keep], features[held], y[held])  # penalty chosen on validation
     reference = features @ w + b
 
     heads = load_file(str(run / "heads.safetensors"))

@@ -148,3 +148,20 @@ def test_predict_refuses_unfinished_or_mismatched_runs(chain, tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and lines[-1].startswith("error: ")
         assert all(w in lines[-1] for w in words), lines[-1]
+
+
+def test_logged_part_losses_are_the_step_mean_over_ranks_and_micro_batches(tmp_path):
+    """loss/<part> is the mean over every micro-batch of the step on every rank: 2 ranks x 2 accumulated
+    micro-batches log what 1 rank x 4 micro-batches logs over the same global batches, and with one part it is
+    the step's mean loss (reduced from the engine's per-micro-batch losses)."""
+    settings = ("train.steps=3", "train.global_batch=8", "train.val_fraction=0")
+    one, two = tmp_path / "one", tmp_path / "two"
+    train("tests/recipes/tiny_head.yaml", f"output.dir={one}", *settings)
+    train("tests/recipes/tiny_head.yaml", f"output.dir={two}", *settings, ranks=2)
+    one_steps, two_steps = metrics(one), metrics(two)
+    assert [m["step"] for m in one_steps] == [m["step"] for m in two_steps] == [1, 2, 3]
+    for a, b in zip(one_steps, two_steps):
+        print(f"step {a['step']}: loss/<Count> 1 rank {a['loss/<Count>']:.6f}, 2 ranks {b['loss/<Count>']:.6f}")
+        assert abs(a["loss/<Count>"] - b["loss/<Count>"]) <= 1e-4 * max(1.0, abs(a["loss/<Count>"]))
+        for m in (a, b):
+            assert abs(m["loss/<Count>"] - m["loss"]) <= 1e-6 * max(1.0, abs(m["loss"]))

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from tagscale import dist  # noqa: E402
 from tagscale.bases import load_base  # noqa: E402
 from tagscale.config import BaseConfig  # noqa: E402
 from tagscale.data import IGNORE, Example, collate, micro_batches  # noqa: E402
@@ -68,6 +69,11 @@ def peak_flops() -> tuple[float, str]:
     return 2 * n ** 3 * reps / (time.perf_counter() - start), "measured fp32 1024^3 matmul on this CPU"
 
 
+def on_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated (CPU) batch on the device the candidates' models live on."""
+    return {k: v.to(dist.device()) for k, v in batch.items()}
+
+
 class Candidates:
     """The steps compared: tagscale (hooks, prefix split), hand-built inputs_embeds, PEFT prompt tuning."""
 
@@ -83,6 +89,7 @@ class Candidates:
                 self.bank.param(s.name).normal_(0, 0.02)
         self.model = TaggedModel(base.model, self.bank, [HeadSpec("<Task>", "regression", 1)], uses_lm_head=True)
         torch.nn.init.normal_(self.model.heads[0].linear.weight, std=0.02)
+        dist.place(self.model)  # on dist.device(), where every batch below goes
         dom, fun = self.bank.placeholder_ids("<Domain>"), self.bank.placeholder_ids("<Task>")
         self.head_examples, self.text_examples = [], []
         for i in range(batch):
@@ -111,7 +118,7 @@ class Candidates:
         config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual,
                                     prompt_tuning_init=PromptTuningInit.RANDOM)
         model = get_peft_model(plain, config)
-        head = torch.nn.Linear(hidden, 1)
+        model, head = dist.place(model), dist.place(torch.nn.Linear(hidden, 1))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + list(head.parameters()), lr=1e-4)
         return model, head, opt
 
@@ -125,18 +132,18 @@ class Candidates:
             targets = [e.lm_targets[i] if e.lm_targets[i] < rows else IGNORE for i in keep]
             labels = [IGNORE] + targets[:-1]  # HF labels: the token itself, shifted inside the model
             stripped.append(Example(ids, labels, 0))
-        batch = collate(stripped, self.base.tokenizer.pad_token_id)
+        batch = on_device(collate(stripped, self.base.tokenizer.pad_token_id))
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["lm_targets"]}
 
     # -- steps (each returns the loss before backward, so saved_bytes can wrap the forward) --
     def ours(self, text: bool, split: bool) -> torch.Tensor:
         examples = self.text_examples if text else self.head_examples
         self.model.uses_lm_head = text
-        return self.model(**collate(examples, self.base.tokenizer.pad_token_id, split_layout=split))
+        return self.model(**on_device(collate(examples, self.base.tokenizer.pad_token_id, split_layout=split)))
 
     def inputs_embeds(self) -> torch.Tensor:
         """The same head step as `ours(split=False)`, but the tags built into inputs_embeds by hand (no hooks)."""
-        batch = collate(self.head_examples, self.base.tokenizer.pad_token_id)
+        batch = on_device(collate(self.head_examples, self.base.tokenizer.pad_token_id))
         ids = batch["input_ids"]
         is_tag = ids >= self.bank.first_id
         embeds = self.base.model.get_input_embeddings().weight[ids.masked_fill(is_tag, 0)]
@@ -147,7 +154,7 @@ class Candidates:
                                           position_ids=batch["position_ids"], use_cache=False).last_hidden_state
         finally:
             self.model.splice = type(self.model.splice)(self.base.model.get_input_embeddings(), self.bank)
-        rows = torch.arange(len(ids))
+        rows = torch.arange(len(ids), device=ids.device)
         pred = self.model.heads[0](hidden[rows, batch["head_pos"]])
         return F.mse_loss(pred.squeeze(-1), batch["head_target"][:, 0])
 
@@ -158,17 +165,24 @@ class Candidates:
         out = self.peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               output_hidden_states=True)
         last = batch["attention_mask"].sum(1) - 1 + self.peft_model.peft_config["default"].num_virtual_tokens
-        pred = self.peft_head(out.hidden_states[-1][torch.arange(len(last)), last])
-        target = torch.tensor([e.head_target[0] for e in self.head_examples])
+        pred = self.peft_head(out.hidden_states[-1][torch.arange(len(last), device=last.device), last])
+        target = torch.tensor([e.head_target[0] for e in self.head_examples], device=pred.device)
         return F.mse_loss(pred.squeeze(-1), target)
 
     def timed(self, forward: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> float:
+        synchronize()
         start = time.perf_counter()
         loss = forward()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        synchronize()  # a GPU runs ahead of Python: time the work, not its launch
         return time.perf_counter() - start
+
+
+def synchronize() -> None:
+    if dist.device().type == "cuda":
+        torch.cuda.synchronize()
 
 
 def padding_efficiency(lengths: list[int], micro: int, bucketed: bool, seed: int = 0) -> float:

@@ -4,6 +4,11 @@
 #   bash tools/gpu_check.sh            (prints a JSON line; runs/gpu_check/ holds the run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# before anything is written or launched: without CUDA the launcher would fail deep inside DeepSpeed
+if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "error: tools/gpu_check.sh needs a CUDA GPU (torch.cuda.is_available() is False on this machine); nothing was run" >&2
+  exit 2
+fi
 mkdir -p runs/gpu_check && rm -rf runs/gpu_check/run
 python3 - <<'PY'
 import json, random
