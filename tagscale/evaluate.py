@@ -50,13 +50,18 @@ class EvalSet:
     examples: list[Example]
 
 
+def held_out_data(task: TaskConfig):
+    """A task's held-out (test) data: its eval data, else its built-in training source (read as split "test")."""
+    if task.eval is None and task.train is not None and task.train.builtin is not None:
+        return task.train
+    return task.eval
+
+
 def eval_sets(cfg: RunConfig, encoder: Encoder) -> list[EvalSet]:
     """The held-out set of every task that has one: its eval data, else the test split of a built-in source."""
     out = []
     for i, task in enumerate(cfg.tasks):
-        data = task.eval
-        if data is None and task.train is not None and task.train.builtin is not None:
-            data = task.train
+        data = held_out_data(task)
         if data is None:
             continue
         records = read_records(data, f"{cfg.source}: tasks[{i}].eval", "test")
