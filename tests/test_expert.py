@@ -263,3 +263,24 @@ def test_classification_head_trains_evaluates_and_predicts_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     predictions = [json.loads(line)["prediction"] for line in proc.stdout.splitlines()]
     assert predictions == trained["outputs"]  # the saved (kept) head predicts what the evaluation scored
+
+
+def test_expert_rows_in_the_sweep_results_and_finding():
+    """tagscale.scaling: the expert (0 parameters, no base) gets its own result row, the mean row comes from the
+    LLM run's start, and the expert joins the comparison on the LLM's base."""
+    from tagscale.scaling import finding, result_rows
+
+    targets = [0.0, 1.0, 2.0, 3.0]
+    metrics = lambda outputs: {"mse": float(np.mean((np.array(outputs) - targets) ** 2)), "n": 4,
+                               "ci95": {"mse": [0.0, 9.0]}, "outputs": outputs, "targets": targets}
+    llm = {"base": "smollm2-135m", "parameters": 134_515_585, "method": "linear_probe", "steps": 60,
+           "metrics": {"logbb": metrics([1.0, 1.0, 2.0, 2.0])}, "initial": {"logbb": metrics([1.6] * 4)}}
+    exp = {"base": "smollm2-135m", "parameters": 0, "method": "expert", "steps": 0,
+           "metrics": {"logbb": metrics([0.0, 1.0, 2.0, 3.1])}, "initial": {"logbb": metrics([1.5] * 4)}}
+    rows = result_rows([exp, llm])
+    assert sorted(r["method"] for r in rows) == ["expert", "linear_probe", "mean"]
+    mean = next(r for r in rows if r["method"] == "mean")
+    assert mean["value"] == llm["initial"]["logbb"]["mse"] and mean["parameters"] == llm["parameters"]
+    text = "\n".join(finding([exp, llm]))
+    assert "smollm2-135m (135 M): best expert mse 0.0025" in text and "runner-up linear_probe" in text
+    assert "(0 M)" not in text  # no separate group for the base-free expert
