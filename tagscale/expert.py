@@ -21,8 +21,8 @@ needs neither it nor torch.
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -243,6 +243,8 @@ def run(cfg: RunConfig) -> int:
     from tagscale.inputs import check_output_folder, label_value, read_records
     from tagscale.metrics import PRIMARY, to_json, with_intervals
 
+    if int(os.environ.get("RANK", "0")) != 0:  # under a multi-rank launcher (Slurm, deepspeed) one process is enough
+        return 0
     folder = Path(cfg.output.dir)
     previous = check_output_folder(cfg)
     if previous and previous.get("status") == "complete":
