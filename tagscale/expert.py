@@ -148,8 +148,9 @@ def task_features(task: TaskConfig, records: list[dict], where: str) -> np.ndarr
 def candidates(kind: str, seed: int) -> list[tuple[str, dict]]:
     """(family, hyperparameters) in the fixed order of the validation choice (ties keep the earlier one): a random
     forest (300 trees; features tried per split and leaf size over a grid) and a ridge / logistic regression over
-    a grid of penalties. A forest, not gradient boosting: scikit-learn's histogram boosting spends ~0.2 s per
-    iteration on 2,265 features here (2 CPU cores), 60 s per fit even on 80 molecules; a forest fits in 5-12 s."""
+    a grid of penalties. A forest, not gradient boosting: scikit-learn's histogram boosting spent ~0.2 s per
+    iteration on 2,265 features on the shared 2-core development machine (50-65 s per fit on 80 molecules); a
+    forest fit in 5-12 s on 763."""
     trees = [("random_forest", {"n_estimators": 300, "max_features": features, "min_samples_leaf": leaf,
                                 "random_state": seed})
              for features in ("sqrt", 0.2) for leaf in (1, 3)]
