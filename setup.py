@@ -30,6 +30,7 @@ setup(
         "rdkit",
         "peptides>=0.5",
         "matplotlib",
+        "scikit-learn",  # method: expert (tagscale/expert.py) only
     ],
     extras_require={"dev": ["pytest", "peft"]},
     entry_points={"console_scripts": ["tagscale-train=tagscale.train:cli", "tagscale-predict=tagscale.predict:cli",

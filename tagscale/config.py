@@ -223,10 +223,12 @@ class RunConfig:
     """1: domain tags (next-token); 2: single-domain function tags; 3: cross-domain function tags."""
     enrich: bool = False
     """Stages 2-3: keep the domain tags of earlier runs trainable too ("enrichment")."""
-    method: Literal["tag_llm", "prompt_tuning", "linear_probe"] = "tag_llm"
+    method: Literal["tag_llm", "prompt_tuning", "linear_probe", "expert"] = "tag_llm"
     """tag_llm: domain + function tags + heads; the baselines on the same recipe, data and budget (stages 2-3):
     prompt_tuning: one randomly initialised prefix prompt as long as all the recipe's tags together, the heads
-    reading the last prompt token; linear_probe: only the heads, on the frozen base at the last prompt token."""
+    reading the last prompt token; linear_probe: only the heads, on the frozen base at the last prompt token;
+    expert: no LLM at all, scikit-learn models on RDKit / amino-acid features of the template's fields, the model
+    and its hyperparameters chosen on the same validation split (tagscale.expert, docs/expert.md)."""
     base: BaseConfig = field(default_factory=BaseConfig)
     """The frozen base."""
     tags: list[TagConfig] = field(default_factory=list)
@@ -460,6 +462,10 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"{src}: method: {cfg.method} is a baseline for stages 2-3; stage 1 trains domain tags (tag_llm)")
     if cfg.method == "linear_probe" and any(t.loss != "head" for t in cfg.tasks):
         raise UserError(f"{src}: method: linear_probe trains only heads; every task needs a head (label) task")
+    if cfg.method == "expert":
+        from tagscale.expert import check_expert_tasks  # torch- and sklearn-free: names and field kinds only
+
+        check_expert_tasks(cfg)
     names: set[str] = set()
     for i, task in enumerate(cfg.tasks):
         where = f"{src}: tasks[{i}]"

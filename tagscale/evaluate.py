@@ -1,6 +1,7 @@
 """Evaluation: every rank scores its shard of each held-out set, the results are gathered and reduced.
 
-Regression heads: MSE, MAE, Pearson, Spearman, R². Classification heads: accuracy. Text tasks: BLEU and chrF
+Regression heads: MSE, MAE, Pearson, Spearman, R². Classification heads: accuracy (and, for the probe of a
+binary head, ROC-AUC). Text tasks: BLEU and chrF
 of greedy `generate` output with the tags in the prompt. Next-token tasks (stage 1): loss and perplexity.
 Beside each task can stand its baselines: the run's starting point (initial tags, untrained heads) and a
 closed-form ridge probe on the frozen base's last prompt token (no tags), fitted on the training set.
@@ -50,13 +51,18 @@ class EvalSet:
     examples: list[Example]
 
 
+def held_out_data(task: TaskConfig):
+    """A task's held-out (test) data: its eval data, else its built-in training source (read as split "test")."""
+    if task.eval is None and task.train is not None and task.train.builtin is not None:
+        return task.train
+    return task.eval
+
+
 def eval_sets(cfg: RunConfig, encoder: Encoder) -> list[EvalSet]:
     """The held-out set of every task that has one: its eval data, else the test split of a built-in source."""
     out = []
     for i, task in enumerate(cfg.tasks):
-        data = task.eval
-        if data is None and task.train is not None and task.train.builtin is not None:
-            data = task.train
+        data = held_out_data(task)
         if data is None:
             continue
         records = read_records(data, f"{cfg.source}: tasks[{i}].eval", "test")
@@ -93,29 +99,34 @@ def task_kind(model: TaggedModel, task: TaskConfig) -> str:
     return task.loss
 
 
-def metric_columns(kind: str, outputs: list, item: EvalSet) -> tuple:
-    """The metric function of a task kind and the per-example columns it reads (a bootstrap resamples rows)."""
+def metric_columns(kind: str, outputs: list, item: EvalSet, scores: Optional[list] = None) -> tuple:
+    """The metric function of a task kind and the per-example columns it reads (a bootstrap resamples rows).
+    A binary classifier's `scores` (each example's class-1 score) add a column, and ROC-AUC."""
     if kind in ("regression", "classification"):
         target = [e.head_target[0] for e in item.examples]
         if kind == "regression":
             return regression_metrics, ([float(o) for o in outputs], target)
-        return classification_metrics, ([int(o) for o in outputs], [int(t) for t in target])
+        extra = ([float(v) for v in scores],) if scores is not None else ()
+        return classification_metrics, ([int(o) for o in outputs], [int(t) for t in target], *extra)
     if kind == "target":
         refs = [fill(item.task.target, e.record).strip() for e in item.examples]
         return translation_from_stats, translation_stats(outputs, refs)
     return next_token_metrics, ([o[0] for o in outputs], [o[1] for o in outputs])
 
 
-def scored(kind: str, outputs: list, item: EvalSet, resamples: int) -> dict:
+def scored(kind: str, outputs: list, item: EvalSet, resamples: int, scores: Optional[list] = None) -> dict:
     """A task's metrics from its per-example outputs, with 95% bootstrap intervals (`resamples` > 0) and the
-    outputs themselves (so that another model can be compared with it example by example)."""
-    metric_fn, columns = metric_columns(kind, outputs, item)
+    outputs themselves (so that another model can be compared with it example by example); a binary classifier's
+    class-1 `scores` add ROC-AUC (and are kept as `scores`)."""
+    metric_fn, columns = metric_columns(kind, outputs, item, scores)
     metrics = with_intervals(metric_fn, *columns, resamples=resamples) if resamples else metric_fn(*columns)
     if kind == "target":
         refs = [fill(item.task.target, e.record).strip() for e in item.examples]
         metrics["examples"] = list(zip(outputs[:3], refs[:3]))
     if kind in ("regression", "classification"):
         metrics["targets"] = list(columns[1])
+    if scores is not None:
+        metrics["scores"] = list(columns[2])
     return metrics | {"outputs": list(outputs)}
 
 
@@ -234,6 +245,26 @@ PENALTIES = 10.0 ** np.arange(-5.0, 3.5, 0.5)
 serves every base, whatever its hidden-state scale)."""
 
 
+def _ridge_solve(x: np.ndarray, target: np.ndarray, rows: np.ndarray, penalty: float) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge on the rows' centred features, for one target column or several (one-hot classes): (w, b)."""
+    xm, ym = x[rows].mean(0), target[rows].mean(0)
+    xc = x[rows] - xm
+    gram = xc.T @ xc
+    scale = max(float(np.trace(gram)) / x.shape[1], 1e-12)
+    w = np.linalg.solve(gram + penalty * scale * np.eye(x.shape[1]), xc.T @ (target[rows] - ym))
+    return w, ym - xm @ w
+
+
+def _probe_rows(x: np.ndarray, target: np.ndarray, val_features: Optional[np.ndarray], val_target: Optional[np.ndarray],
+                seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows to fit, validation features, validation targets): the validation set, or a seeded 20% of training."""
+    if val_features is None or len(val_features) == 0:
+        order = np.random.default_rng(seed).permutation(len(x))
+        cut = max(1, len(x) // 5)
+        return order[cut:], x[order[:cut]], target[order[:cut]]
+    return np.arange(len(x)), np.asarray(val_features, dtype=np.float64), np.asarray(val_target)
+
+
 def ridge_fit(features: np.ndarray, target: np.ndarray, val_features: Optional[np.ndarray] = None,
               val_target: Optional[np.ndarray] = None, seed: int = 0) -> tuple[np.ndarray, float]:
     """Ridge regression on the centred features in their own units, fitted on the training rows, its penalty
@@ -245,23 +276,28 @@ def ridge_fit(features: np.ndarray, target: np.ndarray, val_features: Optional[n
     tag along such a dimension into a huge change of its output (measured: the standardised loss 0.26 -> 12.7 at
     the second step). A penalty on the weights in the features' own units keeps the head smooth."""
     x = np.asarray(features, dtype=np.float64)
-    if val_features is None or len(val_features) == 0:
-        order = np.random.default_rng(seed).permutation(len(x))
-        cut = max(1, len(x) // 5)
-        fit_rows, x_val, y_val = order[cut:], x[order[:cut]], target[order[:cut]]
-    else:
-        fit_rows, x_val, y_val = np.arange(len(x)), np.asarray(val_features, dtype=np.float64), val_target
+    fit_rows, x_val, y_val = _probe_rows(x, target, val_features, val_target, seed)
+    best = min((float(np.mean((x_val @ w + b - y_val) ** 2)), p)
+               for p in PENALTIES for w, b in [_ridge_solve(x, target, fit_rows, p)])
+    w, b = _ridge_solve(x, target, np.arange(len(x)), best[1])
+    return w, float(b)
 
-    def solve(rows: np.ndarray, penalty: float) -> tuple[np.ndarray, float]:
-        xm, ym = x[rows].mean(0), target[rows].mean()
-        xc = x[rows] - xm
-        gram = xc.T @ xc
-        scale = max(float(np.trace(gram)) / x.shape[1], 1e-12)
-        w = np.linalg.solve(gram + penalty * scale * np.eye(x.shape[1]), xc.T @ (target[rows] - ym))
-        return w, float(ym - xm @ w)
 
-    best = min((float(np.mean((x_val @ w + b - y_val) ** 2)), p) for p in PENALTIES for w, b in [solve(fit_rows, p)])
-    return solve(np.arange(len(x)), best[1])
+def ridge_classifier_fit(features: np.ndarray, labels: np.ndarray, classes: int,
+                         val_features: Optional[np.ndarray] = None, val_labels: Optional[np.ndarray] = None,
+                         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The classification probe: ridge on one-hot class targets (`_ridge_solve`, the regression probe's solver),
+    predicting the class of the largest score; the penalty chosen from `PENALTIES` by validation accuracy (ties:
+    the larger penalty, the smoother fit), then refit on every training row. Returns (W (d, k), b (k,)); the
+    scores x @ W + b of a binary task rank examples for ROC-AUC by their class-1 column."""
+    x = np.asarray(features, dtype=np.float64)
+    onehot = np.eye(classes)[np.asarray(labels, dtype=int)]
+    fit_rows, x_val, y_val = _probe_rows(x, onehot, val_features,
+                                         None if val_labels is None else np.eye(classes)[np.asarray(val_labels, int)],
+                                         seed)
+    accuracy = lambda w, b: float(np.mean((x_val @ w + b).argmax(1) == y_val.argmax(1)))
+    best = max((accuracy(*_ridge_solve(x, onehot, fit_rows, p)), p) for p in PENALTIES)
+    return _ridge_solve(x, onehot, np.arange(len(x)), best[1])
 
 
 def head_labels(examples: list[Example]) -> np.ndarray:
@@ -281,8 +317,15 @@ def probe_metrics(cfg: RunConfig, probe_model: TaggedModel, train_sets: list[Eva
         states = [[all_states(probe_model, item.examples, micro, pad_id) if item else None for item in triple]
                   for triple in triples]
     for (train_set, val_set, test_set), (x_train, x_val, x_test) in zip(triples, states):
-        w, b = ridge_fit(x_train, head_labels(train_set.examples), x_val,
-                         head_labels(val_set.examples) if val_set else None)
+        labels, val_labels = head_labels(train_set.examples), head_labels(val_set.examples) if val_set else None
+        head = probe_model.heads[probe_model.head_names.index(test_set.task.head)].spec
+        if head.type == "classification":  # one-hot ridge, argmax: accuracy (and ROC-AUC), not a regression on indices
+            w, b = ridge_classifier_fit(x_train, labels, head.outputs, x_val, val_labels)
+            scores = x_test @ w + b
+            results[test_set.task.name] = scored("classification", scores.argmax(1).tolist(), test_set,
+                                                 cfg.evaluation.bootstrap, scores[:, 1].tolist() if head.outputs == 2 else None)
+            continue
+        w, b = ridge_fit(x_train, labels, x_val, val_labels)
         results[test_set.task.name] = scored("regression", (x_test @ w + b).tolist(), test_set,
                                              cfg.evaluation.bootstrap)
     return results
@@ -323,7 +366,7 @@ def start_heads_from_probe(cfg: RunConfig, model: TaggedModel, encoder: Encoder,
     return out
 
 
-SHOWN = ("mse", "mae", "pearson", "spearman", "r2", "accuracy", "bleu", "chrf", "loss", "perplexity")
+SHOWN = ("mse", "mae", "pearson", "spearman", "r2", "accuracy", "roc_auc", "bleu", "chrf", "loss", "perplexity")
 """The metrics a table prints, in this order (a task shows those it has)."""
 
 

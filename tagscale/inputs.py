@@ -347,12 +347,13 @@ def launched_world_size() -> int:
 # ---------------------------------------------------------------------------------------------
 # all of it
 
-def check_inputs(cfg: RunConfig, ds_config: str | Path) -> None:
+def check_inputs(cfg: RunConfig, ds_config: str | Path | None) -> None:
     """Every check that needs neither torch nor the base's weights, in the order a user would fix them."""
     key = json.dumps([cfg.to_dict(), str(ds_config)], sort_keys=True, default=str)
     if key in _checked:
         return
-    read_ds_config(ds_config, cfg, launched_world_size())
+    if ds_config is not None:  # None only for method: expert, which starts no DeepSpeed engine
+        read_ds_config(ds_config, cfg, launched_world_size())
     hidden_size = base_hidden_size(cfg)
     check_output_folder(cfg)
     resume = cfg.train.resume

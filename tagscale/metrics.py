@@ -54,14 +54,31 @@ def regression_metrics(pred: Sequence[float], target: Sequence[float]) -> dict[s
     }
 
 
-def classification_metrics(pred_labels: Sequence, target: Sequence) -> dict[str, float]:
-    """accuracy (and n): the fraction of positions where `pred_labels` equals `target`; NaN for no examples."""
+def classification_metrics(pred_labels: Sequence, target: Sequence, scores: Sequence | None = None) -> dict[str, float]:
+    """accuracy (and n): the fraction of positions where `pred_labels` equals `target`; NaN for no examples.
+    With `scores` (binary tasks: each example's score for class 1), also roc_auc (`binary_roc_auc`)."""
     if len(pred_labels) != len(target):
         raise ValueError(f"pred_labels has {len(pred_labels)} values but target has {len(target)}")
+    if scores is not None and len(scores) != len(target):
+        raise ValueError(f"scores has {len(scores)} values but target has {len(target)}")
     if len(target) == 0:
-        return {"accuracy": math.nan, "n": 0}
+        return {"accuracy": math.nan, "n": 0} | ({"roc_auc": math.nan} if scores is not None else {})
     correct = sum(1 for p, t in zip(pred_labels, target) if p == t)
-    return {"accuracy": correct / len(target), "n": len(target)}
+    out = {"accuracy": correct / len(target), "n": len(target)}
+    if scores is not None:
+        out["roc_auc"] = binary_roc_auc(scores, target)
+    return out
+
+
+def binary_roc_auc(scores: Sequence[float], target: Sequence) -> float:
+    """Area under the ROC curve of `scores` for the positive class (target 1; every other value is negative):
+    the Mann-Whitney U statistic over n_pos x n_neg, ties counting half. NaN when either class is absent."""
+    s, positive = _as_vector(scores), np.asarray([t == 1 for t in target], dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = stats.rankdata(s)  # average ranks: a tie between a positive and a negative counts 1/2
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def translation_stats(hyps: Sequence[str], refs: Sequence[str], tokenize: str = "13a") -> tuple[list, list]:

