@@ -20,9 +20,15 @@ def headline(metrics: dict) -> Optional[str]:
     return next((m for m in HEADLINE if metrics.get(m) is not None), None)
 
 
+def gives_bar(run: dict, metric: str) -> bool:
+    """Whether a run's `initial` is the bar: the training-label mean (regression) or, for classification, the
+    training majority class, which only the expert's `initial` is (an untrained LLM head's argmax is class 0)."""
+    return metric == "mse" or (metric == "accuracy" and run["method"] == "expert")
+
+
 def result_rows(runs: list[dict]) -> list[dict]:
     """One row per run and task (its headline metric on the test split, with interval), and one `mean` row per
-    task and base: {task, base, parameters, method, metric, value, ci_low, ci_high, n_test, seeds, best_step,
+    task and base (the training-label mean; the majority class for a classification task): {task, base, parameters, method, metric, value, ci_low, ci_high, n_test, seeds, best_step,
     steps, trainable, tokens_per_s}."""
     out, means = [], {}
     # the expert's own `initial` (the same training-label mean) stands in only where no LLM run gives the mean row
@@ -39,7 +45,7 @@ def result_rows(runs: list[dict]) -> list[dict]:
                         "steps": run.get("steps"), "trainable": run.get("trainable"),
                         "tokens_per_s": run.get("tokens_per_s")})
             start = run.get("initial", {}).get(task)
-            if start and metric == "mse" and (task, run["base"]) not in means:
+            if start and gives_bar(run, metric) and (task, run["base"]) not in means:
                 interval = (start.get("ci95") or {}).get(metric) or [None, None]
                 means[(task, run["base"])] = {
                     "task": task, "base": run["base"], "parameters": run["parameters"], "method": "mean",
@@ -111,11 +117,11 @@ def finding(runs: list[dict], formula_tasks: tuple[str, ...] = ()) -> list[str]:
         for parameters, base in bases:
             here = {r["method"]: r["metrics"][task] for r in experts} | \
                 {r["method"]: r["metrics"][task] for r in with_base if r["base"] == base}
-            start = next((r["initial"][task] for r in with_base + experts if r["base"] == base
-                          and task in r.get("initial", {})), None)
             metric = headline(next(iter(here.values())))
             if metric is None:
                 continue
+            start = next((r["initial"][task] for r in with_base + experts if r["base"] == base
+                          and task in r.get("initial", {}) and gives_bar(r, metric)), None)
             lower = LOWER_IS_BETTER[metric]
             if start is not None and start.get(metric) is not None:
                 here = here | {"mean": start}

@@ -284,3 +284,10 @@ def test_expert_rows_in_the_sweep_results_and_finding():
     text = "\n".join(finding([exp, llm]))
     assert "smollm2-135m (135 M): best expert mse 0.0025" in text and "runner-up linear_probe" in text
     assert "(0 M)" not in text  # no separate group for the base-free expert
+
+    acc = lambda outputs: {"accuracy": float(np.mean(np.array(outputs) == [0, 1, 1, 1])), "n": 4,
+                           "ci95": {"accuracy": [0.0, 1.0]}, "outputs": outputs, "targets": [0, 1, 1, 1]}
+    probe = {**llm, "metrics": {"bbbp": acc([0, 1, 0, 1])}, "initial": {"bbbp": acc([0, 0, 0, 0])}}  # head at 0
+    expert = {**exp, "metrics": {"bbbp": acc([0, 1, 1, 1])}, "initial": {"bbbp": acc([1, 1, 1, 1])}}  # majority
+    bars = [r for r in result_rows([probe, expert]) if r["method"] == "mean"]
+    assert [(r["metric"], r["value"]) for r in bars] == [("accuracy", 0.75)]  # the majority class, not class 0
