@@ -8,6 +8,7 @@ decoded), and for SmolLM2 and Gemma the pieces tokenized one by one as the Encod
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import yaml
 from tagscale import embedded
 from tagscale.config import TAG_NAME, TaskConfig
 from tagscale.data import Encoder, fill
+from tagscale.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = {"smiles": "CC(=O)Oc1ccccc1", "seq": "MKTAYIAK", "text": "the value is", "src": "the water ring",
@@ -38,7 +40,7 @@ def recipe_templates() -> list[tuple[str, str | None]]:
     return sorted(set(out), key=str)
 
 
-def train_sentencepiece(folder: Path) -> Path:
+def train_sentencepiece(folder: Path, **options) -> Path:
     """A tiny byte-fallback BPE with a dummy prefix, like LLaMA-2's and Mistral's, on generated text."""
     import sentencepiece as spm
 
@@ -49,7 +51,8 @@ def train_sentencepiece(folder: Path) -> Path:
     (folder / "corpus.txt").write_text("\n".join(lines))
     spm.SentencePieceTrainer.train(input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"),
                                    vocab_size=400, model_type="bpe", add_dummy_prefix=True, byte_fallback=True,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, num_threads=1)
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, num_threads=1,
+                                   **options)
     return folder
 
 
@@ -168,3 +171,14 @@ def test_dummy_prefix_is_not_added_after_a_tag(sp_folder):
         encoder = encoder_for(tokenizer)
         ids, is_tag, _ = encoder.prompt("<SMILES>\n# # Output", RECORD)
         assert text_ids(encoder, ids, is_tag) == alone[1:]
+
+
+def test_a_tokenizer_that_merges_the_sentinel_is_an_error(tmp_path):
+    """A vocabulary with a "\\n\\n" piece merges the newline sentinel into a text that starts with one: the text's
+    own tokens cannot be recovered, so the Encoder says so rather than training on wrong ids."""
+    tokenizer = llama(train_sentencepiece(tmp_path, user_defined_symbols=["\n\n"]), legacy=False)
+    with pytest.raises(UserError, match="merges a newline with the text " + re.escape(repr("\nthe"))):
+        encoder_for(tokenizer).prompt("<SMILES>\nthe", RECORD)
+    encoder = encoder_for(tokenizer)
+    ids, is_tag, _ = encoder.prompt("<SMILES> the", RECORD)  # a text that starts otherwise is fine
+    assert text_ids(encoder, ids, is_tag) == whole(tokenizer, " the")
