@@ -30,8 +30,12 @@ from tagscale.records import RecordSet, _datasets, read_records  # noqa: F401  (
 from tagscale.records import record_where as _record_where
 
 IGNORE = -100
-ENCODING_VERSION = 1
-"""Bump when the encoding changes: the encoded caches of older versions are then not reused."""
+ENCODING_VERSION = 2
+"""Bump when the encoding changes: the encoded caches of older versions are then not reused. 2: text after a tag
+gets no dummy prefix with SentencePiece tokenizers that add one (SmolLM2's and Gemma's ids unchanged)."""
+SENTINEL = "\n"
+"""What a text after a tag is tokenized behind with a dummy-prefix tokenizer: a byte token (<0x0A>) in LLaMA-2 and
+Mistral, which merges with nothing, so dropping its tokens leaves the text's tokens as they are mid-text."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,6 +81,13 @@ class Encoder:
         bos = tokenizer.bos_token_id
         self.bos = [bos] if bos is not None and probe and probe[0] == bos else []
         self.eos = tokenizer.eos_token_id
+        # A SentencePiece tokenizer with a dummy prefix (LLaMA-2, Mistral) gives "a" the tokens of " a": tokenized on
+        # its own, a piece that follows a tag would start with a "▁" the text never had. Such a piece is tokenized
+        # after a sentinel instead, whose tokens are then dropped. Byte-level BPE (SmolLM2) and Gemma tell "a" from
+        # " a"; their pieces are tokenized as they are, ids unchanged.
+        plain = functools.partial(tokenizer, add_special_tokens=False)
+        self._sentinel = SENTINEL if plain("a").input_ids == plain(" a").input_ids else None
+        self._sentinel_ids = plain(SENTINEL).input_ids if self._sentinel else []
 
     @functools.lru_cache(maxsize=None)
     def _segments(self, template: str) -> tuple:
@@ -90,26 +101,36 @@ class Encoder:
         """For each record: the ids of its filled template, a flag per id marking tag placeholders, and each tag's
         last position. Each text piece is tokenized on its own, for all records in one tokenizer call."""
         out = [(list(self.bos), [False] * len(self.bos), {}) for _ in records]
-        for kind, piece in self._segments(template):
+        for index, (kind, piece) in enumerate(self._segments(template)):
             if kind == "tag":
                 for ids, is_tag, last in out:
                     ids += self.placeholders[piece]
                     is_tag += [True] * len(self.placeholders[piece])
                     last[piece] = len(ids) - 1
                 continue
-            for (ids, is_tag, _), new in zip(out, self._texts_ids([fill(piece, r) for r in records])):
+            for (ids, is_tag, _), new in zip(out, self._texts_ids([fill(piece, r) for r in records], after_text=index > 0)):
                 ids += new
                 is_tag += [False] * len(new)
         return out
 
-    def _texts_ids(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text (none for an empty one), in one batched tokenizer call."""
+    def _texts_ids(self, texts: list[str], after_text: bool) -> list[list[int]]:
+        """Token ids of each text (none for an empty one), in one batched tokenizer call. `after_text`: the texts
+        follow a tag or a prompt, so they get no dummy prefix (the start of a template does, as in a whole text)."""
         filled = [i for i, t in enumerate(texts) if t]
         out: list[list[int]] = [[] for _ in texts]
+        lead = self._sentinel if after_text and self._sentinel else ""
         if filled:
-            for i, ids in zip(filled, self.tokenizer([texts[i] for i in filled], add_special_tokens=False).input_ids):
-                out[i] = list(ids)
+            batch = self.tokenizer([lead + texts[i] for i in filled], add_special_tokens=False).input_ids
+            for i, ids in zip(filled, batch):
+                out[i] = self._drop_sentinel(list(ids), texts[i]) if lead else list(ids)
         return out
+
+    def _drop_sentinel(self, ids: list[int], text: str) -> list[int]:
+        n = len(self._sentinel_ids)
+        if ids[:n] != self._sentinel_ids:  # the sentinel merged into the text: its tokens cannot be told apart
+            raise UserError(f"the tokenizer ({type(self.tokenizer).__name__}) merges a newline with the text "
+                            f"{text[:40]!r}; tagscale cannot tokenize text after a tag without its dummy prefix")
+        return ids[n:]
 
     def encode(self, task: TaskConfig, task_index: int, record: dict, with_target: bool = True) -> Example:
         return self.encode_batch(task, task_index, [record], with_target)[0]
@@ -120,7 +141,7 @@ class Encoder:
         targets_ids = [None] * len(records)
         if task.loss == "target" and with_target:
             eos = [self.eos] if self.eos is not None else []
-            targets_ids = [ids + eos for ids in self._texts_ids([fill(task.target, r) for r in records])]
+            targets_ids = [ids + eos for ids in self._texts_ids([fill(task.target, r) for r in records], after_text=True)]
         out = []
         for record, (ids, is_tag, last), target in zip(records, self.prompts(task.template, records), targets_ids):
             targets = [IGNORE] * len(ids)
