@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: gpu_check's card table
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -54,11 +55,11 @@ def saved_bytes(step: Callable[[], torch.Tensor]) -> int:
 def peak_flops() -> tuple[float, str]:
     """Dense matmul FLOP/s this device reaches (the MFU denominator), and how it was obtained."""
     if torch.cuda.is_available():
+        from gpu_check import card_peak_flops  # the one card -> peak table (tools/ is on sys.path, see above)
+
         name = torch.cuda.get_device_name()
-        table = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-        for key, value in table.items():
-            if key in name:
-                return value, f"{name} dense bf16 peak"
+        if card_peak_flops(name):
+            return card_peak_flops(name), f"{name} dense bf16 peak"
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):
