@@ -91,3 +91,14 @@ def test_mfu_row_is_4N_over_the_card_peak_after_warm_up():
 def test_driver_without_cuda_exits_2_and_writes_nothing(tmp_path, capsys):
     assert gpu_check.main(["--docs", str(tmp_path / "docs"), "--out", str(tmp_path / "runs")]) == 2
     assert not any(tmp_path.iterdir()) and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: --device cuda would really run")
+def test_bench_device_cuda_refuses_a_cpu_run(tmp_path):
+    """The `peft` part asks tools/bench.py for --device cuda: a CPU-only process must fail, not compare on the CPU."""
+    import bench
+    from tagscale.errors import UserError
+
+    with pytest.raises(UserError, match="--device cuda: this process computes on cpu"):
+        bench.main(["--device", "cuda", "--base", "preset:tiny", "--out", str(tmp_path / "b.json")])
+    assert not (tmp_path / "b.json").exists()

@@ -2,6 +2,7 @@
 
     python tools/bench.py                              # SmolLM2-135M (embedded), fp32, batch 8, 120-token prefix
     python tools/bench.py --base preset:tiny --repeats 3 --out /tmp/bench.json
+    python tools/bench.py --device cuda                # on the GPU (tools/gpu_check.py's `peft` part)
 
 Same base, same batches, one process. Each measured step is forward + backward + AdamW on the trainables; after
 a warm-up the candidates run interleaved (A B C A B C ...) so background load hits them alike, and the median is
@@ -251,7 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="docs/bench/bench.json")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="where the candidates run; auto: tagscale.dist.device(). cuda/cpu make a run on the other "
+                             "an error instead of a silent comparison on the wrong device (cpu on a GPU machine: set "
+                             "CUDA_VISIBLE_DEVICES=\"\")")
     args = parser.parse_args(argv)
+    if args.device != "auto" and dist.device().type != args.device:
+        raise UserError(f"--device {args.device}: this process computes on {dist.device()} "
+                        + ("(no CUDA GPU visible)" if args.device == "cuda" else "(run with CUDA_VISIBLE_DEVICES=\"\")"))
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

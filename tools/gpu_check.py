@@ -207,6 +207,21 @@ PREDICT = {2: ("# # Input: The SMILES of the molecule is <SMILES> {smiles}. \\n#
                                                                         {"src": "Good morning."}])}
 
 
+def inference_outputs(run_dir: Path, template: Optional[str], records: list[dict], env: dict, scratch: Path) -> dict:
+    """`tagscale.evaluate --run --json` on a run folder and, given a template, `tagscale.predict` on `records`, in
+    the environment `env` (CUDA hidden or not): their parsed outputs."""
+    evaluated = _run([sys.executable, "-m", "tagscale.evaluate", "--run", str(run_dir), "--json"], env)
+    result = {"evaluate": json.loads(evaluated.stdout[evaluated.stdout.index("{"):])}
+    if template:
+        scratch.mkdir(parents=True, exist_ok=True)
+        (scratch / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        _run([sys.executable, "-m", "tagscale.predict", "--runs", str(run_dir), "--template", template,
+              "--input", str(scratch / "inputs.jsonl"), "--output", str(scratch / "predictions.jsonl"),
+              "--max_new_tokens", "8"], env)
+        result["predict"] = [json.loads(line) for line in (scratch / "predictions.jsonl").read_text().splitlines()]
+    return result
+
+
 def part_stages(out: Path) -> dict:
     out = out / "stages"
     results: dict = {"tolerance": {"rtol": STAGES_RTOL, "atol": STAGES_ATOL}, "stages": {}}
@@ -219,17 +234,8 @@ def part_stages(out: Path) -> dict:
         proc = _launch(f"tagscale/recipes/demo_stage{stage}.yaml", *overrides)
         if proc.returncode != 0:
             raise RuntimeError(f"stage {stage} training exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-        outputs = {}
-        for where, env in (("gpu", {}), ("cpu", {"CUDA_VISIBLE_DEVICES": ""})):
-            evaluated = _run([sys.executable, "-m", "tagscale.evaluate", "--run", str(run_dir), "--json"], env)
-            outputs[where] = {"evaluate": json.loads(evaluated.stdout[evaluated.stdout.index("{"):])}
-            if stage in PREDICT:
-                template, records = PREDICT[stage]
-                (out / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-                target = out / f"predict{stage}_{where}.jsonl"
-                _run([sys.executable, "-m", "tagscale.predict", "--runs", str(run_dir), "--template", template,
-                      "--input", str(out / "inputs.jsonl"), "--output", str(target), "--max_new_tokens", "8"], env)
-                outputs[where]["predict"] = [json.loads(line) for line in target.read_text().splitlines()]
+        outputs = {where: inference_outputs(run_dir, *PREDICT.get(stage, (None, [])), env, out / f"{stage}_{where}")
+                   for where, env in (("gpu", {}), ("cpu", {"CUDA_VISIBLE_DEVICES": ""}))}
         numbers, strings, compared = compare(outputs["gpu"], outputs["cpu"], STAGES_RTOL, STAGES_ATOL)
         results["stages"][stage] = {"numbers_compared": compared, "numbers_differing": numbers,
                                     "strings_differing": strings, "gpu": outputs["gpu"], "cpu": outputs["cpu"]}
@@ -320,7 +326,9 @@ def part_peft(out: Path) -> dict:
     import bench
 
     target = out / "bench.json"
-    bench.main(["--base", "embedded:smollm2-135m", "--repeats", "5", "--out", str(target)])  # on dist.device(): cuda
+    code = bench.main(["--base", "embedded:smollm2-135m", "--repeats", "5", "--device", "cuda", "--out", str(target)])
+    if code != 0:
+        raise RuntimeError(f"tools/bench.py exited {code}")
     result = json.loads(target.read_text())
     head = result["ratios"]["tagscale / PEFT prompt tuning, head task (goal <= 0.5)"]
     text = result["ratios"]["tagscale / PEFT prompt tuning, text task (goal <= 0.6)"]
