@@ -177,16 +177,19 @@ def _run(cmd: list[str], env: Optional[dict] = None, timeout: int = 480) -> subp
     return proc
 
 
-def _launch(recipe: str, *overrides: str, ds_config: str = "ds_configs/zero3_bf16.json",
+def _launch(recipe: str, run_dir: Path, *overrides: str, ds_config: str = "ds_configs/zero3_bf16.json",
             timeout: int = 480) -> subprocess.CompletedProcess:
-    """One rank through the real launcher, as a GPU user runs a stage."""
+    """One rank through the real launcher, as a GPU user runs a stage, into a fresh `run_dir`."""
+    import shutil
     import socket
+
+    shutil.rmtree(run_dir, ignore_errors=True)  # train.resume: auto would resume an earlier (--force) call's run
 
     with socket.socket() as sock:  # a fresh port per launch: the previous launch's may linger in TIME_WAIT
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = ["deepspeed", "--num_gpus", "1", "--master_port", str(port), "tagscale/train.py", "--ds_config", ds_config,
-           "--config", recipe, *overrides]
+           "--config", recipe, f"output.dir={run_dir}", *overrides]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "TAGSCALE_PROGRESS": "0", "WANDB_MODE": "disabled"})
 
@@ -228,10 +231,10 @@ def part_stages(out: Path) -> dict:
     for stage in (1, 2, 3):
         run_dir = out / f"stage{stage}"
         earlier = ",".join(str(out / f"stage{s}") for s in range(stage - 1, 0, -1))
-        overrides = [f"output.dir={run_dir}", "base.dtype=bfloat16", *STAGE_OVERRIDES[stage]]
+        overrides = ["base.dtype=bfloat16", *STAGE_OVERRIDES[stage]]
         if earlier:
             overrides.append(f"from_runs=[{earlier}]")
-        proc = _launch(f"tagscale/recipes/demo_stage{stage}.yaml", *overrides)
+        proc = _launch(f"tagscale/recipes/demo_stage{stage}.yaml", run_dir, *overrides)
         if proc.returncode != 0:
             raise RuntimeError(f"stage {stage} training exited {proc.returncode}:\n{proc.stderr[-3000:]}")
         outputs = {where: inference_outputs(run_dir, *PREDICT.get(stage, (None, [])), env, out / f"{stage}_{where}")
@@ -296,7 +299,7 @@ def part_mfu(out: Path, card: str) -> dict:
     rows, micro, oom_at = {}, 1, None
     while micro <= 64:
         run_dir = out / "mfu" / f"mb{micro}"
-        proc = _launch("tools/recipes/gpu_7b.yaml", f"output.dir={run_dir}", f"train.micro_batch={micro}",
+        proc = _launch("tools/recipes/gpu_7b.yaml", run_dir, f"train.micro_batch={micro}",
                        f"train.global_batch={micro}", "train.steps=6")
         if proc.returncode != 0:
             if "out of memory" in (proc.stdout + proc.stderr).lower() and micro > 1:
