@@ -16,15 +16,29 @@ ROOT = Path(__file__).resolve().parents[1]
 os.chdir(ROOT)  # recipes name data and run folders relative to the repository root
 os.environ.setdefault("TAGSCALE_PROGRESS", "0")
 
+# Where the device-agnostic tests (test_hook.py, test_prefix_split.py) run: the CPU here and in CI;
+# tools/gpu_check.py's `hooks` part sets TAGSCALE_TEST_DEVICE=cuda to run the same tests, tolerances included,
+# on a GPU.
+DEVICE = torch.device(os.environ.get("TAGSCALE_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":
+    # fp32 references at the CPU tolerances: TF32 matmuls (10-bit mantissa) would fail them by design, not by bug
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def on_device(batch: dict) -> dict:
+    """A collated batch on DEVICE (tensors moved, anything else kept)."""
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
 
 @pytest.fixture(scope="session")
 def tiny_base():
-    """The `tiny` shape preset with its byte tokenizer, in fp32, eval mode."""
+    """The `tiny` shape preset with its byte tokenizer, in fp32, eval mode, on DEVICE."""
     from tagscale.bases import load_base
     from tagscale.config import BaseConfig
 
     base = load_base(BaseConfig(preset="tiny"))
-    base.model.eval()
+    base.model.to(DEVICE).eval()
     return base
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import DEVICE, on_device
 from tagscale.data import collate, Example
 from tagscale.model import TaggedModel
 from tagscale.tags import TagBank, TagSpec
@@ -20,7 +21,7 @@ def tagged(tiny_base):
     with torch.no_grad():
         for spec in SPECS:
             bank.param(spec.name).normal_()
-    model = TaggedModel(tiny_base.model, bank, [], uses_lm_head=True)
+    model = TaggedModel(tiny_base.model, bank, [], uses_lm_head=True).to(DEVICE)
     yield model
     model.splice.remove()
 
@@ -35,7 +36,7 @@ def segments(bank):
 def by_hand(model, example) -> torch.Tensor:
     """Reference: torch.cat of token embeddings and tag vectors."""
     embed = model.base.get_input_embeddings()
-    parts = [model.bank.param(s) if isinstance(s, str) else embed(torch.tensor(s)) for s in example]
+    parts = [model.bank.param(s) if isinstance(s, str) else embed(torch.tensor(s, device=DEVICE)) for s in example]
     return torch.cat(parts, dim=0)
 
 
@@ -49,9 +50,9 @@ def ids_of(model, example) -> list[int]:
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_hooked_forward_equals_hand_built_inputs_embeds(tagged, side):
     exs = segments(tagged.bank)
-    batch = collate([Example(ids_of(tagged, e), [-100] * len(ids_of(tagged, e)), 0) for e in exs], 0, side)
+    batch = on_device(collate([Example(ids_of(tagged, e), [-100] * len(ids_of(tagged, e)), 0) for e in exs], 0, side))
     mask = batch["attention_mask"]
-    ref = torch.zeros(len(exs), mask.shape[1], tagged.bank.hidden_size)
+    ref = torch.zeros(len(exs), mask.shape[1], tagged.bank.hidden_size, device=DEVICE)
     for i, e in enumerate(exs):
         vecs = by_hand(tagged, e)
         cols = mask[i].nonzero().squeeze(1)
@@ -73,7 +74,8 @@ def test_left_and_right_padding_agree(tagged):
     exs = segments(tagged.bank)
     out = {}
     for side in ("left", "right"):
-        batch = collate([Example(ids_of(tagged, e), [-100] * len(ids_of(tagged, e)), 0) for e in exs], 0, side)
+        batch = on_device(collate([Example(ids_of(tagged, e), [-100] * len(ids_of(tagged, e)), 0) for e in exs], 0,
+                                  side))
         with torch.no_grad():
             logits = tagged.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  position_ids=batch["position_ids"]).logits
@@ -84,7 +86,7 @@ def test_left_and_right_padding_agree(tagged):
 
 def test_generate_with_tags_matches_inputs_embeds(tagged):
     example = [[5, 6], "<A>", [7, 8], "<B>"]
-    ids = torch.tensor([ids_of(tagged, example)])
+    ids = torch.tensor([ids_of(tagged, example)], device=DEVICE)
     with torch.no_grad():
         hooked = tagged.base.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
                                       do_sample=False, pad_token_id=0)
@@ -98,7 +100,7 @@ def test_generate_with_tags_matches_inputs_embeds(tagged):
 
 def test_gradient_reaches_only_trainable_tags(tagged):
     exs = segments(tagged.bank)
-    batch = collate([Example(ids_of(tagged, e), [3] * len(ids_of(tagged, e)), 0) for e in exs], 0, "right")
+    batch = on_device(collate([Example(ids_of(tagged, e), [3] * len(ids_of(tagged, e)), 0) for e in exs], 0, "right"))
     tagged.base.train()
     loss = tagged(**batch)
     loss.backward()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import DEVICE, on_device
 from tagscale.data import Example, collate
 from tagscale.model import HeadSpec, TaggedModel
 from tagscale.tags import TagBank, TagSpec
@@ -23,7 +24,7 @@ def build(tiny_base, text: bool):
     model = TaggedModel(tiny_base.model, bank, heads, uses_lm_head=text)
     if not text:
         torch.nn.init.normal_(model.heads[0].linear.weight)
-    return model
+    return model.to(DEVICE)
 
 
 def examples(model, text: bool) -> list[Example]:
@@ -54,7 +55,7 @@ def test_prefix_split_gradients_equal_full_backward(tiny_base, text):
     grads, losses = {}, {}
     for split in (False, True):
         model.zero_grad(set_to_none=True)
-        batch = collate(batch_ex, 0, "right", split_layout=split)
+        batch = on_device(collate(batch_ex, 0, "right", split_layout=split))
         if split:
             assert int(batch["prefix_len"]) == max(e.split for e in batch_ex) > 0
         loss = model(**batch)

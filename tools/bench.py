@@ -2,6 +2,7 @@
 
     python tools/bench.py                              # SmolLM2-135M (embedded), fp32, batch 8, 120-token prefix
     python tools/bench.py --base preset:tiny --repeats 3 --out /tmp/bench.json
+    python tools/bench.py --device cuda                # on the GPU (tools/gpu_check.py's `peft` part)
 
 Same base, same batches, one process. Each measured step is forward + backward + AdamW on the trainables; after
 a warm-up the candidates run interleaved (A B C A B C ...) so background load hits them alike, and the median is
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: gpu_check's card table
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -54,11 +56,11 @@ def saved_bytes(step: Callable[[], torch.Tensor]) -> int:
 def peak_flops() -> tuple[float, str]:
     """Dense matmul FLOP/s this device reaches (the MFU denominator), and how it was obtained."""
     if torch.cuda.is_available():
+        from gpu_check import card_peak_flops  # the one card -> peak table (tools/ is on sys.path, see above)
+
         name = torch.cuda.get_device_name()
-        table = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-        for key, value in table.items():
-            if key in name:
-                return value, f"{name} dense bf16 peak"
+        if card_peak_flops(name):
+            return card_peak_flops(name), f"{name} dense bf16 peak"
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):
@@ -250,7 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="docs/bench/bench.json")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="where the candidates run; auto: tagscale.dist.device(). cuda/cpu make a run on the other "
+                             "an error instead of a silent comparison on the wrong device (cpu on a GPU machine: set "
+                             "CUDA_VISIBLE_DEVICES=\"\")")
     args = parser.parse_args(argv)
+    if args.device != "auto" and dist.device().type != args.device:
+        raise UserError(f"--device {args.device}: this process computes on {dist.device()} "
+                        + ("(no CUDA GPU visible)" if args.device == "cuda" else "(run with CUDA_VISIBLE_DEVICES=\"\")"))
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
