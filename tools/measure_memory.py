@@ -1,4 +1,4 @@
-"""Measure the trainer's peak memory per rank on this machine and set it beside tools/plan.py's prediction.
+"""Measure the trainer's peak memory per rank on this machine and set it beside tagscale.planner's prediction (tools/plan.py).
 
     python tools/measure_memory.py --cases ci                     # llama-350m, fp32, 1 rank (~1 min; the CI test)
     python tools/measure_memory.py --cases small --out docs/planner # llama-100m and llama-350m (~2 min)
@@ -28,13 +28,10 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "tools"))
-
-from plan import GIB, Setup, plan, resolve_shape  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the checkout's own package, also when another checkout is the installed one
 
 from tagscale.errors import UserError, run_cli  # noqa: E402
+from tagscale.planner import GIB, Setup, plan, resolve_shape  # noqa: E402
 
 RECIPE = "tagscale/recipes/scaling_memory.yaml"
 TAG_VECTORS = 10  # the recipe's two tags of p = 5

@@ -4,7 +4,7 @@
         --out runs/sweep [--cost-bases tiny,llama-100m] [--slurm] [--report docs/scaling] [-- key=value ...]
     python tools/sweep.py report --out runs/sweep --report docs/scaling
 
-A base is a shape preset (tagscale.bases.SHAPES: random init), ``embedded:<name>`` or a local Hugging Face folder.
+A base is a shape preset (tagscale.shapes.SHAPES: random init), ``embedded:<name>`` or a local Hugging Face folder.
 Run folders: <out>/<recipe stem>/<method>/<base name>/stage<N> (the layout slurm/sweep.sh makes); runs already
 complete are skipped, so the same command resumes an interrupted sweep (a changed recipe or override wants a new
 --out: a complete folder is not compared with the new config). --cost-bases adds random-init shapes on the
@@ -38,6 +38,7 @@ if __package__ in (None, ""):
 from tagscale.errors import UserError, nearest, run_cli  # noqa: E402
 from tagscale.metrics import to_json  # noqa: E402
 from tagscale.scaling import finding, result_rows  # noqa: E402
+from tagscale.shapes import SHAPES  # noqa: E402
 
 METHODS = ("tag_llm", "prompt_tuning", "linear_probe", "expert")
 """`expert` uses no LLM: its run folder sits under each base like the others' (expert/<base name>/), its row has 0
@@ -91,10 +92,7 @@ def base_overrides(base: str) -> list[str]:
 
 def check_base(base: str) -> None:
     """Fail before anything runs: an unknown preset, embedded name or folder is one clear line."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from plan import preset_shapes
-
-    shapes = preset_shapes()
+    shapes = SHAPES
     if base.startswith("embedded:"):
         from tagscale.embedded import EMBEDDED_BASES
 
