@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # the checkout's own package, also when another checkout is the installed one
 
 from tagscale.errors import UserError, nearest, run_cli  # noqa: E402
+from tagscale.launch import launch_env  # noqa: E402
+from tagscale.launch import trainer_command as launch_command  # noqa: E402
 from tagscale.metrics import to_json  # noqa: E402
 from tagscale.scaling import finding, result_rows  # noqa: E402
 from tagscale.shapes import SHAPES  # noqa: E402
@@ -44,8 +45,6 @@ METHODS = ("tag_llm", "prompt_tuning", "linear_probe", "expert")
 """`expert` uses no LLM: its run folder sits under each base like the others' (expert/<base name>/), its row has 0
 parameters and joins every base's comparison (tagscale.scaling), and the plots draw it as a flat line."""
 COST_GROUP = "cost"  # the folder of the random-init cost-curve runs
-LAUNCH_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
-               "CROSS_SIZE", "LOCAL_WORLD_SIZE"}
 REGRESSION_METRICS = ("mse", "mae", "pearson", "spearman", "r2")
 CLASSIFICATION_METRICS = ("accuracy", "roc_auc")
 GIB = 1024**3
@@ -160,20 +159,16 @@ def is_complete(run_dir: Path) -> bool:
 # Running: here, one after another, or as Slurm job arrays
 
 def trainer_command(job: Job, ds_config: str, ranks: int) -> list[str]:
-    if ranks == 1:
-        cmd = [sys.executable, "-m", "tagscale.train"]
-    else:
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "tagscale/train.py"]
-    return cmd + ["--ds_config", ds_config, "--config", str(job.recipe), f"output.dir={job.run_dir}",
-                  *base_overrides(job.base), *job.overrides]
+    """The job's trainer command: its run folder and base, then the sweep's overrides."""
+    return launch_command(str(job.recipe), [f"output.dir={job.run_dir}", *base_overrides(job.base), *job.overrides],
+                          ds_config=ds_config, ranks=ranks)
 
 
 def run_local(jobs: list[Job], ds_config: str, ranks: int) -> list[dict]:
     """Run each job in turn (skipping complete ones); a failed run is logged and the sweep goes on."""
     from tqdm import tqdm
 
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.setdefault("TAGSCALE_PROGRESS", "0")
+    env = launch_env(TAGSCALE_PROGRESS="0")
     results = []
     bar = tqdm(jobs, desc="sweep", unit="run", dynamic_ncols=True)
     for job in bar:
