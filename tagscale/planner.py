@@ -25,7 +25,7 @@ GIB = 1024**3
 # Bytes saved for backward per token per decoder layer of a frozen LLaMA layer (SDPA, no checkpointing): fitted on
 # torch 2.13 CPU with saved_tensors_hooks over shapes varying hidden h, intermediate I and kv width separately;
 # every fitted shape is reproduced to within 1%. bf16 keeps extra fp32 copies inside RMSNorm, hence the larger
-# per-h coefficient. 7B in bf16: 33.2 B per token*hidden*layer (the notes' 33.3).
+# per-h coefficient. 7B in bf16: 33.2 B per token*hidden*layer.
 SAVED_PER_TOKEN_LAYER = {  # bytes = h_coef*h + i_coef*I + kv_coef*kv_width + const
     "bf16": {"h": 13.07, "I": 6.0, "kv": 4.0, "const": 69.0},
     "fp32": {"h": 17.06, "I": 12.0, "kv": 8.0, "const": 154.0},

@@ -95,7 +95,7 @@ def run_case(case: Case, workdir: Path, timeout: int) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise UserError(f"{case.label}: the trainer exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
-    return read_run(run_dir)
+    return read_measured_run(run_dir)
 
 
 def compare(case: Case, measured: dict) -> dict:
@@ -140,7 +140,7 @@ def measure(cases: list[Case], workdir: Path, timeout: int = 1800) -> list[dict]
     return rows
 
 
-def read_run(run_dir: Path) -> dict:
+def read_measured_run(run_dir: Path) -> dict:
     """A finished measurement run's run.json and metrics.jsonl."""
     meta = json.loads((run_dir / "run.json").read_text())
     steps = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
