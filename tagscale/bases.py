@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from tagscale.cache import cache_dir
 from tagscale.config import BaseConfig
 from tagscale.errors import UserError, nearest
+from tagscale.planner import resolve_shape
 from tagscale.shapes import SHAPES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub, even by accident
@@ -63,12 +64,9 @@ CACHED_PRESET_LIMIT = 1_500_000_000  # parameters; fp32 on disk: 6 GB at most
 
 
 def preset_params(name: str) -> int:
-    """Parameter count of a shape preset, from its config alone."""
-    c = preset_config(name)
-    head_dim = c.hidden_size // c.num_attention_heads
-    attention = c.hidden_size * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    layer = attention + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
-    return c.num_hidden_layers * layer + 2 * c.vocab_size * c.hidden_size + c.hidden_size
+    """Parameter count of a shape preset, from its shape alone: the planner's count (one formula for both)."""
+    preset_config(name)  # an unknown name is the base.preset error, not the planner's
+    return resolve_shape(name).total_params
 
 
 def preset_folder(name: str, seed: int) -> Path:
