@@ -17,31 +17,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from tagscale.cache import cache_dir
 from tagscale.config import BaseConfig
 from tagscale.errors import UserError, nearest
+from tagscale.planner import resolve_shape
+from tagscale.shapes import SHAPES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub, even by accident
-
-# Random-init shapes. LLaMA shapes follow the published configs (vocab 32000); the small ones serve tests and
-# the cost curve of the scaling sweep.
-SHAPES: dict[str, dict] = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512),
-    "llama-20m": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=32000),
-    "llama-100m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                       num_key_value_heads=8, vocab_size=32000),
-    "llama-350m": dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=16, num_attention_heads=16,
-                       num_key_value_heads=16, vocab_size=32000),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16,
-                     num_key_value_heads=16, vocab_size=32000),
-    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32000),
-    "llama-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                      num_key_value_heads=40, vocab_size=32000),
-    "llama-34b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48, num_attention_heads=64,
-                      num_key_value_heads=8, vocab_size=32000),
-    "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                      num_key_value_heads=8, vocab_size=32000),
-}
 
 
 @dataclass
@@ -85,12 +64,9 @@ CACHED_PRESET_LIMIT = 1_500_000_000  # parameters; fp32 on disk: 6 GB at most
 
 
 def preset_params(name: str) -> int:
-    """Parameter count of a shape preset, from its config alone."""
-    c = preset_config(name)
-    head_dim = c.hidden_size // c.num_attention_heads
-    attention = c.hidden_size * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    layer = attention + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
-    return c.num_hidden_layers * layer + 2 * c.vocab_size * c.hidden_size + c.hidden_size
+    """Parameter count of a shape preset, from its shape alone: the planner's count (one formula for both)."""
+    preset_config(name)  # an unknown name is the base.preset error, not the planner's
+    return resolve_shape(name).total_params
 
 
 def preset_folder(name: str, seed: int) -> Path:

@@ -12,11 +12,11 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from tagscale.errors import UserError, run_cli
+from tagscale.launch import trainer_command
 
 RECIPES = Path(__file__).parent / "recipes"
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
@@ -27,9 +27,9 @@ def run_stage(stage: int, out: Path, ds_config: str, ranks: int, extra: list[str
     earlier = [str(out / f"stage{s}") for s in range(stage - 1, 0, -1)]
     overrides = [f"output.dir={out / f'stage{stage}'}", f"from_runs=[{','.join(earlier)}]"] if stage > 1 else \
         [f"output.dir={out / 'stage1'}"]
-    entry = [sys.executable, "-m", "tagscale.train"] if ranks == 1 else \
-        ["deepspeed", "--num_gpus", str(ranks), str(Path(__file__).parent / "train.py")]
-    cmd = entry + ["--ds_config", ds_config, "--config", str(RECIPES / f"demo_stage{stage}.yaml"), *overrides, *extra]
+    # the launcher is given train.py's own path: the demo may be started from any folder
+    cmd = trainer_command(str(RECIPES / f"demo_stage{stage}.yaml"), [*overrides, *extra], ds_config=ds_config,
+                          ranks=ranks, script=str(Path(__file__).parent / "train.py"))
     print(f"\n== stage {stage}: {' '.join(cmd[1:] if ranks == 1 else cmd)}", flush=True)
     started = time.perf_counter()
     code = subprocess.call(cmd)

@@ -6,7 +6,7 @@ of greedy `generate` output with the tags in the prompt. Next-token tasks (stage
 Beside each task can stand its baselines: the run's starting point (initial tags, untrained heads) and a
 closed-form ridge probe on the frozen base's last prompt token (no tags), fitted on the training set.
 
-    python -m tagscale.evaluate --runs runs/stage3 [--ds_config ds_configs/zero3_cpu.json] [--config recipe.yaml]
+    python -m tagscale.evaluate --run runs/stage3 [--limit N] [--json]   # one process; the recipe is the run's own
 """
 
 from __future__ import annotations

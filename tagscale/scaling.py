@@ -1,4 +1,8 @@
-"""The scaling sweep's results and its finding, from the runs' eval.json: pure functions, no torch.
+"""The scaling sweep's run folders read back, their results and finding: pure functions, no torch, no matplotlib.
+
+tools/sweep.py writes the run folders <out>/<group>/<method>/<base name>/stage<N>; `gather` reads each complete
+one into a RunRow (run.json, metrics.jsonl, eval.json), `table` is the report's table, `result_rows` and `finding`
+its headline numbers. tagscale.report draws the plots and writes the report.
 
 Every compared number carries its 95% bootstrap interval over the test examples; a method beats another only when
 the paired-bootstrap interval of their difference (the same test examples resampled for both) excludes zero.
@@ -7,9 +11,153 @@ The bar every method must clear is `mean`: the training-label mean, which an unt
 
 from __future__ import annotations
 
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from tagscale.metrics import classification_metrics, paired_difference, regression_metrics
+
+METHODS = ("tag_llm", "prompt_tuning", "linear_probe", "expert")
+"""`expert` uses no LLM: its run folder sits under each base like the others' (expert/<base name>/), its row has 0
+parameters and joins every base's comparison (result_rows, finding), and the plots draw it as a flat line."""
+COST_GROUP = "cost"  # the folder of the random-init cost-curve runs
+REGRESSION_METRICS = ("mse", "mae", "pearson", "spearman", "r2")
+CLASSIFICATION_METRICS = ("accuracy", "roc_auc")
+GIB = 1024**3
+FORMULA_TASKS = ("qed", "descriptor")
+"""Built-in tasks whose labels are formulas of the input (RDKit's QED, peptides' BLOSUM1): marked in the finding."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the run folders
+
+@dataclass
+class RunRow:
+    """One run folder, read back."""
+
+    group: str
+    method: str
+    base: str
+    source: str
+    parameters: int
+    random_init: bool
+    trainable: int
+    steps: int
+    tokens_per_s: Optional[float]
+    step_s: Optional[float]
+    peak_rss_bytes: Optional[int]
+    peak_accel_bytes: Optional[int]
+    world_size: int
+    skipped_too_long: dict
+    metrics: dict[str, dict] = field(default_factory=dict)  # task -> trained metrics
+    initial: dict[str, dict] = field(default_factory=dict)  # task -> metrics before training (head at zero: the mean)
+    folder: str = ""
+    global_batch: int = 0
+    validation: list[dict] = field(default_factory=list)  # metrics.jsonl's validation records: step, val/<task>/<metric>
+
+
+def _median_after_first(values: list[float]) -> Optional[float]:
+    """The first step includes DeepSpeed's parameter tracing and warm-up; the median of the rest is the rate."""
+    values = values[1:] if len(values) > 1 else values
+    return statistics.median(values) if values else None
+
+
+def complete_meta(run_dir: Path) -> Optional[dict]:
+    """The run.json of a run folder whose status is complete; None for a missing, unreadable or unfinished one."""
+    try:
+        meta = json.loads((run_dir / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return meta if meta.get("status") == "complete" else None
+
+
+def is_complete(run_dir: Path) -> bool:
+    """run.json says complete, and eval.json is there unless the run evaluates nothing (the sweep skips it)."""
+    meta = complete_meta(run_dir)
+    if meta is None:
+        return False
+    evaluates = meta.get("config", {}).get("evaluation", {}).get("enabled", True)
+    return not evaluates or (run_dir / "eval.json").is_file()
+
+
+def read_run(run_dir: Path, out: Path) -> Optional[RunRow]:
+    """A row from a complete run folder (None for one that is not complete)."""
+    meta = complete_meta(run_dir)
+    if meta is None:
+        return None
+    records = []
+    if (run_dir / "metrics.jsonl").is_file():
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics, initial = {}, {}
+    if (run_dir / "eval.json").is_file():
+        for task, models in json.loads((run_dir / "eval.json").read_text()).items():
+            if "trained" in models:
+                metrics[task] = models["trained"]
+            if "initial" in models:
+                initial[task] = models["initial"]
+    rel = run_dir.relative_to(out).parts
+    config = meta.get("config", {})
+    base = meta.get("base", {})
+    return RunRow(
+        group=rel[0], method=config.get("method", "tag_llm"), base=rel[2] if len(rel) > 2 else base.get("source", "?"),
+        source=str(base.get("source", "?")), parameters=int(base.get("num_parameters", 0)),
+        random_init=str(base.get("source", "")).startswith("preset:"), trainable=int(meta.get("trainable_parameters", 0)),
+        steps=int(meta.get("step", 0)),
+        tokens_per_s=_median_after_first([r["tokens_per_s"] for r in records if "tokens_per_s" in r]),
+        step_s=_median_after_first([r["step_s"] for r in records if "step_s" in r]),
+        peak_rss_bytes=meta.get("peak_rss_bytes"), peak_accel_bytes=meta.get("peak_accel_bytes"),
+        world_size=int(meta.get("world_size", 1)), skipped_too_long=meta.get("skipped_too_long", {}),
+        metrics=metrics, initial=initial, folder=str(run_dir.relative_to(out)),
+        global_batch=int(config.get("train", {}).get("global_batch", 0)),
+        validation=[r for r in records if "val_score" in r])
+
+
+def gather(out: Path) -> list[RunRow]:
+    rows = [read_run(p.parent, out) for p in sorted(out.rglob("run.json"))]
+    return sorted((r for r in rows if r is not None), key=lambda r: (r.group, r.parameters, METHODS.index(r.method)
+                                                                      if r.method in METHODS else 9))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+
+def _fmt(value: Optional[float], digits: int = 4) -> str:
+    return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
+
+
+def _with_interval(values: dict, metric: str) -> str:
+    interval = (values.get("ci95") or {}).get(metric)
+    return _fmt(values.get(metric)) + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
+
+
+def without_outputs(run: dict) -> dict:
+    """A run for runs.json without the per-example outputs and targets (results.json and the finding use them)."""
+    strip = lambda by_task: {t: {k: v for k, v in m.items() if k not in ("outputs", "targets")} for t, m in by_task.items()}
+    return run | {"metrics": strip(run["metrics"]), "initial": strip(run["initial"])}
+
+
+def table(rows: list[RunRow]) -> str:
+    """One line per run and task (cost-curve runs: one line, no metrics)."""
+    head = ["group", "task", "base", "parameters", "method", "trainable", *REGRESSION_METRICS, *CLASSIFICATION_METRICS,
+            "mean predictor mse", "test n", "kept step", "tokens/s", "step s", "peak RSS GiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|---|---:|" + "---:|" * 13]
+    for r in rows:
+        cost = [_fmt(r.tokens_per_s, 0), _fmt(r.step_s, 2),
+                _fmt(r.peak_rss_bytes / GIB if r.peak_rss_bytes else None, 2)]
+        for task, values in (r.metrics.items() or [("–", {})]):
+            cells = [_with_interval(values, m) for m in REGRESSION_METRICS + CLASSIFICATION_METRICS]
+            cells += [_with_interval(r.initial.get(task, {}), "mse"), str(values.get("n", "–")),
+                      str((values.get("selected") or {}).get("best_step", "–"))]
+            lines.append("| " + " | ".join([r.group, task, r.base, f"{r.parameters / 1e6:,.1f} M", r.method,
+                                            f"{r.trainable:,}", *cells, *cost]) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Comparing methods
 
 LOWER_IS_BETTER = {"mse": True, "mae": True, "accuracy": False, "r2": False}
 HEADLINE = ("mse", "accuracy")

@@ -1,6 +1,6 @@
 """Train one stage of Tag-LLM on a frozen base under DeepSpeed.
 
-    deepspeed tagscale/train.py --ds_config ds_configs/zero3_bf16.json --config recipes/stage2_qed.yaml [key=value ...]
+    deepspeed tagscale/train.py --ds_config ds_configs/zero3_bf16.json --config tagscale/recipes/demo_stage2.yaml [key=value ...]
     deepspeed --num_gpus 2 tagscale/train.py --ds_config ds_configs/zero3_cpu.json --config ...   # CPU, 2 ranks
     python -m tagscale.train --ds_config ds_configs/zero3_cpu.json --config ...                   # one process
 """

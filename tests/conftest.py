@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -48,20 +47,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-LAUNCH_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
-               "CROSS_SIZE", "LOCAL_WORLD_SIZE"}
-
-
 def train_command(recipe: str, *overrides: str, ranks: int = 1,
                   ds_config: str = "ds_configs/zero3_cpu.json") -> tuple[list[str], dict[str, str]]:
     """The command line and environment of a user's run: `python -m tagscale.train` or the `deepspeed` launcher."""
-    if ranks == 1:
-        cmd = [sys.executable, "-m", "tagscale.train"]
-    else:
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), "tagscale/train.py"]
-    cmd += ["--ds_config", ds_config, "--config", recipe, *overrides]
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}  # an in-process world must not leak in
-    return cmd, env
+    from tagscale.launch import launch_env, trainer_command
+
+    cmd = trainer_command(recipe, overrides, ds_config=ds_config, ranks=ranks,
+                          master_port=free_port() if ranks > 1 else None)
+    return cmd, launch_env()  # an in-process world must not leak in
 
 
 def train(recipe: str, *overrides: str, ranks: int = 1, ds_config: str = "ds_configs/zero3_cpu.json",

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tagscale import expert, sources
+from tagscale.launch import trainer_command
 from tagscale.metrics import binary_roc_auc, classification_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ def private_cache(tmp_path, monkeypatch):
 def run_expert(*overrides: str) -> subprocess.CompletedProcess:
     """`python -m tagscale.train --config ... ` as a user runs it (no --ds_config: the expert needs none)."""
     env = dict(os.environ, TAGSCALE_PROGRESS="0")
-    return subprocess.run([sys.executable, "-m", "tagscale.train", "--config", RECIPE, *overrides], cwd=ROOT,
+    return subprocess.run(trainer_command(RECIPE, overrides, ds_config=None), cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env=env)
 
 

@@ -1,4 +1,4 @@
-"""tools/plan.py: the arithmetic against numbers worked out by hand for the LLaMA-7B shape, the parameter count
+"""tagscale.planner and tools/plan.py: the arithmetic against numbers worked out by hand for the LLaMA-7B shape, the parameter count
 against transformers, the recommendation, the CLI, and (CI-sized) predicted vs measured peak RSS of a real run.
 
 The full measurement (llama-1b, and the LLaMA-7B shape in bf16 on 2 CPU ranks under ZeRO-3, ~10 minutes) is not a
@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+from tagscale import planner
 
-import plan as planner  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LLAMA_7B_PARAMS = 6_738_415_616  # the published LLaMA-7B count
 LAYER_7B = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # attention + gated MLP + 2 RMSNorms = 202,383,360
@@ -199,6 +198,7 @@ def test_cli_bad_input_is_one_line(args, words):
 
 def test_predicted_peak_within_15_percent_of_measured(tmp_path):
     """A real run (llama-350m, fp32, 1 rank, ZeRO-3, 3 steps): the planner's peak RSS within 15% of getrusage's."""
+    sys.path.insert(0, str(ROOT / "tools"))  # the tool's own runner of the measured case, as a module
     import measure_memory
 
     rows = measure_memory.measure(measure_memory.CASES["ci"], tmp_path)

@@ -295,8 +295,7 @@ def test_hpz_bytes_across_nodes(work2, pipeline2, tmp_path):
     tmp, env = work2
     if env["TAGSCALE_SLURM_MODE"] != "netns":
         pytest.skip("loopback mode: no per-node link whose bytes could be counted")
-    sys.path.insert(0, str(ROOT / "tools"))
-    import plan as planner
+    from tagscale import planner
 
     # the large-base regime on the tiny base: every tensor partitioned (threshold 0) and released between forward
     # and backward (reuse distance 0), so each weight is gathered twice per micro-batch as a 70B's is

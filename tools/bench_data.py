@@ -23,6 +23,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout's own package, also when another checkout is the installed one
+
+from tagscale.launch import trainer_command  # noqa: E402
+
 RESIDUES = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
 BEFORE = {1_000_000: (349.0, 6.3e9), 100_000: (48.0, 1.1e9)}
 """The issue's numbers before (wall s to step 2, peak RSS bytes a rank), for the ratios at those sizes."""
@@ -55,11 +59,7 @@ def run_stage(out: Path, name: str, data: Path, ranks: int, length: int) -> tupl
     recipe = out / f"{name}.yaml"
     recipe.write_text(RECIPE.format(data=data, batch=2 * ranks, max_length=length + 8, out=out / name))
     env = dict(os.environ, TAGSCALE_CACHE=str(out / "cache"), TAGSCALE_PROGRESS="0")
-    if ranks > 1:
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "tagscale/train.py"]
-    else:
-        cmd = [sys.executable, "-m", "tagscale.train"]
-    cmd += ["--ds_config", "ds_configs/zero3_cpu.json", "--config", str(recipe)]
+    cmd = trainer_command(str(recipe), ds_config="ds_configs/zero3_cpu.json", ranks=ranks)
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started

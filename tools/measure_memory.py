@@ -1,4 +1,4 @@
-"""Measure the trainer's peak memory per rank on this machine and set it beside tools/plan.py's prediction.
+"""Measure the trainer's peak memory per rank on this machine and set it beside tagscale.planner's prediction (tools/plan.py).
 
     python tools/measure_memory.py --cases ci                     # llama-350m, fp32, 1 rank (~1 min; the CI test)
     python tools/measure_memory.py --cases small --out docs/planner # llama-100m and llama-350m (~2 min)
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -28,18 +27,14 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "tools"))
-
-from plan import GIB, Setup, plan, resolve_shape  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the checkout's own package, also when another checkout is the installed one
 
 from tagscale.errors import UserError, run_cli  # noqa: E402
+from tagscale.launch import launch_env, trainer_command  # noqa: E402
+from tagscale.planner import GIB, Setup, plan, resolve_shape  # noqa: E402
 
 RECIPE = "tagscale/recipes/scaling_memory.yaml"
 TAG_VECTORS = 10  # the recipe's two tags of p = 5
-LAUNCH_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
-               "CROSS_SIZE", "LOCAL_WORLD_SIZE"}
 
 
 @dataclass(frozen=True)
@@ -89,21 +84,18 @@ def run_case(case: Case, workdir: Path, timeout: int) -> dict:
 
     if preset_params(case.preset) <= CACHED_PRESET_LIMIT:  # made once and cached: not part of the measured run
         preset_folder(case.preset, 0)
-    if case.ranks == 1:
-        cmd = [sys.executable, "-m", "tagscale.train"]
-    else:
-        cmd = ["deepspeed", "--num_gpus", str(case.ranks), "tagscale/train.py"]
     run_dir = out / "run"
-    cmd += ["--ds_config", str(ds_path), "--config", RECIPE, f"base.preset={case.preset}",
-            f"base.dtype={'bfloat16' if case.dtype == 'bf16' else 'float32'}", f"tasks.0.train.path={data}",
-            f"output.dir={run_dir}", f"train.steps={case.steps}", f"train.global_batch={case.ranks}",
-            f"train.max_length={case.text_chars + 64}", "train.val_fraction=0"]  # training alone is measured
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.setdefault("TAGSCALE_PROGRESS", "0")
+    cmd = trainer_command(RECIPE, [f"base.preset={case.preset}",
+                                   f"base.dtype={'bfloat16' if case.dtype == 'bf16' else 'float32'}",
+                                   f"tasks.0.train.path={data}", f"output.dir={run_dir}", f"train.steps={case.steps}",
+                                   f"train.global_batch={case.ranks}", f"train.max_length={case.text_chars + 64}",
+                                   "train.val_fraction=0"],  # training alone is measured
+                          ds_config=str(ds_path), ranks=case.ranks)
+    env = launch_env(TAGSCALE_PROGRESS="0")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise UserError(f"{case.label}: the trainer exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
-    return read_run(run_dir)
+    return read_measured_run(run_dir)
 
 
 def compare(case: Case, measured: dict) -> dict:
@@ -148,7 +140,7 @@ def measure(cases: list[Case], workdir: Path, timeout: int = 1800) -> list[dict]
     return rows
 
 
-def read_run(run_dir: Path) -> dict:
+def read_measured_run(run_dir: Path) -> dict:
     """A finished measurement run's run.json and metrics.jsonl."""
     meta = json.loads((run_dir / "run.json").read_text())
     steps = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]

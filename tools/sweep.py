@@ -4,7 +4,7 @@
         --out runs/sweep [--cost-bases tiny,llama-100m] [--slurm] [--report docs/scaling] [-- key=value ...]
     python tools/sweep.py report --out runs/sweep --report docs/scaling
 
-A base is a shape preset (tagscale.bases.SHAPES: random init), ``embedded:<name>`` or a local Hugging Face folder.
+A base is a shape preset (tagscale.shapes.SHAPES: random init), ``embedded:<name>`` or a local Hugging Face folder.
 Run folders: <out>/<recipe stem>/<method>/<base name>/stage<N> (the layout slurm/sweep.sh makes); runs already
 complete are skipped, so the same command resumes an interrupted sweep (a changed recipe or override wants a new
 --out: a complete folder is not compared with the new config). --cost-bases adds random-init shapes on the
@@ -20,36 +20,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # the checkout's own package, also when another checkout is the installed one
 
 from tagscale.errors import UserError, nearest, run_cli  # noqa: E402
-from tagscale.metrics import to_json  # noqa: E402
-from tagscale.scaling import finding, result_rows  # noqa: E402
-
-METHODS = ("tag_llm", "prompt_tuning", "linear_probe", "expert")
-"""`expert` uses no LLM: its run folder sits under each base like the others' (expert/<base name>/), its row has 0
-parameters and joins every base's comparison (tagscale.scaling), and the plots draw it as a flat line."""
-COST_GROUP = "cost"  # the folder of the random-init cost-curve runs
-LAUNCH_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
-               "CROSS_SIZE", "LOCAL_WORLD_SIZE"}
-REGRESSION_METRICS = ("mse", "mae", "pearson", "spearman", "r2")
-CLASSIFICATION_METRICS = ("accuracy", "roc_auc")
-GIB = 1024**3
-FORMULA_TASKS = ("qed", "descriptor")
-"""Built-in tasks whose labels are formulas of the input (RDKit's QED, peptides' BLOSUM1): marked in the finding."""
+from tagscale.launch import launch_env, trainer_command  # noqa: E402
+from tagscale.report import shown, write_report  # noqa: E402
+from tagscale.scaling import COST_GROUP, METHODS, is_complete  # noqa: E402
+from tagscale.shapes import SHAPES  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,10 +78,7 @@ def base_overrides(base: str) -> list[str]:
 
 def check_base(base: str) -> None:
     """Fail before anything runs: an unknown preset, embedded name or folder is one clear line."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from plan import preset_shapes
-
-    shapes = preset_shapes()
+    shapes = SHAPES
     if base.startswith("embedded:"):
         from tagscale.embedded import EMBEDDED_BASES
 
@@ -146,36 +130,20 @@ def plan_jobs(recipes: list[Path], bases: list[str], methods: list[str], cost_ba
     return jobs
 
 
-def is_complete(run_dir: Path) -> bool:
-    """run.json says complete, and eval.json is there unless the run evaluates nothing."""
-    try:
-        meta = json.loads((run_dir / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    if meta.get("status") != "complete":
-        return False
-    evaluates = meta.get("config", {}).get("evaluation", {}).get("enabled", True)
-    return not evaluates or (run_dir / "eval.json").is_file()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Running: here, one after another, or as Slurm job arrays
 
-def trainer_command(job: Job, ds_config: str, ranks: int) -> list[str]:
-    if ranks == 1:
-        cmd = [sys.executable, "-m", "tagscale.train"]
-    else:
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "tagscale/train.py"]
-    return cmd + ["--ds_config", ds_config, "--config", str(job.recipe), f"output.dir={job.run_dir}",
-                  *base_overrides(job.base), *job.overrides]
+def job_command(job: Job, ds_config: str, ranks: int) -> list[str]:
+    """The job's trainer command: its run folder and base, then the sweep's overrides."""
+    return trainer_command(str(job.recipe), [f"output.dir={job.run_dir}", *base_overrides(job.base), *job.overrides],
+                           ds_config=ds_config, ranks=ranks)
 
 
 def run_local(jobs: list[Job], ds_config: str, ranks: int) -> list[dict]:
     """Run each job in turn (skipping complete ones); a failed run is logged and the sweep goes on."""
     from tqdm import tqdm
 
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.setdefault("TAGSCALE_PROGRESS", "0")
+    env = launch_env(TAGSCALE_PROGRESS="0")
     results = []
     bar = tqdm(jobs, desc="sweep", unit="run", dynamic_ncols=True)
     for job in bar:
@@ -185,14 +153,14 @@ def run_local(jobs: list[Job], ds_config: str, ranks: int) -> list[dict]:
             results.append({"run": job.label, "status": "skipped (complete)", "seconds": 0.0})
             continue
         log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = trainer_command(job, ds_config, ranks)
+        cmd = job_command(job, ds_config, ranks)
         started = time.perf_counter()
         with log.open("w") as handle:
             handle.write(shlex.join(cmd) + "\n")
             handle.flush()
             code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
         seconds = time.perf_counter() - started
-        status = "complete" if code == 0 and is_complete(job.run_dir) else f"failed (exit {code}, see {_shown(log)})"
+        status = "complete" if code == 0 and is_complete(job.run_dir) else f"failed (exit {code}, see {shown(log)})"
         if code != 0:
             bar.write(f"{job.label}: {status}")
         results.append({"run": job.label, "status": status, "seconds": round(seconds, 1)})
@@ -245,314 +213,6 @@ def _slurm_base(base: str) -> str:
     if not link.exists():
         link.symlink_to(folder)
     return str(link)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Gathering the run folders
-
-@dataclass
-class RunRow:
-    """One run folder, read back."""
-
-    group: str
-    method: str
-    base: str
-    source: str
-    parameters: int
-    random_init: bool
-    trainable: int
-    steps: int
-    tokens_per_s: Optional[float]
-    step_s: Optional[float]
-    peak_rss_bytes: Optional[int]
-    peak_accel_bytes: Optional[int]
-    world_size: int
-    skipped_too_long: dict
-    metrics: dict[str, dict] = field(default_factory=dict)  # task -> trained metrics
-    initial: dict[str, dict] = field(default_factory=dict)  # task -> metrics before training (head at zero: the mean)
-    folder: str = ""
-    global_batch: int = 0
-    validation: list[dict] = field(default_factory=list)  # metrics.jsonl's validation records: step, val/<task>/<metric>
-
-
-def _median_after_first(values: list[float]) -> Optional[float]:
-    """The first step includes DeepSpeed's parameter tracing and warm-up; the median of the rest is the rate."""
-    values = values[1:] if len(values) > 1 else values
-    return statistics.median(values) if values else None
-
-
-def read_run(run_dir: Path, out: Path) -> Optional[RunRow]:
-    """A row from a complete run folder (None for one that is not complete)."""
-    try:
-        meta = json.loads((run_dir / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if meta.get("status") != "complete":
-        return None
-    records = []
-    if (run_dir / "metrics.jsonl").is_file():
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    metrics, initial = {}, {}
-    if (run_dir / "eval.json").is_file():
-        for task, models in json.loads((run_dir / "eval.json").read_text()).items():
-            if "trained" in models:
-                metrics[task] = models["trained"]
-            if "initial" in models:
-                initial[task] = models["initial"]
-    rel = run_dir.relative_to(out).parts
-    config = meta.get("config", {})
-    base = meta.get("base", {})
-    return RunRow(
-        group=rel[0], method=config.get("method", "tag_llm"), base=rel[2] if len(rel) > 2 else base.get("source", "?"),
-        source=str(base.get("source", "?")), parameters=int(base.get("num_parameters", 0)),
-        random_init=str(base.get("source", "")).startswith("preset:"), trainable=int(meta.get("trainable_parameters", 0)),
-        steps=int(meta.get("step", 0)),
-        tokens_per_s=_median_after_first([r["tokens_per_s"] for r in records if "tokens_per_s" in r]),
-        step_s=_median_after_first([r["step_s"] for r in records if "step_s" in r]),
-        peak_rss_bytes=meta.get("peak_rss_bytes"), peak_accel_bytes=meta.get("peak_accel_bytes"),
-        world_size=int(meta.get("world_size", 1)), skipped_too_long=meta.get("skipped_too_long", {}),
-        metrics=metrics, initial=initial, folder=str(run_dir.relative_to(out)),
-        global_batch=int(config.get("train", {}).get("global_batch", 0)),
-        validation=[r for r in records if "val_score" in r])
-
-
-def gather(out: Path) -> list[RunRow]:
-    rows = [read_run(p.parent, out) for p in sorted(out.rglob("run.json"))]
-    return sorted((r for r in rows if r is not None), key=lambda r: (r.group, r.parameters, METHODS.index(r.method)
-                                                                      if r.method in METHODS else 9))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The report
-
-def _fmt(value: Optional[float], digits: int = 4) -> str:
-    return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
-
-
-def _with_interval(values: dict, metric: str) -> str:
-    interval = (values.get("ci95") or {}).get(metric)
-    return _fmt(values.get(metric)) + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
-
-
-def _without_outputs(run: dict) -> dict:
-    """A run for runs.json without the per-example outputs and targets (results.json and the finding use them)."""
-    strip = lambda by_task: {t: {k: v for k, v in m.items() if k not in ("outputs", "targets")} for t, m in by_task.items()}
-    return run | {"metrics": strip(run["metrics"]), "initial": strip(run["initial"])}
-
-
-def table(rows: list[RunRow]) -> str:
-    """One line per run and task (cost-curve runs: one line, no metrics)."""
-    head = ["group", "task", "base", "parameters", "method", "trainable", *REGRESSION_METRICS, *CLASSIFICATION_METRICS,
-            "mean predictor mse", "test n", "kept step", "tokens/s", "step s", "peak RSS GiB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|---|---:|" + "---:|" * 13]
-    for r in rows:
-        cost = [_fmt(r.tokens_per_s, 0), _fmt(r.step_s, 2),
-                _fmt(r.peak_rss_bytes / GIB if r.peak_rss_bytes else None, 2)]
-        for task, values in (r.metrics.items() or [("–", {})]):
-            cells = [_with_interval(values, m) for m in REGRESSION_METRICS + CLASSIFICATION_METRICS]
-            cells += [_with_interval(r.initial.get(task, {}), "mse"), str(values.get("n", "–")),
-                      str((values.get("selected") or {}).get("best_step", "–"))]
-            lines.append("| " + " | ".join([r.group, task, r.base, f"{r.parameters / 1e6:,.1f} M", r.method,
-                                            f"{r.trainable:,}", *cells, *cost]) + " |")
-    return "\n".join(lines)
-
-
-def _size_ticks(ax, sizes: list[int], matplotlib) -> None:
-    """X ticks at the bases' own parameter counts, labelled 135M, 1.3B (not 1.4x10^8 at every minor tick)."""
-    ticks: list[int] = []
-    for size in sorted(set(sizes)):  # one tick for sizes within 3% (e.g. llama-350m 267.9M and Gemma 268.1M)
-        if not ticks or size > ticks[-1] * 1.03:
-            ticks.append(size)
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xticks(ticks, [f"{p / 1e9:.3g}B" if p >= 1e9 else f"{p / 1e6:.3g}M" for p in ticks], fontsize=8,
-                  rotation=45 if len(ticks) > 3 else 0)
-    if len(ticks) > 1:
-        span = math.log10(ticks[-1] / ticks[0])
-        ax.set_xlim(ticks[0] / 10 ** (0.08 * span), ticks[-1] * 10 ** (0.08 * span))
-
-
-def _plain_log_ticks(ax, matplotlib) -> None:
-    """Log axes ticked at 1, 1.5, 2, 3, 5, 7 x 10^k and labelled 0.5, 2, 600 rather than 5x10^-1 (ranges under a decade too)."""
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-
-
-_COLORS = {"tag_llm": "tab:blue", "prompt_tuning": "tab:orange", "linear_probe": "tab:green", "expert": "tab:red"}
-
-
-def plots(rows: list[RunRow], folder: Path) -> list[str]:
-    """metrics.png: each task's metrics against parameter count, one line per method; cost.png: tokens/s, step
-    time and peak memory against parameter count (task runs per method, and the random-init cost-curve runs)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = _COLORS
-    made = []
-    tasks = sorted({t for r in rows for t in r.metrics})
-    if tasks:
-        shown = ("spearman", "r2", "mse")
-        fig, axes = plt.subplots(len(shown), len(tasks), figsize=(max(4.5 * len(tasks), 6.5), 3.0 * len(shown)),
-                                 squeeze=False)
-        for col, task in enumerate(tasks):
-            for row_i, metric in enumerate(shown):
-                ax = axes[row_i][col]
-                shown_methods = sorted({r.method for r in rows}, key=lambda m: METHODS.index(m) if m in METHODS else 9)
-                for i, method in enumerate(shown_methods):
-                    shift = 10 ** (0.012 * (i - (len(shown_methods) - 1) / 2))  # side by side: intervals overlap
-                    points = sorted((r.parameters, r.metrics[task][metric],
-                                     (r.metrics[task].get("ci95") or {}).get(metric)) for r in rows
-                                    if r.method == method and task in r.metrics and metric in r.metrics[task])
-                    if method == "expert" and points:  # no base: one flat line across the plot
-                        ax.axhline(points[0][1], color=colors[method], linestyle="--", label="expert (no LLM)")
-                        continue
-                    if points:  # the 95% bootstrap interval as the error bar, where the run has one
-                        errors = [[p[1] - p[2][0] if p[2] else 0 for p in points],
-                                  [p[2][1] - p[1] if p[2] else 0 for p in points]]
-                        ax.errorbar([p[0] * shift for p in points], [p[1] for p in points], yerr=errors, fmt="o-",
-                                    capsize=3, color=colors.get(method, "black"), label=method)
-                start = sorted({(r.parameters, r.initial[task][metric]) for r in rows
-                                if metric == "mse" and task in r.initial and metric in r.initial[task]})
-                if start:  # before training the head predicts the training mean: the bar every method must beat
-                    ax.plot([p[0] for p in start], [p[1] for p in start], "x:", color="grey",
-                            label="before training (mean)")
-                    ax.legend(fontsize=7)
-                ax.set_xscale("log")
-                _size_ticks(ax, [r.parameters for r in rows if task in r.metrics and r.parameters > 0], matplotlib)
-                ax.set_title(f"{task}: {metric}" + (" (lower is better)" if metric == "mse" else ""), fontsize=10)
-                ax.grid(alpha=0.3)
-                if row_i == len(shown) - 1:
-                    ax.set_xlabel("base parameters")
-        axes[0][0].legend(fontsize=8)
-        fig.suptitle("Test-set metrics against base size", fontsize=11)
-        fig.tight_layout()
-        fig.savefig(folder / "metrics.png", dpi=110)
-        plt.close(fig)
-        made.append("metrics.png")
-    measured = [r for r in rows if r.tokens_per_s]
-    if measured:
-        fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-        series = [(f"{m} (task runs)", colors[m], "o-", [r for r in measured if r.method == m and r.group != COST_GROUP])
-                  for m in METHODS if m != "expert"]
-        series.append(("tag_llm, random-init shapes (cost runs)", "black", "s--",
-                       [r for r in measured if r.group == COST_GROUP]))
-        for ax, (title, value) in zip(axes, [("tokens/s", lambda r: r.tokens_per_s),
-                                             ("step time (s)", lambda r: r.step_s),
-                                             ("peak RSS per rank (GiB)", lambda r: (r.peak_rss_bytes or 0) / GIB)]):
-            for label, color, style, members in series:
-                by_base: dict[int, list[float]] = {}
-                for r in members:  # several tasks per base: average their runs
-                    by_base.setdefault(r.parameters, []).append(value(r))
-                points = sorted((p, statistics.mean(v)) for p, v in by_base.items())
-                if points:
-                    ax.plot([p[0] for p in points], [p[1] for p in points], style, color=color, label=label)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            _size_ticks(ax, [r.parameters for r in measured], matplotlib)
-            _plain_log_ticks(ax, matplotlib)
-            ax.set_title(title, fontsize=10)
-            ax.set_xlabel("base parameters")
-            ax.grid(alpha=0.3, which="both")
-        axes[0].legend(fontsize=8)
-        fig.suptitle("Cost against base size on this machine (CPU ranks; medians over the steps after the first)",
-                     fontsize=11)
-        fig.tight_layout()
-        fig.savefig(folder / "cost.png", dpi=110)
-        plt.close(fig)
-        made.append("cost.png")
-    return made
-
-
-def learning_plot(rows: list[RunRow], folder: Path) -> list[str]:
-    """learning.png: each task's validation metric against the training step (and the training examples seen,
-    step x global batch), one line per method and base, the kept step starred: where a method still improves at
-    the end of its budget, a longer one might pay."""
-    curves = [(r, task, metric) for r in rows if r.validation for task in r.metrics
-              for metric in [next((k.split("/")[2] for k in r.validation[0] if k.startswith(f"val/{task}/")), None)]
-              if metric]
-    if not curves:
-        return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = sorted({task for _, task, _ in curves})
-    bases = sorted({(r.parameters, r.base) for r, _, _ in curves})
-    styles = dict(zip([b for _, b in bases], ["-", "--", ":", "-."] * 4))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.0), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        metric = "?"
-        for r, t, metric in (c for c in curves if c[1] == task):
-            key = f"val/{task}/{metric}"
-            points = [(v["step"], v[key]) for v in r.validation if v.get(key) is not None]
-            if not points:
-                continue
-            color = _COLORS.get(r.method, "black")
-            ax.plot([p[0] for p in points], [p[1] for p in points], styles[r.base], marker="o", ms=3, color=color,
-                    label=f"{r.method}, {r.base}")
-            kept = (r.metrics[task].get("selected") or {}).get("best_step")
-            kept_value = dict(points).get(kept)
-            if kept_value is not None:
-                ax.plot([kept], [kept_value], "*", ms=11, color=color, mec="black", mew=0.5)
-        batch = max((r.global_batch for r, t, _ in curves if t == task), default=0)
-        if batch:
-            top = ax.secondary_xaxis("top", functions=(lambda s, b=batch: s * b, lambda e, b=batch: e / b))
-            top.set_xlabel("training examples seen", fontsize=8)
-        ax.set_xlabel("training step")
-        ax.set_ylabel(f"validation {metric}")
-        ax.set_title(f"{task}: validation {metric} (star: kept step)", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "learning.png", dpi=110)
-    plt.close(fig)
-    return ["learning.png"]
-
-
-def _shown(path: Path) -> str:
-    """A path as the user would type it: relative to the current folder when inside it."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
-def write_report(out: Path, report: Path, command: str) -> Path:
-    rows = gather(out)
-    timings_path = out / "timings.json"
-    timings = list(json.loads(timings_path.read_text()).values()) if timings_path.is_file() else []
-    if not rows:
-        raise UserError(f"--out: {out}: no complete run folders (run.json with status complete) to report")
-    report.mkdir(parents=True, exist_ok=True)
-    images = plots(rows, report) + learning_plot(rows, report)
-    runs = [asdict(r) for r in rows]
-    data = {"command": command, "runs": [_without_outputs(r) for r in runs]}
-    if timings:
-        data["timings"] = timings
-    (report / "runs.json").write_text(to_json(data, indent=2) + "\n")
-    results = result_rows([r for r in runs if r["group"] != COST_GROUP])
-    (report / "results.json").write_text(to_json(results, indent=2) + "\n")
-    lines = ["# Scaling report: Tag-LLM vs prompt tuning vs linear probe across base sizes", "",
-             "Made by:", "", "```", command, "```", "",
-             f"{len(rows)} complete runs read from `{_shown(out)}` (run.json, metrics.jsonl, eval.json). Task metrics are on "
-             "each task's held-out test split, in label units; `mean predictor mse` is the untrained head's (it "
-             "predicts the training-label mean: the bar to beat); `kept step` is the step validation selected; tokens/s and step time are medians over the steps "
-             "after the first; peak RSS is the largest rank's getrusage peak. Rows in group `cost` are random-init "
-             "shapes run only for the cost curve (evaluation off). Every metric is `value [95% interval]` (bootstrap over the test "
-             "examples); `results.json` holds each run's headline metric with its interval and a `mean` row per task and base.",
-             "", "## Finding", "", "Computed from the runs (paired bootstrap over the same test examples; a method "
-             "is `clearly better` only when the 95% interval of the difference excludes zero):", "",
-             *finding([r for r in runs if r["group"] != COST_GROUP], FORMULA_TASKS), "", "## Runs", "", table(rows), ""]
-    lines += [f"![{name}]({name})" for name in images]
-    if timings:
-        lines += ["", "Wall time of each run (this machine, shared with other jobs; `skipped` runs were complete):", "", "| run | status | seconds |",
-                  "|---|---|---:|"] + [f"| {t['run']} | {t['status']} | {t['seconds']} |" for t in timings]
-    (report / "report.md").write_text("\n".join(lines) + "\n")
-    return report / "report.md"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,481 @@
+"""The memory and throughput model of a tagscale run: per-GPU memory by part and expected tokens/s for a frozen
+base, before renting the GPUs. Pure arithmetic, torch-free (docs/planner.md has the formulas and the
+measured-vs-predicted check); `tools/plan.py` is its command line, tools/measure_memory.py and the tests call it.
+
+The base is a shape preset (7b, 13b, 34b, 70b or any tagscale.shapes.SHAPES name), a Hugging Face folder with a
+config.json, or ``embedded:<name>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from tagscale.errors import UserError, nearest
+from tagscale.shapes import SHAPES
+
+GIB = 1024**3
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measured constants (docs/planner.md tells how each was measured)
+
+# Bytes saved for backward per token per decoder layer of a frozen LLaMA layer (SDPA, no checkpointing): fitted on
+# torch 2.13 CPU with saved_tensors_hooks over shapes varying hidden h, intermediate I and kv width separately;
+# every fitted shape is reproduced to within 1%. bf16 keeps extra fp32 copies inside RMSNorm, hence the larger
+# per-h coefficient. 7B in bf16: 33.2 B per token*hidden*layer.
+SAVED_PER_TOKEN_LAYER = {  # bytes = h_coef*h + i_coef*I + kv_coef*kv_width + const
+    "bf16": {"h": 13.07, "I": 6.0, "kv": 4.0, "const": 69.0},
+    "fp32": {"h": 17.06, "I": 12.0, "kv": 8.0, "const": 154.0},
+}
+# With full (per-layer) checkpointing only each layer's input (+ rotary tables) is saved: bytes per token*h*layer.
+CHECKPOINT_BOUNDARY_PER_TOKEN_H = {"bf16": 3.0, "fp32": 5.0}
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+TRAINABLE_BYTES = 16  # per tag/head parameter: fp32 master 4 + Adam m 4 + v 4 + param 2 + grad 2 (fp32: 4+4+4+4)
+
+# Host process baseline on CPU (Python + torch + transformers + deepspeed + gloo + tokenizer + data) per rank,
+# measured as the peak RSS of the `tiny` preset run (the weights are ~0.1 MB there); see docs/planner.md.
+CPU_RUNTIME_BYTES = {1: int(0.49 * GIB), 2: int(0.62 * GIB)}  # by ranks on the host (the 2-rank launch adds shm/gloo)
+
+
+@dataclass(frozen=True)
+class Device:
+    """An accelerator: dense bf16 peak, memory, and the all-gather bandwidth per GPU within and across nodes."""
+
+    name: str
+    peak_tflops: float
+    memory_gib: float
+    intra_node_gbs: float
+    inter_node_gbs: float
+    note: str = ""
+
+
+DEVICES: dict[str, Device] = {
+    "A100": Device("A100", 312.0, 80.0, 230.0, 25.0, "A100-SXM 80GB; 8x200 Gb/s per node across nodes"),
+    "H100": Device("H100", 989.0, 80.0, 350.0, 45.0, "H100-SXM 80GB; 8x400 Gb/s per node across nodes"),
+    "H200": Device("H200", 989.0, 141.0, 350.0, 45.0, "H200-SXM 141GB; compute as H100"),
+    # A host with no GPU, as in tagscale's CI: memory is the host's RAM shared by all ranks; the peak is the
+    # measured fp32 GEMM rate of 2 AVX2 cores (bf16 GEMMs are ~10x slower there: CPU speed is a rough guide only).
+    "CPU": Device("CPU", 0.04, 0.0, 5.0, 1.0, "host RAM; 2 AVX2 cores, fp32 GEMM ~40 GFLOP/s measured"),
+}
+
+PRESET_ALIASES = {"7b": "llama-7b", "13b": "llama-13b", "34b": "llama-34b", "70b": "llama-70b", "1b": "llama-1b",
+                  "350m": "llama-350m", "100m": "llama-100m", "20m": "llama-20m"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The base's shape and parameter count
+
+@dataclass(frozen=True)
+class Shape:
+    """What the arithmetic needs from a decoder-only config."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool = False
+    norms_per_layer: int = 2  # LLaMA: input + post-attention RMSNorm; Gemma 3: four
+    qk_norm: bool = False  # Gemma 3 / Qwen 3: an RMSNorm of head_dim on q and k
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def layer_params(self) -> int:
+        """One decoder layer: attention (q, k, v, o), gated MLP (gate, up, down), norms."""
+        h, i = self.hidden, self.intermediate
+        attention = h * self.q_width + 2 * h * self.kv_width + self.q_width * h
+        if self.attention_bias:
+            attention += self.q_width + 2 * self.kv_width + h
+        mlp = 3 * h * i + ((2 * i + h) if self.mlp_bias else 0)
+        norms = self.norms_per_layer * h + (2 * self.head_dim if self.qk_norm else 0)
+        return attention + mlp + norms
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def total_params(self) -> int:
+        """Every parameter: embedding, layers, final norm, and an untied LM head."""
+        head = 0 if self.tied_embeddings else self.embedding_params
+        return self.embedding_params + self.layers * self.layer_params + self.hidden + head
+
+    @property
+    def matmul_params(self) -> int:
+        """Parameters that multiply every token in a head task: the layers (the embedding is a lookup and tagscale's
+        heads read the decoder's hidden states, so the LM head is never called)."""
+        return self.layers * (self.layer_params - self.norms_per_layer * self.hidden)
+
+
+def _shape_from_hf_config(name: str, config: dict) -> Shape:
+    config = config.get("text_config", config)  # multimodal wrappers nest the language model's config
+    try:
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        model_type = str(config.get("model_type", ""))
+        gemma = model_type.startswith("gemma")
+        return Shape(
+            name=name, hidden=hidden, intermediate=int(config["intermediate_size"]),
+            layers=int(config["num_hidden_layers"]), heads=heads,
+            kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads), vocab=int(config["vocab_size"]),
+            tied_embeddings=bool(config.get("tie_word_embeddings", gemma)),
+            norms_per_layer=4 if model_type.startswith(("gemma2", "gemma3")) else 2,
+            qk_norm=model_type.startswith(("gemma3", "qwen3")),
+            attention_bias=bool(config.get("attention_bias", model_type.startswith("qwen2"))),
+            mlp_bias=bool(config.get("mlp_bias", False)))
+    except KeyError as err:
+        raise UserError(f"{name}: config.json lacks {err.args[0]} (expected a decoder-only LM config)") from None
+
+
+def resolve_shape(base: str) -> Shape:
+    """A preset name or alias, a Hugging Face folder, or ``embedded:<name>``."""
+    key = PRESET_ALIASES.get(base.lower(), base)
+    if key in SHAPES:
+        spec = SHAPES[key]
+        return Shape(name=key, hidden=spec["hidden_size"], intermediate=spec["intermediate_size"],
+                     layers=spec["num_hidden_layers"], heads=spec["num_attention_heads"],
+                     kv_heads=spec["num_key_value_heads"], head_dim=spec["hidden_size"] // spec["num_attention_heads"],
+                     vocab=spec["vocab_size"])
+    if base.startswith("embedded:"):
+        from tagscale.bases import resolve_folder
+
+        folder = resolve_folder(base)
+    else:
+        folder = Path(base).expanduser()
+        if not folder.exists():
+            known = sorted(set(SHAPES) | set(PRESET_ALIASES))
+            raise UserError(f"base {base!r}: not a preset{nearest(base, known)} ({', '.join(PRESET_ALIASES)} or "
+                            f"{', '.join(SHAPES)}), an embedded:<name> or a local folder")
+    config_path = folder / "config.json" if folder.is_dir() else folder
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{config_path}: not a readable config.json ({str(err).splitlines()[0]})") from None
+    return _shape_from_hf_config(base, config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The configuration and the plan
+
+@dataclass(frozen=True)
+class Setup:
+    """How the run is laid out: hardware, ZeRO, precision, sequence, trainables, DeepSpeed buckets."""
+
+    gpu: str = "H100"
+    gpus_per_node: int = 8
+    nodes: int = 1
+    seq: int = 2048
+    micro_batch: int = 1
+    zero: int = 3
+    offload: str = "none"  # none | param (ZeRO-3 offload_param to CPU)
+    checkpointing: str = "none"  # none | full (every decoder layer recomputed in backward)
+    dtype: str = "bf16"
+    mfu: float = 0.45
+    tag_vectors: int = 20  # all trainable tag vectors (e.g. a domain and a function tag of p = 10)
+    head_outputs: int = 1
+    prefetch_bucket: float = 5e7  # stage3_prefetch_bucket_size (elements)
+    max_live: float = 1e9  # stage3_max_live_parameters
+    max_reuse: float = 1e9  # stage3_max_reuse_distance
+    reduce_bucket: float = 5e8  # reduce_bucket_size: ZeRO-3's contiguous-gradient buffer (allocated whole on a GPU)
+    persistence: float = 1e5  # stage3_param_persistence_threshold: smaller parameters are replicated, never gathered
+    accumulation: int = 1  # micro-batches per rank per optimizer step
+    text_task: bool = False  # stage 1 / text targets call the LM head (gathered too); head tasks never do
+
+    @property
+    def world(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+@dataclass
+class Plan:
+    """The answer: bytes per GPU by part, their sum, and the expected speed."""
+
+    base: str
+    parameters: int
+    layer_parameters: int
+    trainable_parameters: int
+    setup: dict
+    memory_bytes: dict[str, int]
+    peak_bytes: int
+    device_memory_bytes: int
+    fits: bool
+    host_bytes_per_rank: int
+    flops_per_token: float
+    compute_s_per_micro: float
+    allgather_s_per_micro: float
+    tokens_per_s_per_gpu: float
+    tokens_per_s: float
+    bound: str
+    cross_node_bytes_per_step: int = 0  # ZeRO-3 traffic over the node boundary per optimizer step (all links)
+    cross_node_bytes_per_step_hpz: int = 0  # the same with ZeRO++ hpZ (zero_hpz_partition_size = GPUs per node)
+    cross_node_bytes_first_step_hpz: int = 0  # hpZ's first step, which still gathers across nodes
+    notes: list[str] = field(default_factory=list)
+
+
+def activation_bytes(shape: Shape, setup: Setup) -> int:
+    """Saved activations of one micro-batch (backward to the inputs only: the base is frozen)."""
+    tokens = setup.seq * setup.micro_batch
+    coef = SAVED_PER_TOKEN_LAYER[setup.dtype]
+    per_layer_token = coef["h"] * shape.hidden + coef["I"] * shape.intermediate + coef["kv"] * shape.kv_width \
+        + coef["const"]
+    if setup.checkpointing == "none":
+        return int(tokens * shape.layers * per_layer_token)
+    boundaries = tokens * shape.layers * CHECKPOINT_BOUNDARY_PER_TOKEN_H[setup.dtype] * shape.hidden
+    return int(boundaries + tokens * per_layer_token)  # plus the one layer being recomputed
+
+
+def gathered_bytes(shape: Shape, setup: Setup) -> int:
+    """ZeRO-3's working set of whole (gathered) parameters at its largest: the forward/backward turn.
+
+    After the first step DeepSpeed keeps a parameter gathered when its next use lies within max_reuse elements of
+    fetches; the last layers' next use is their own backward, 2 layers apart per layer, so about
+    max_reuse / (2 * layer) + 1 layers stay whole, plus the prefetch bucket ahead. The embedding lookup gathers the
+    whole table at the start; the larger of the two is the peak.
+    """
+    if setup.zero != 3:
+        return 0
+    layer = shape.layer_params
+    kept_layers = min(shape.layers, int(setup.max_reuse // (2 * layer)) + 1)
+    turn = min(kept_layers * layer + min(setup.prefetch_bucket, layer), max(setup.max_live, layer))
+    return int(DTYPE_BYTES[setup.dtype] * max(shape.embedding_params, turn))
+
+
+def cross_node_bytes(shape: Shape, setup: Setup) -> tuple[int, int, int]:
+    """Bytes crossing the node boundary per optimizer step: plain ZeRO-3, hpZ in steady state, hpZ's first step.
+
+    A ring all-gather (NCCL's rings, gloo's allgather) over W ranks placed node by node crosses the boundary n times,
+    each crossing carrying (W-1)/W of the gathered bytes. Per micro-batch ZeRO-3 gathers in forward every parameter
+    the forward uses (embedding, layers, final norm; the LM head only for text tasks) and in backward the layers
+    that were released in between. DeepSpeed does not release a parameter whose next use lies within
+    max_reuse elements of fetches, nor one the prefetcher already looked past (partitioned_param_coordinator.py
+    __params_to_release), so about (max_reuse + prefetch_bucket) / (2 * layer) + 1 layers stay whole through the
+    turn: all of a small base (measured: the tiny base gathers nothing in backward even at max_reuse 0), about one
+    layer of a 70B. Parameters under the persistence threshold are replicated and never gathered. The trainables'
+    gradients (tags, heads: kilobytes) are reduce-scattered once per step in fp32. Not modelled: the step's small
+    collectives (loss, metrics) and TCP/gloo framing, measured at ~75 KB per step on 2 nodes x 2 CPU ranks.
+    hpZ keeps a secondary copy of each parameter sharded over the node's GPUs after its first gather, and gathers
+    from it afterwards: inside the node. DeepSpeed drops the secondary copies only of parameters the optimizer
+    updates (stage3.py invalidate_secondary_tensor), so for a frozen base only the first forward crosses nodes.
+    """
+    if setup.zero != 3 or setup.nodes == 1:
+        return 0, 0, 0
+    world, b = setup.world, DTYPE_BYTES[setup.dtype]
+    ring = setup.nodes * (world - 1) / world
+    gathered = lambda n: n if n >= setup.persistence else 0  # noqa: E731
+    layer = sum(gathered(n) for n in _layer_tensors(shape))
+    head = gathered(shape.embedding_params) if setup.text_task and not shape.tied_embeddings else 0
+    norm = gathered(shape.hidden)  # the final norm
+    forward = gathered(shape.embedding_params) + shape.layers * layer + norm + head
+    kept = min(shape.layers, int((setup.max_reuse + setup.prefetch_bucket) // (2 * shape.layer_params)) + 1)
+    backward = (shape.layers - kept) * layer + (norm + head if kept < shape.layers else 0)
+    trainable = setup.tag_vectors * shape.hidden + setup.head_outputs * (shape.hidden + 1)
+    grads = ring * trainable * 4
+    plain = ring * b * (forward + backward) * setup.accumulation + grads
+    return int(plain), int(grads), int(ring * b * forward + grads)
+
+
+def _layer_tensors(shape: Shape) -> list[int]:
+    """Element counts of one decoder layer's tensors (ZeRO-3 gathers tensor by tensor)."""
+    h, i = shape.hidden, shape.intermediate
+    tensors = [h * shape.q_width, h * shape.kv_width, h * shape.kv_width, shape.q_width * h, h * i, h * i, i * h]
+    tensors += [h] * shape.norms_per_layer + ([shape.head_dim, shape.head_dim] if shape.qk_norm else [])
+    if shape.attention_bias:
+        tensors += [shape.q_width, shape.kv_width, shape.kv_width, h]
+    return tensors
+
+
+def memory_by_part(shape: Shape, setup: Setup) -> tuple[dict[str, int], int]:
+    """Bytes per GPU by part, and bytes of this rank's weights held in host memory instead (offload)."""
+    b = DTYPE_BYTES[setup.dtype]
+    weights = shape.total_params * b
+    if setup.zero == 3:
+        weights = math.ceil(shape.total_params / setup.world) * b
+    host = 0
+    if setup.offload == "param":
+        host, weights = weights, 0
+    trainable = setup.tag_vectors * shape.hidden + setup.head_outputs * (shape.hidden + 1)
+    on_cpu = setup.gpu == "CPU"
+    # ZeRO-3 with contiguous gradients allocates a reduce bucket of reduce_bucket elements up front; on a GPU the
+    # caching allocator holds all of it, on a CPU only the pages the (tiny) trainable gradients touch are resident.
+    bucket = setup.reduce_bucket * b if setup.zero == 3 and not on_cpu else (trainable * b if setup.zero == 3 else 0)
+    # A final hidden state and its gradient (fp32 for the head), the input embeddings and their gradient.
+    edges = 4 * setup.seq * setup.micro_batch * shape.hidden * 4
+    parts = {
+        "weights (sharded)" if setup.zero == 3 else "weights (replicated)": int(weights),
+        "gathered working set": gathered_bytes(shape, setup),
+        "activations": activation_bytes(shape, setup),
+        "tags + heads + optimizer": trainable * TRAINABLE_BYTES,
+        "buffers": int(bucket + edges),
+    }
+    if on_cpu:
+        parts["runtime (process baseline)"] = CPU_RUNTIME_BYTES[2 if setup.world > 1 else 1]
+    return parts, host
+
+
+def plan(shape: Shape, setup: Setup) -> Plan:
+    """Memory per GPU and expected throughput of `setup` on `shape`."""
+    device = DEVICES[setup.gpu]
+    parts, host = memory_by_part(shape, setup)
+    peak = sum(parts.values())
+    if setup.gpu == "CPU":
+        capacity = int(_host_ram_bytes() / setup.gpus_per_node)  # ranks on one host share its RAM
+    else:
+        capacity = int(device.memory_gib * GIB)
+    # FLOPs per token: 2N forward + 2N backward to the inputs (no weight gradients: frozen), + 2N recompute with
+    # checkpointing; attention's score and value products (causal: average context seq/2) add 2*L*seq*q_width
+    # forward and twice that backward.
+    c = 6 if setup.checkpointing == "full" else 4
+    attention = (8 if setup.checkpointing == "full" else 6) * shape.layers * setup.seq * shape.q_width
+    flops_per_token = c * shape.matmul_params + attention
+    tokens = setup.seq * setup.micro_batch
+    compute_s = flops_per_token * tokens / (device.peak_tflops * 1e12 * setup.mfu)
+    allgather_s = 0.0
+    if setup.zero == 3 and setup.world > 1:
+        # Forward and backward each gather every weight once per micro-batch (accumulation does not amortise it).
+        received = 2 * shape.total_params * DTYPE_BYTES[setup.dtype] * (setup.world - 1) / setup.world
+        bandwidth = device.intra_node_gbs if setup.nodes == 1 else device.inter_node_gbs
+        allgather_s = received / (bandwidth * 1e9)
+    across, across_hpz, first_hpz = cross_node_bytes(shape, setup)
+    step_s = max(compute_s, allgather_s)  # overlap_comm: the slower of the two sets the pace
+    per_gpu = tokens / step_s
+    notes = []
+    if setup.zero in (1, 2):
+        notes.append("ZeRO 1/2 shard only optimizer state and gradients, which a frozen base does not have: "
+                     "memory as ZeRO 0")
+    if allgather_s > compute_s:
+        notes.append(f"all-gather bound ({allgather_s:.3f} s vs {compute_s:.3f} s compute per micro-batch): "
+                     f"raise seq x micro-batch to {_tokens_to_hide_comm(shape, setup, flops_per_token):,} tokens "
+                     "per GPU, or avoid ZeRO-3 / use hpZ across nodes")
+    if setup.gpu == "CPU":
+        notes.append("CPU tokens/s is a rough guide (measured fp32 GEMM rate; no communication model for gloo)")
+    return Plan(
+        base=shape.name, parameters=shape.total_params, layer_parameters=shape.layer_params,
+        trainable_parameters=setup.tag_vectors * shape.hidden + setup.head_outputs * (shape.hidden + 1),
+        setup=asdict(setup), memory_bytes=parts, peak_bytes=int(peak), device_memory_bytes=capacity,
+        fits=peak <= 0.9 * capacity, host_bytes_per_rank=host, flops_per_token=flops_per_token,
+        compute_s_per_micro=compute_s, allgather_s_per_micro=allgather_s, tokens_per_s_per_gpu=per_gpu,
+        tokens_per_s=per_gpu * setup.world, bound="all-gather" if allgather_s > compute_s else "compute",
+        cross_node_bytes_per_step=across, cross_node_bytes_per_step_hpz=across_hpz,
+        cross_node_bytes_first_step_hpz=first_hpz, notes=notes)
+
+
+def _tokens_to_hide_comm(shape: Shape, setup: Setup, flops_per_token: float) -> int:
+    device = DEVICES[setup.gpu]
+    bandwidth = device.intra_node_gbs if setup.nodes == 1 else device.inter_node_gbs
+    received = 2 * shape.total_params * DTYPE_BYTES[setup.dtype] * (setup.world - 1) / setup.world
+    per_token_s = flops_per_token / (device.peak_tflops * 1e12 * setup.mfu)
+    return int(math.ceil(received / (bandwidth * 1e9) / per_token_s))
+
+
+def _host_ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+# Candidates from fastest to most frugal: a replicated bf16 base has no all-gathers at all, so ZeRO-3 is used only
+# where the base (plus activations) does not fit one GPU, checkpointing only where activations do not fit, and
+# parameter offload last.
+CANDIDATES = [
+    dict(zero=0, checkpointing="none", offload="none"),
+    dict(zero=0, checkpointing="full", offload="none"),
+    dict(zero=3, checkpointing="none", offload="none"),
+    dict(zero=3, checkpointing="full", offload="none"),
+    dict(zero=3, checkpointing="full", offload="param"),
+]
+
+
+def recommend(shape: Shape, setup: Setup) -> tuple[Plan, str]:
+    """The first candidate that fits in 90% of a GPU's memory, and why it was chosen."""
+    for candidate in CANDIDATES:
+        chosen = plan(shape, replace(setup, **candidate))
+        if chosen.fits:
+            break
+    else:
+        return chosen, (f"nothing fits: even ZeRO-3 + checkpointing + parameter offload needs "
+                        f"{chosen.peak_bytes / GIB:.1f} GiB per GPU; lower seq x micro-batch or add GPUs")
+    s = chosen.setup
+    bf16 = shape.total_params * DTYPE_BYTES[setup.dtype] / GIB
+    if s["zero"] == 0:
+        why = f"the {setup.dtype} base ({bf16:.1f} GiB) fits on one GPU: replicate it (ZeRO 0, no all-gathers)"
+    else:
+        why = f"the {setup.dtype} base ({bf16:.1f} GiB) plus activations does not fit on one GPU: ZeRO-3 over " \
+              f"{setup.world} GPUs"
+    if s["checkpointing"] == "full":
+        why += "; activations need full checkpointing"
+    if s["offload"] == "param":
+        why += "; weights offloaded to CPU"
+    if chosen.bound == "all-gather":
+        why += "; all-gather bound: see the note"
+    return chosen, why
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a DeepSpeed config, and the plan as text
+
+def ds_buckets(path: str) -> dict:
+    """The ZeRO-3 sizes the planner uses, from a DeepSpeed JSON (absent keys keep DeepSpeed's defaults)."""
+    try:
+        zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
+    except (OSError, json.JSONDecodeError, AttributeError) as err:
+        raise UserError(f"--ds-config: {path}: not a readable DeepSpeed JSON ({str(err).splitlines()[0]})") from None
+    keys = {"prefetch_bucket": "stage3_prefetch_bucket_size", "max_live": "stage3_max_live_parameters",
+            "max_reuse": "stage3_max_reuse_distance", "reduce_bucket": "reduce_bucket_size",
+            "persistence": "stage3_param_persistence_threshold"}
+    return {mine: float(zero[theirs]) for mine, theirs in keys.items() if isinstance(zero.get(theirs), (int, float))}
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:8.2f} GiB"
+
+
+def _rate(tokens_per_s: float) -> str:
+    return f"{tokens_per_s:,.0f}" if tokens_per_s >= 100 else f"{tokens_per_s:.3g}"
+
+
+def render(result: Plan, recommended: Plan, why: str, asked: bool) -> str:
+    """The plan as the command line prints it; `asked`: the user fixed the layout (else `result` is the
+    recommendation), so the recommendation is printed beside it."""
+    s = result.setup
+    lines = [f"base {result.base}: {result.parameters / 1e9:.3f} B parameters ({result.layer_parameters / 1e6:.1f} M "
+             f"per layer), {result.trainable_parameters:,} trainable",
+             f"{s['nodes']} node(s) x {s['gpus_per_node']} {s['gpu']}, seq {s['seq']} x micro-batch {s['micro_batch']},"
+             f" {s['dtype']}, ZeRO {s['zero']}, offload {s['offload']}, checkpointing {s['checkpointing']}"
+             + ("" if asked else "  (recommended)"),
+             "", "per-GPU memory:" if s["gpu"] != "CPU" else "per-rank memory (host RAM):"]
+    for part, value in result.memory_bytes.items():
+        lines.append(f"  {part:<28}{_gib(value)}")
+    lines.append(f"  {'peak':<28}{_gib(result.peak_bytes)}   of {_gib(result.device_memory_bytes).strip()}"
+                 f" -> {'fits' if result.fits else 'DOES NOT FIT (90% rule)'}")
+    if result.host_bytes_per_rank:
+        lines.append(f"  {'offloaded to host per rank':<28}{_gib(result.host_bytes_per_rank)}")
+    lines += ["", f"expected: {_rate(result.tokens_per_s_per_gpu)} tokens/s per GPU, {_rate(result.tokens_per_s)} in all "
+              f"(MFU {s['mfu']:.0%} at {result.flops_per_token / result.parameters:.2f} FLOPs/param/token; "
+              f"{result.bound} bound)"]
+    if result.cross_node_bytes_per_step:
+        lines.append(f"across nodes per step: {result.cross_node_bytes_per_step / 1e9:.3f} GB; with ZeRO++ hpZ "
+                     f"(zero_hpz_partition_size={s['gpus_per_node']}) {result.cross_node_bytes_per_step_hpz / 1e9:.6f} GB"
+                     f" after a first step of {result.cross_node_bytes_first_step_hpz / 1e9:.3f} GB")
+    lines += [f"note: {n}" for n in result.notes]
+    if asked:
+        r = recommended.setup
+        lines += ["", f"recommended: ZeRO {r['zero']}, checkpointing {r['checkpointing']}, offload {r['offload']} "
+                  f"({recommended.peak_bytes / GIB:.1f} GiB, {_rate(recommended.tokens_per_s_per_gpu)} tokens/s/GPU)"]
+    lines.append(f"why: {why}")
+    return "\n".join(lines)

@@ -1,0 +1,216 @@
+"""The scaling report: report.md, runs.json, results.json and the plots (metrics.png, cost.png, learning.png) from
+the run folders under one sweep root, read by tagscale.scaling. matplotlib is imported only to draw.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+from tagscale.errors import UserError
+from tagscale.metrics import to_json
+from tagscale.scaling import (COST_GROUP, FORMULA_TASKS, GIB, METHODS, RunRow, without_outputs, finding, gather,
+                              result_rows, table)
+
+
+def _size_ticks(ax, sizes: list[int], matplotlib) -> None:
+    """X ticks at the bases' own parameter counts, labelled 135M, 1.3B (not 1.4x10^8 at every minor tick)."""
+    ticks: list[int] = []
+    for size in sorted(set(sizes)):  # one tick for sizes within 3% (e.g. llama-350m 267.9M and Gemma 268.1M)
+        if not ticks or size > ticks[-1] * 1.03:
+            ticks.append(size)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xticks(ticks, [f"{p / 1e9:.3g}B" if p >= 1e9 else f"{p / 1e6:.3g}M" for p in ticks], fontsize=8,
+                  rotation=45 if len(ticks) > 3 else 0)
+    if len(ticks) > 1:
+        span = math.log10(ticks[-1] / ticks[0])
+        ax.set_xlim(ticks[0] / 10 ** (0.08 * span), ticks[-1] * 10 ** (0.08 * span))
+
+
+def _plain_log_ticks(ax, matplotlib) -> None:
+    """Log axes ticked at 1, 1.5, 2, 3, 5, 7 x 10^k and labelled 0.5, 2, 600 rather than 5x10^-1 (ranges under a decade too)."""
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+_COLORS = {"tag_llm": "tab:blue", "prompt_tuning": "tab:orange", "linear_probe": "tab:green", "expert": "tab:red"}
+
+
+def plots(rows: list[RunRow], folder: Path) -> list[str]:
+    """metrics.png: each task's metrics against parameter count, one line per method; cost.png: tokens/s, step
+    time and peak memory against parameter count (task runs per method, and the random-init cost-curve runs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = _COLORS
+    made = []
+    tasks = sorted({t for r in rows for t in r.metrics})
+    if tasks:
+        shown = ("spearman", "r2", "mse")
+        fig, axes = plt.subplots(len(shown), len(tasks), figsize=(max(4.5 * len(tasks), 6.5), 3.0 * len(shown)),
+                                 squeeze=False)
+        for col, task in enumerate(tasks):
+            for row_i, metric in enumerate(shown):
+                ax = axes[row_i][col]
+                shown_methods = sorted({r.method for r in rows}, key=lambda m: METHODS.index(m) if m in METHODS else 9)
+                for i, method in enumerate(shown_methods):
+                    shift = 10 ** (0.012 * (i - (len(shown_methods) - 1) / 2))  # side by side: intervals overlap
+                    points = sorted((r.parameters, r.metrics[task][metric],
+                                     (r.metrics[task].get("ci95") or {}).get(metric)) for r in rows
+                                    if r.method == method and task in r.metrics and metric in r.metrics[task])
+                    if method == "expert" and points:  # no base: one flat line across the plot
+                        ax.axhline(points[0][1], color=colors[method], linestyle="--", label="expert (no LLM)")
+                        continue
+                    if points:  # the 95% bootstrap interval as the error bar, where the run has one
+                        errors = [[p[1] - p[2][0] if p[2] else 0 for p in points],
+                                  [p[2][1] - p[1] if p[2] else 0 for p in points]]
+                        ax.errorbar([p[0] * shift for p in points], [p[1] for p in points], yerr=errors, fmt="o-",
+                                    capsize=3, color=colors.get(method, "black"), label=method)
+                start = sorted({(r.parameters, r.initial[task][metric]) for r in rows
+                                if metric == "mse" and task in r.initial and metric in r.initial[task]})
+                if start:  # before training the head predicts the training mean: the bar every method must beat
+                    ax.plot([p[0] for p in start], [p[1] for p in start], "x:", color="grey",
+                            label="before training (mean)")
+                    ax.legend(fontsize=7)
+                ax.set_xscale("log")
+                _size_ticks(ax, [r.parameters for r in rows if task in r.metrics and r.parameters > 0], matplotlib)
+                ax.set_title(f"{task}: {metric}" + (" (lower is better)" if metric == "mse" else ""), fontsize=10)
+                ax.grid(alpha=0.3)
+                if row_i == len(shown) - 1:
+                    ax.set_xlabel("base parameters")
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle("Test-set metrics against base size", fontsize=11)
+        fig.tight_layout()
+        fig.savefig(folder / "metrics.png", dpi=110)
+        plt.close(fig)
+        made.append("metrics.png")
+    measured = [r for r in rows if r.tokens_per_s]
+    if measured:
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+        series = [(f"{m} (task runs)", colors[m], "o-", [r for r in measured if r.method == m and r.group != COST_GROUP])
+                  for m in METHODS if m != "expert"]
+        series.append(("tag_llm, random-init shapes (cost runs)", "black", "s--",
+                       [r for r in measured if r.group == COST_GROUP]))
+        for ax, (title, value) in zip(axes, [("tokens/s", lambda r: r.tokens_per_s),
+                                             ("step time (s)", lambda r: r.step_s),
+                                             ("peak RSS per rank (GiB)", lambda r: (r.peak_rss_bytes or 0) / GIB)]):
+            for label, color, style, members in series:
+                by_base: dict[int, list[float]] = {}
+                for r in members:  # several tasks per base: average their runs
+                    by_base.setdefault(r.parameters, []).append(value(r))
+                points = sorted((p, statistics.mean(v)) for p, v in by_base.items())
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], style, color=color, label=label)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            _size_ticks(ax, [r.parameters for r in measured], matplotlib)
+            _plain_log_ticks(ax, matplotlib)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("base parameters")
+            ax.grid(alpha=0.3, which="both")
+        axes[0].legend(fontsize=8)
+        fig.suptitle("Cost against base size on this machine (CPU ranks; medians over the steps after the first)",
+                     fontsize=11)
+        fig.tight_layout()
+        fig.savefig(folder / "cost.png", dpi=110)
+        plt.close(fig)
+        made.append("cost.png")
+    return made
+
+
+def learning_plot(rows: list[RunRow], folder: Path) -> list[str]:
+    """learning.png: each task's validation metric against the training step (and the training examples seen,
+    step x global batch), one line per method and base, the kept step starred: where a method still improves at
+    the end of its budget, a longer one might pay."""
+    curves = [(r, task, metric) for r in rows if r.validation for task in r.metrics
+              for metric in [next((k.split("/")[2] for k in r.validation[0] if k.startswith(f"val/{task}/")), None)]
+              if metric]
+    if not curves:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({task for _, task, _ in curves})
+    bases = sorted({(r.parameters, r.base) for r, _, _ in curves})
+    styles = dict(zip([b for _, b in bases], ["-", "--", ":", "-."] * 4))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.0), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        metric = "?"
+        for r, t, metric in (c for c in curves if c[1] == task):
+            key = f"val/{task}/{metric}"
+            points = [(v["step"], v[key]) for v in r.validation if v.get(key) is not None]
+            if not points:
+                continue
+            color = _COLORS.get(r.method, "black")
+            ax.plot([p[0] for p in points], [p[1] for p in points], styles[r.base], marker="o", ms=3, color=color,
+                    label=f"{r.method}, {r.base}")
+            kept = (r.metrics[task].get("selected") or {}).get("best_step")
+            kept_value = dict(points).get(kept)
+            if kept_value is not None:
+                ax.plot([kept], [kept_value], "*", ms=11, color=color, mec="black", mew=0.5)
+        batch = max((r.global_batch for r, t, _ in curves if t == task), default=0)
+        if batch:
+            top = ax.secondary_xaxis("top", functions=(lambda s, b=batch: s * b, lambda e, b=batch: e / b))
+            top.set_xlabel("training examples seen", fontsize=8)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"validation {metric}")
+        ax.set_title(f"{task}: validation {metric} (star: kept step)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "learning.png", dpi=110)
+    plt.close(fig)
+    return ["learning.png"]
+
+
+def shown(path: Path) -> str:
+    """A path as the user would type it: relative to the current folder when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def write_report(out: Path, report: Path, command: str) -> Path:
+    """Gather the complete run folders under `out` and write the report into `report` (made if absent); `command`
+    is printed at its top. Returns report.md's path."""
+    rows = gather(out)
+    timings_path = out / "timings.json"
+    timings = list(json.loads(timings_path.read_text()).values()) if timings_path.is_file() else []
+    if not rows:
+        raise UserError(f"--out: {out}: no complete run folders (run.json with status complete) to report")
+    report.mkdir(parents=True, exist_ok=True)
+    images = plots(rows, report) + learning_plot(rows, report)
+    runs = [asdict(r) for r in rows]
+    data = {"command": command, "runs": [without_outputs(r) for r in runs]}
+    if timings:
+        data["timings"] = timings
+    (report / "runs.json").write_text(to_json(data, indent=2) + "\n")
+    results = result_rows([r for r in runs if r["group"] != COST_GROUP])
+    (report / "results.json").write_text(to_json(results, indent=2) + "\n")
+    lines = ["# Scaling report: Tag-LLM vs prompt tuning vs linear probe across base sizes", "",
+             "Made by:", "", "```", command, "```", "",
+             f"{len(rows)} complete runs read from `{shown(out)}` (run.json, metrics.jsonl, eval.json). Task metrics are on "
+             "each task's held-out test split, in label units; `mean predictor mse` is the untrained head's (it "
+             "predicts the training-label mean: the bar to beat); `kept step` is the step validation selected; tokens/s and step time are medians over the steps "
+             "after the first; peak RSS is the largest rank's getrusage peak. Rows in group `cost` are random-init "
+             "shapes run only for the cost curve (evaluation off). Every metric is `value [95% interval]` (bootstrap over the test "
+             "examples); `results.json` holds each run's headline metric with its interval and a `mean` row per task and base.",
+             "", "## Finding", "", "Computed from the runs (paired bootstrap over the same test examples; a method "
+             "is `clearly better` only when the 95% interval of the difference excludes zero):", "",
+             *finding([r for r in runs if r["group"] != COST_GROUP], FORMULA_TASKS), "", "## Runs", "", table(rows), ""]
+    lines += [f"![{name}]({name})" for name in images]
+    if timings:
+        lines += ["", "Wall time of each run (this machine, shared with other jobs; `skipped` runs were complete):", "", "| run | status | seconds |",
+                  "|---|---|---:|"] + [f"| {t['run']} | {t['status']} | {t['seconds']} |" for t in timings]
+    (report / "report.md").write_text("\n".join(lines) + "\n")
+    return report / "report.md"
