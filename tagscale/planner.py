@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 from tagscale.errors import UserError, nearest
 from tagscale.shapes import SHAPES
@@ -60,6 +61,32 @@ DEVICES: dict[str, Device] = {
     # measured fp32 GEMM rate of 2 AVX2 cores (bf16 GEMMs are ~10x slower there: CPU speed is a rough guide only).
     "CPU": Device("CPU", 0.04, 0.0, 5.0, 1.0, "host RAM; 2 AVX2 cores, fp32 GEMM ~40 GFLOP/s measured"),
 }
+
+# Dense bf16 peak (no sparsity) by card name, matched in order on torch.cuda.get_device_name(): the PCIe H100
+# before the generic H100 (SXM). Unknown cards get no peak, hence no MFU.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+)
+
+
+def card_peak_flops(name: str) -> Optional[float]:
+    """The card's dense bf16 peak FLOP/s, or None for a card not in PEAK_BF16_FLOPS."""
+    for key, value in PEAK_BF16_FLOPS:
+        if key.lower() in name.lower():
+            return value
+    return None
+
+
+def plan_gpu(name: str) -> str:
+    """The planner device closest to this card (its planner has H100, H200 and A100)."""
+    for key in ("H200", "H100", "A100"):
+        if key.lower() in name.lower():
+            return key
+    return "H100"
+
 
 PRESET_ALIASES = {"7b": "llama-7b", "13b": "llama-13b", "34b": "llama-34b", "70b": "llama-70b", "1b": "llama-1b",
                   "350m": "llama-350m", "100m": "llama-100m", "20m": "llama-20m"}

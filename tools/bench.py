@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: gpu_check's card table
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -56,7 +55,7 @@ def saved_bytes(step: Callable[[], torch.Tensor]) -> int:
 def peak_flops() -> tuple[float, str]:
     """Dense matmul FLOP/s this device reaches (the MFU denominator), and how it was obtained."""
     if torch.cuda.is_available():
-        from gpu_check import card_peak_flops  # the one card -> peak table (tools/ is on sys.path, see above)
+        from tagscale.planner import card_peak_flops  # the one card -> peak table
 
         name = torch.cuda.get_device_name()
         if card_peak_flops(name):

@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # the checkout's own package, also when another checkout is the installed one
+
+from tagscale import planner  # noqa: E402
+from tagscale.planner import card_peak_flops, plan_gpu  # noqa: E402,F401  (the one card -> peak table)
 
 PARTS = ("stages", "hooks", "mfu", "peft")
 GOAL_MFU = 0.50  # issue #14: MFU >= 50% at 7B, seq 2048 (reported as met / not met, never asserted)
@@ -35,32 +37,6 @@ GOAL_MFU = 0.50  # issue #14: MFU >= 50% at 7B, seq 2048 (reported as met / not 
 # differs by accumulated rounding through the layers, so numbers are compared at 5% relative (or 0.05 absolute
 # near zero), a few bf16 steps per layer stack but far below any trained-vs-untrained difference.
 STAGES_RTOL, STAGES_ATOL = 0.05, 0.05
-
-# Dense bf16 peak (no sparsity) by card name, matched in order on torch.cuda.get_device_name(): the PCIe H100
-# before the generic H100 (SXM). Unknown cards get no peak, hence no MFU.
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("A100", 312e12),
-)
-
-
-def card_peak_flops(name: str) -> Optional[float]:
-    """The card's dense bf16 peak FLOP/s, or None for a card not in PEAK_BF16_FLOPS."""
-    for key, value in PEAK_BF16_FLOPS:
-        if key.lower() in name.lower():
-            return value
-    return None
-
-
-def plan_gpu(name: str) -> str:
-    """The tools/plan.py device closest to this card (its planner has H100, H200 and A100)."""
-    for key in ("H200", "H100", "A100"):
-        if key.lower() in name.lower():
-            return key
-    return "H100"
-
 
 def slug(name: str) -> str:
     """A card name as a file name: `NVIDIA H100 80GB HBM3` -> `nvidia-h100-80gb-hbm3`."""
@@ -290,9 +266,6 @@ def mfu_row(rows: list[dict], matmul_params: int, peak: Optional[float]) -> dict
 
 
 def part_mfu(out: Path, card: str) -> dict:
-    sys.path.insert(0, str(ROOT / "tools"))
-    import plan as planner
-
     shape = planner.resolve_shape("llama-7b")
     peak = card_peak_flops(card)
     _long_data(ROOT / "runs" / "gpu_check" / "long.jsonl")
@@ -325,13 +298,11 @@ def part_mfu(out: Path, card: str) -> dict:
 
 
 def part_peft(out: Path) -> dict:
-    sys.path.insert(0, str(ROOT / "tools"))
-    import bench
-
     target = out / "bench.json"
-    code = bench.main(["--base", "embedded:smollm2-135m", "--repeats", "5", "--device", "cuda", "--out", str(target)])
-    if code != 0:
-        raise RuntimeError(f"tools/bench.py exited {code}")
+    proc = _run([sys.executable, "tools/bench.py", "--base", "embedded:smollm2-135m", "--repeats", "5", "--device",
+                 "cuda", "--out", str(target)])
+    if proc.returncode != 0:
+        raise RuntimeError(f"tools/bench.py exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
     result = json.loads(target.read_text())
     head = result["ratios"]["tagscale / PEFT prompt tuning, head task (goal <= 0.5)"]
     text = result["ratios"]["tagscale / PEFT prompt tuning, text task (goal <= 0.6)"]
