@@ -146,18 +146,27 @@ def _batches(items: list, size: int):
 
 
 @torch.no_grad()
-def head_predictions(model: TaggedModel, examples: list[Example], micro: int, pad_id: int) -> list[list[float]]:
-    """Each example's head output in label units."""
+def head_predictions(model: TaggedModel, examples: list[Example], micro: int, pad_id: int,
+                     with_scores: bool = False) -> list[list[float]]:
+    """Each example's head output in label units (a classifier's: its class index). With `with_scores`, a
+    binary classifier's row also ends with its softmax probability of class 1 (what ROC-AUC ranks by)."""
     out = []
     for chunk in _batches(examples, micro):
         batch = {k: v.to(dist.device()) for k, v in collate(chunk, pad_id).items()}
-        preds = model.predict_heads(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                                    batch["head_pos"], batch["head_index"])
+        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        raw = model.head_outputs(hidden, batch["head_pos"], batch["head_index"])
         rows: list = [None] * len(chunk)
-        for j, values in enumerate(preds):
+        for j, values in enumerate(raw):
+            head, values = model.heads[j], values.float()
+            labels = head.to_label_units(values)
+            if labels.dim() == 1:
+                labels = labels[:, None]
+            labels = labels.float()
+            if with_scores and head.spec.type == "classification" and head.spec.outputs == 2:
+                labels = torch.cat([labels, values.softmax(-1)[:, 1:]], dim=1)
             positions = (batch["head_index"] == j).nonzero().squeeze(1).tolist()
-            for pos, value in zip(positions, values.cpu().tolist()):
-                rows[pos] = value if isinstance(value, list) else [value]
+            for pos, value in zip(positions, labels.cpu().tolist()):
+                rows[pos] = value
         out += rows
     return out
 
@@ -202,7 +211,21 @@ def evaluate(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer,
     resamples = cfg.evaluation.bootstrap if resamples is None else resamples
     with inference(cfg, model):
         outputs = [task_outputs(cfg, model, tokenizer, item) for item in sets]
-    return {item.task.name: scored(task_kind(model, item.task), out, item, resamples) for item, out in zip(sets, outputs)}
+    results = {}
+    for item, out in zip(sets, outputs):
+        scores = None
+        if binary_classifier(model, item.task):  # rows are (class, probability of class 1)
+            out, scores = [int(row[0]) for row in out], [row[1] for row in out]
+        results[item.task.name] = scored(task_kind(model, item.task), out, item, resamples, scores)
+    return results
+
+
+def binary_classifier(model: TaggedModel, task: TaskConfig) -> bool:
+    """A two-class head task: its test rows carry class-1 probabilities and its metrics ROC-AUC."""
+    if task.loss != "head":
+        return False
+    spec = model.heads[model.head_names.index(task.head)].spec
+    return spec.type == "classification" and spec.outputs == 2
 
 
 def task_outputs(cfg: RunConfig, model: TaggedModel, tokenizer, item: EvalSet) -> list:
@@ -211,8 +234,8 @@ def task_outputs(cfg: RunConfig, model: TaggedModel, tokenizer, item: EvalSet) -
     rank, world, micro = dist.rank(), dist.world_size(), cfg.evaluation.micro_batch
     mine, real = shard(item.examples, rank, world)
     if item.task.loss == "head":
-        parts = dist.all_gather_objects(head_predictions(model, mine, micro, tokenizer.pad_token_id)[:real])
-        return [p[0] for part in parts for p in part]
+        parts = dist.all_gather_objects(head_predictions(model, mine, micro, tokenizer.pad_token_id, True)[:real])
+        return [p if binary_classifier(model, item.task) else p[0] for part in parts for p in part]
     if item.task.loss == "target":
         parts = dist.all_gather_objects(generations(model, tokenizer, mine, micro, cfg.evaluation.max_new_tokens)[:real])
     else:

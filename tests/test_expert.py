@@ -252,6 +252,12 @@ def test_classification_head_trains_evaluates_and_predicts_end_to_end(tmp_path):
     assert probe["roc_auc"] == pytest.approx(roc_auc_score(targets, probe["scores"]))
     assert probe["ci95"]["roc_auc"][0] <= probe["roc_auc"] <= probe["ci95"]["roc_auc"][1]
     assert [int(s > 0.5) for s in probe["scores"]] == probe["outputs"]  # one-hot ridge: the two scores sum to 1
+    # the trained head ranks by its softmax probability of class 1: ROC-AUC as sklearn computes it, and the
+    # class it predicts is the one that probability favours
+    assert trained["roc_auc"] == pytest.approx(roc_auc_score(targets, trained["scores"]))
+    assert trained["ci95"]["roc_auc"][0] <= trained["roc_auc"] <= trained["ci95"]["roc_auc"][1]
+    assert all(0 <= s <= 1 for s in trained["scores"])
+    assert [int(s > 0.5) for s in trained["scores"]] == trained["outputs"]
     validations = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                    if "val_score" in json.loads(line)]
     assert [v["step"] for v in validations] == [0, 1, 2] and all(0 <= v["val/bbbp/accuracy"] <= 1 for v in validations)
