@@ -53,9 +53,10 @@ class HeadConfig:
     standardize: bool = True
     """Regression only: train on (y - mean) / std of the training labels; predictions are mapped back."""
     init: Literal["zero", "probe"] = "zero"
-    """zero: the untrained head predicts the training-label mean. probe (regression): start from the closed-form
-    ridge fit on the hidden states at the function tag (initial tags) over the training set, then tune tags and
-    head together (linear probing, then fine-tuning): short runs start where the probe ends."""
+    """zero: the untrained head predicts the training-label mean (a classifier: class 0). probe: start from the
+    closed-form ridge fit on the hidden states at the function tag (initial tags) over the training set (a
+    classifier: ridge on one-hot classes as logits, scaled on validation), then tune tags and head together
+    (linear probing, then fine-tuning): short runs start where the probe ends."""
 
 
 @dataclass
@@ -448,8 +449,6 @@ def validate(cfg: RunConfig) -> None:
                             f"field); got {tag.head.outputs} (make one task and head per label)")
         if tag.head and tag.head.type == "classification" and tag.head.outputs < 2:
             raise UserError(f"{where}.head.outputs: a classification head needs at least 2 classes")
-        if tag.head and tag.head.init == "probe" and (tag.head.type, tag.head.outputs) != ("regression", 1):
-            raise UserError(f"{where}.head.init: probe starts a one-output regression head; use init: zero here")
         if tag.init == "text" and not tag.init_text:
             raise UserError(f"{where}.init_text: init: text needs the text whose embeddings start the tag")
         if tag.kind != cfg.trained_kind and not (cfg.enrich and tag.kind == "domain"):

@@ -323,6 +323,32 @@ def ridge_classifier_fit(features: np.ndarray, labels: np.ndarray, classes: int,
     return _ridge_solve(x, onehot, np.arange(len(x)), best[1])
 
 
+TEMPERATURES = 2.0 ** np.arange(0, 7)
+"""Scales tried for a classifier's probe start: its one-hot ridge scores (x @ W + b, summing to 1 over classes)
+become logits t * scores, t chosen by validation cross-entropy."""
+
+
+def classifier_start(features: np.ndarray, labels: np.ndarray, classes: int, val_features: Optional[np.ndarray],
+                     val_labels: Optional[np.ndarray], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A classification head's `init: probe`: the one-hot ridge probe (`ridge_classifier_fit`) as logits, scaled by
+    the temperature of `TEMPERATURES` with the lowest cross-entropy on the validation rows (without them: on the
+    training rows; ties: the smaller scale). The argmax is the probe's; cross-entropy training starts from
+    probabilities as confident as validation supports. Returns (W (d, k), b (k,))."""
+    w, b = ridge_classifier_fit(features, labels, classes, val_features, val_labels, seed)
+    held = val_features is not None and len(val_features) > 0
+    x = np.asarray(val_features if held else features, dtype=np.float64)
+    y = np.asarray(val_labels if held else labels, dtype=int)
+    scores = x @ w + b
+
+    def cross_entropy(t: float) -> float:
+        logits = t * scores
+        logits = logits - logits.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(logits).sum(1)) - logits[np.arange(len(y)), y]))
+
+    t = min(TEMPERATURES, key=cross_entropy)
+    return t * w, t * b
+
+
 def head_labels(examples: list[Example]) -> np.ndarray:
     return np.array([e.head_target[0] for e in examples], dtype=np.float64)
 
@@ -357,7 +383,7 @@ def probe_metrics(cfg: RunConfig, probe_model: TaggedModel, train_sets: list[Eva
 def start_heads_from_probe(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer,
                            train_examples: list[list[Example]], val_sets: list[EvalSet], before: dict) -> dict:
     """Heads with `init: probe` start at the ridge fit on the hidden states at their function tag (initial tags)
-    over the training set, the penalty chosen on the validation set; their tasks' test metrics at that start join
+    over the training set, the penalty chosen on the validation set (a classifier: `classifier_start`); their tasks' test metrics at that start join
     the baselines as "linear probe (start)". Collective; run once, on a fresh start (a resumed run reads its heads
     from the checkpoint)."""
     starting = [t for t in cfg.tags if t.head and t.head.init == "probe"]
@@ -373,8 +399,13 @@ def start_heads_from_probe(cfg: RunConfig, model: TaggedModel, encoder: Encoder,
                         for name, items in held.items()}
     for tag in starting:  # heads are set outside: `set_trainable` gathers through ZeRO's own machinery
         head = model.heads[model.head_names.index(tag.name)]
-        w, b = ridge_fit(features[tag.name], head_labels(examples[tag.name]), val_features[tag.name],
-                         head_labels(held[tag.name]) if held[tag.name] else None)
+        labels, val_labels = head_labels(examples[tag.name]), head_labels(held[tag.name]) if held[tag.name] else None
+        if tag.head.type == "classification":
+            w, b = classifier_start(features[tag.name], labels, tag.head.outputs, val_features[tag.name], val_labels)
+            dist.set_trainable(head.linear.weight, torch.tensor(w.T, dtype=torch.float32))
+            dist.set_trainable(head.linear.bias, torch.tensor(b, dtype=torch.float32))
+            continue
+        w, b = ridge_fit(features[tag.name], labels, val_features[tag.name], val_labels)
         mean, std = float(head.mean[0]), float(head.std[0])  # the head works in standardised label units
         dist.set_trainable(head.linear.weight, torch.tensor(w / std, dtype=torch.float32)[None])
         dist.set_trainable(head.linear.bias, torch.tensor([(b - mean) / std], dtype=torch.float32))

@@ -22,18 +22,19 @@ DATA = "tests/data/fixture_protein_count.jsonl"
 TEMPLATE = "Input: {seq}. Output: <Count>"
 
 
-def features_by_hand(base, tag: torch.Tensor, records: list[dict]) -> np.ndarray:
+def features_by_hand(base, tag: torch.Tensor, records: list[dict], template: str = TEMPLATE,
+                     name: str = "<Count>") -> np.ndarray:
     rows = base.identity["embedding_rows"]
     placeholders = list(range(rows, rows + tag.shape[0]))
-    encoder = Encoder(base.tokenizer, {"<Count>": placeholders}, {"<Count>"}, ["<Count>"], 512)
+    encoder = Encoder(base.tokenizer, {name: placeholders}, {name}, [name], 512)
     embed = base.model.get_input_embeddings()
     out = []
     for record in records:
-        ids, is_tag, last = encoder.prompt(TEMPLATE, record)
+        ids, is_tag, last = encoder.prompt(template, record)
         vectors = [tag[placeholders.index(i)] if flag else embed(torch.tensor(i)) for i, flag in zip(ids, is_tag)]
         with torch.no_grad():
             hidden = base.model(inputs_embeds=torch.stack(vectors)[None], output_hidden_states=True).hidden_states[-1]
-        out.append(hidden[0, last["<Count>"]].numpy())
+        out.append(hidden[0, last[name]].numpy())
     return np.stack(out)
 
 
@@ -78,8 +79,44 @@ def test_head_starts_at_the_probe_fit(tiny_base, tmp_path):
     assert baselines["linear probe (start)"]["mse"] < baselines["initial"]["mse"]
 
 
-def test_probe_start_refused_for_classification(tmp_path):
-    proc = train("tests/recipes/tiny_head.yaml", "tags.0.head.init=probe", "tags.0.head.type=classification",
-                 "tags.0.head.outputs=3", f"output.dir={tmp_path / 'run'}", check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().count("\n") == 0 and "tags[0].head.init" in proc.stderr
+def test_classification_head_starts_at_the_probe_classifier(tiny_base, tmp_path):
+    """`init: probe` on a two-class head: the one-hot ridge (solved by lstsq on the augmented system, the penalty
+    chosen by validation accuracy, ties to the larger) as logits, scaled by the temperature with the lowest
+    validation cross-entropy, all computed here by hand from hand-built hidden states."""
+    run, train_file, test_file = tmp_path / "run", "tests/data/fixture_b3db_train.jsonl", "tests/data/fixture_b3db_test.jsonl"
+    train("tests/recipes/tiny_classify.yaml", "tags.0.head.init=probe", f"output.dir={run}", "train.steps=1",
+          "train.lr=1e-12", "train.eval_every=0")
+    template = "SMILES {smiles} <BBB>"
+    tag = load_file(str(run / "tags.safetensors"))["<BBB>"]
+    records = read_records(DataConfig(path=train_file), "test", "train")
+    test_records = read_records(DataConfig(path=test_file), "test", "eval")
+    x = features_by_hand(tiny_base, tag, records, template, "<BBB>").astype(np.float64)
+    x_test = features_by_hand(tiny_base, tag, test_records, template, "<BBB>").astype(np.float64)
+    y = np.array([r["bbb"] for r in records])
+    keep, held = validation_split(len(records), 0.1, 200, 0, 0)
+    n, d = len(keep), x.shape[1]
+    centred = x[keep] - x[keep].mean(0)
+    scale = max(float((centred ** 2).sum()) / d, 1e-12)
+    onehot = np.eye(2)[y]
+    fits = []
+    for penalty in PENALTIES:
+        system = np.vstack([np.hstack([x[keep], np.ones((n, 1))]),
+                            np.hstack([np.sqrt(penalty * scale) * np.eye(d), np.zeros((d, 1))])])
+        solution = np.linalg.lstsq(system, np.vstack([onehot[keep], np.zeros((d, 2))]), rcond=None)[0]
+        w, b = solution[:d], solution[d]
+        fits.append((float(np.mean((x[held] @ w + b).argmax(1) == y[held])), penalty, w, b))
+    _, _, w, b = max(fits, key=lambda fit: (fit[0], fit[1]))
+    scores = x[held] @ w + b
+
+    def cross_entropy(t):
+        logits = t * scores
+        return float(np.mean(np.log(np.exp(logits).sum(1)) - logits[np.arange(len(held)), y[held]]))
+
+    t = min(2.0 ** np.arange(0, 7), key=cross_entropy)
+    heads = load_file(str(run / "heads.safetensors"))
+    started = x @ heads["<BBB>.weight"].double().numpy().T + heads["<BBB>.bias"].double().numpy()
+    assert np.abs(started - t * (x @ w + b)).max() <= 1e-3 * t  # the saved head is the start (lr 1e-12)
+    assert t > 1 or cross_entropy(1.0) <= cross_entropy(2.0)  # the scale is a choice, not the default
+    start = json.loads((run / "eval_baselines.json").read_text())["bbbp"]["linear probe (start)"]
+    assert start["outputs"] == (x_test @ w + b).argmax(1).tolist()  # the start's test classes are the probe's
+    assert 0 <= start["accuracy"] <= 1 and "roc_auc" in start
