@@ -52,6 +52,62 @@ alive() {  # alive PIDFILE COMM: the pid in PIDFILE runs and really is COMM
   [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
 }
 node_ok() { sinfo -h -N -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)$'; }
+stop() {  # stop PIDFILE COMM: our daemon of an earlier, unhealthy start (by pid, never by name)
+  local pid i
+  if alive "$1" "$2"; then
+    pid=$(cat "$1")
+    kill "$pid"
+    for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+  fi
+  rm -f "$1"
+}
+await_daemon() {  # await_daemon PIDFILE COMM LOG: wait up to 10 s for a daemon just started to write its pid file
+  local i
+  for i in $(seq 100); do alive "$1" "$2" && return 0; sleep 0.1; done
+  tail -20 "$3" >&2
+  die "$2 did not start (${1##*/}; log $3)"
+}
+fake_gpus() {  # gres/gpu on /dev/null twins (a character device: major 1 minor 3); sets GRES_NODE and GRES_TYPES
+  local i
+  GRES_NODE=""; GRES_TYPES=""; rm -f "$DIR/gres.conf"
+  [ "$GPUS" -gt 0 ] || return 0
+  mkdir -p "$DIR/dev"
+  for i in $(seq 0 $((GPUS - 1))); do [ -c "$DIR/dev/gpu$i" ] || mknod "$DIR/dev/gpu$i" c 1 3; done
+  echo "Name=gpu File=$DIR/dev/gpu[0-$((GPUS - 1))]" > "$DIR/gres.conf"
+  GRES_NODE=" Gres=gpu:$GPUS"; GRES_TYPES="GresTypes=gpu"
+}
+conf_common() {  # the slurm.conf lines every test cluster shares (after its own names, ports and paths)
+  cat <<EOF
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+StateSaveLocation=$DIR/ctld
+SlurmctldPidFile=$DIR/slurmctld.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+# no cgroups, no systemd
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/linux
+# no slurmdbd (so no sacct): every finished run of a job is one line here, with its state
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/filetxt
+JobCompLoc=$DIR/log/jobcomp.log
+# keep finished jobs visible to 'scontrol show job' for an hour
+MinJobAge=3600
+JobRequeue=1
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=$((MEM_MB / CPUS))
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0,bf_interval=1,sched_interval=2
+SlurmdParameters=config_overrides
+MpiDefault=none
+ReturnToService=2
+$GRES_TYPES
+EOF
+}
 
 if [ "$NODES" = 1 ] && alive "$DIR/slurmctld.pid" slurmctld && alive "$DIR/slurmd.pid" slurmd && node_ok; then
   log "already up ($(sinfo -h -N -o '%N %T'))"
@@ -103,19 +159,10 @@ if [ "$NODES" -gt 1 ]; then
   t0=$(date +%s)
 
   # an earlier, unhealthy start of this cluster: its daemons (by pid), namespaces and /etc/hosts lines
-  mstop() {  # mstop PIDFILE COMM
-    local pid i
-    if alive "$1" "$2"; then
-      pid=$(cat "$1"); kill "$pid"
-      for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
-    fi
-    rm -f "$1"
-  }
   mkdir -p "$DIR"
-  for f in "$DIR"/slurmd-*.pid; do [ -e "$f" ] && mstop "$f" slurmd; done
-  mstop "$DIR/slurmctld.pid" slurmctld
-  mstop "$MUNGE_DIR/munged.pid" munged
+  for f in "$DIR"/slurmd-*.pid; do [ -e "$f" ] && stop "$f" slurmd; done
+  stop "$DIR/slurmctld.pid" slurmctld
+  stop "$MUNGE_DIR/munged.pid" munged
   for ns in $(cat "$DIR/netns" 2>/dev/null); do ip netns del "$ns" 2>/dev/null || true; done
   rm -f "$DIR/netns" "$DIR/mode" "$DIR/env"
   sed -i "\|$HOSTS_MARK|d" /etc/hosts
@@ -161,13 +208,8 @@ if [ "$NODES" -gt 1 ]; then
   munge -S "$MUNGE_SOCK" -n | unmunge -S "$MUNGE_SOCK" >/dev/null || die "munge credential round-trip failed"
 
   # config
-  mkdir -p "$DIR/ctld" "$DIR/log" "$DIR/dev"
-  GRES_NODE=""; GRES_TYPES=""; rm -f "$DIR/gres.conf"
-  if [ "$GPUS" -gt 0 ]; then
-    for i in $(seq 0 $((GPUS - 1))); do [ -c "$DIR/dev/gpu$i" ] || mknod "$DIR/dev/gpu$i" c 1 3; done
-    echo "Name=gpu File=$DIR/dev/gpu[0-$((GPUS - 1))]" > "$DIR/gres.conf"
-    GRES_NODE=" Gres=gpu:$GPUS"; GRES_TYPES="GresTypes=gpu"
-  fi
+  mkdir -p "$DIR/ctld" "$DIR/log"
+  fake_gpus
   if [ $mode = netns ]; then CTLD_ADDR=$SUBNET.1; CTLD_PORT=6817; else CTLD_ADDR=127.0.0.1; CTLD_PORT=16817; fi
   {
     echo "# written by tagscale .ci/slurm_up.sh: a $NODES-node test cluster ($mode mode)"
@@ -176,36 +218,13 @@ if [ "$NODES" -gt 1 ]; then
     # wherever slurmctld runs; clients connect to ADDR
     echo "SlurmctldHost=localhost($CTLD_ADDR)"
     cat <<EOF
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
 AuthInfo=socket=$MUNGE_SOCK,cred_expire=$REQUEUE_DELAY
 SlurmctldPort=$CTLD_PORT
-StateSaveLocation=$DIR/ctld
 SlurmdSpoolDir=$DIR/spool-%n
-SlurmctldPidFile=$DIR/slurmctld.pid
 SlurmdPidFile=$DIR/slurmd-%n.pid
-SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/linux
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/filetxt
-JobCompLoc=$DIR/log/jobcomp.log
-MinJobAge=3600
-JobRequeue=1
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-DefMemPerCPU=$((MEM_MB / CPUS))
-SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0,bf_interval=1,sched_interval=2
-SlurmdParameters=config_overrides
-MpiDefault=none
-ReturnToService=2
-$GRES_TYPES
 EOF
+    conf_common
     for i in $(seq "$NODES"); do
       if [ $mode = netns ]; then addr="NodeAddr=$SUBNET.$i NodeHostname=tsnode$i"
       else addr="NodeAddr=127.0.0.1 NodeHostname=localhost Port=$((16817 + i))"; fi
@@ -225,16 +244,12 @@ EOF
     fi
   }
   indo tsnode1 /usr/sbin/slurmctld -f "$SLURM_CONF" -c
-  for i in $(seq 100); do alive "$DIR/slurmctld.pid" slurmctld && break; sleep 0.1; done
-  alive "$DIR/slurmctld.pid" slurmctld || { tail -20 "$DIR/log/slurmctld.log" >&2; die "slurmctld did not start"; }
+  await_daemon "$DIR/slurmctld.pid" slurmctld "$DIR/log/slurmctld.log"
   for n in "${names[@]}"; do
     mkdir -p "$DIR/spool-$n"
     indo "$n" /usr/sbin/slurmd -f "$SLURM_CONF" -N "$n"
   done
-  for n in "${names[@]}"; do
-    for i in $(seq 100); do alive "$DIR/slurmd-$n.pid" slurmd && break; sleep 0.1; done
-    alive "$DIR/slurmd-$n.pid" slurmd || { tail -20 "$DIR/log/slurmd-$n.log" >&2; die "slurmd $n did not start"; }
-  done
+  for n in "${names[@]}"; do await_daemon "$DIR/slurmd-$n.pid" slurmd "$DIR/log/slurmd-$n.log"; done
   for i in $(seq 300); do
     all_idle && break
     [ "$i" = 50 ] && client scontrol update NodeName="tsnode[1-$NODES]" State=RESUME 2>/dev/null || true
@@ -278,82 +293,36 @@ fi
 munge -n | unmunge >/dev/null || die "munge credential round-trip failed"
 
 # 4. stop our Slurm daemons of an earlier, unhealthy start (by pid)
-stop() {  # stop PIDFILE COMM
-  local pid i
-  if alive "$1" "$2"; then
-    pid=$(cat "$1")
-    kill "$pid"
-    for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
-  fi
-  rm -f "$1"
-}
 stop "$DIR/slurmd.pid" slurmd
 stop "$DIR/slurmctld.pid" slurmctld
 
 # 5. config
-mkdir -p "$DIR/ctld" "$DIR/spool" "$DIR/log" "$DIR/dev"
-GRES_NODE=""
-GRES_TYPES=""
-rm -f "$DIR/gres.conf"
-if [ "$GPUS" -gt 0 ]; then
-  for i in $(seq 0 $((GPUS - 1))); do
-    # gres/gpu wants a character device: major 1 minor 3 is /dev/null
-    [ -c "$DIR/dev/gpu$i" ] || mknod "$DIR/dev/gpu$i" c 1 3
-  done
-  echo "Name=gpu File=$DIR/dev/gpu[0-$((GPUS - 1))]" > "$DIR/gres.conf"
-  GRES_NODE=" Gres=gpu:$GPUS"
-  GRES_TYPES="GresTypes=gpu"
-fi
-cat > "$SLURM_CONF" <<EOF
+mkdir -p "$DIR/ctld" "$DIR/spool" "$DIR/log"
+fake_gpus
+{
+  cat <<EOF
 # written by tagscale .ci/slurm_up.sh: a one-node test cluster
 ClusterName=tagscale-ci
 SlurmctldHost=$HOST
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
 # cred_expire is also how long a requeued job is held before it may start again
 AuthInfo=cred_expire=$REQUEUE_DELAY
 SlurmctldPort=${TAGSCALE_SLURM_CTLD_PORT:-6817}
 SlurmdPort=${TAGSCALE_SLURM_SLURMD_PORT:-6818}
-StateSaveLocation=$DIR/ctld
 SlurmdSpoolDir=$DIR/spool
-SlurmctldPidFile=$DIR/slurmctld.pid
 SlurmdPidFile=$DIR/slurmd.pid
-SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
-# no cgroups, no systemd
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/linux
-# no slurmdbd (so no sacct): every finished run of a job is one line here, with its state
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/filetxt
-JobCompLoc=$DIR/log/jobcomp.log
-# keep finished jobs visible to 'scontrol show job' for an hour
-MinJobAge=3600
-JobRequeue=1
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-DefMemPerCPU=$((MEM_MB / CPUS))
-SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0,bf_interval=1,sched_interval=2
-SlurmdParameters=config_overrides
-MpiDefault=none
-ReturnToService=2
-$GRES_TYPES
-NodeName=$HOST CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM_MB$GRES_NODE State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
+  conf_common
+  echo "NodeName=$HOST CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1" \
+       "RealMemory=$MEM_MB$GRES_NODE State=UNKNOWN"
+  echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
+} > "$SLURM_CONF"
 
 # 6. daemons: each daemonizes and writes its pid file; -c = start with an empty queue
 /usr/sbin/slurmctld -f "$SLURM_CONF" -c
-for i in $(seq 100); do alive "$DIR/slurmctld.pid" slurmctld && break; sleep 0.1; done
-alive "$DIR/slurmctld.pid" slurmctld || { tail -20 "$DIR/log/slurmctld.log" >&2; die "slurmctld did not start"; }
+await_daemon "$DIR/slurmctld.pid" slurmctld "$DIR/log/slurmctld.log"
 /usr/sbin/slurmd -f "$SLURM_CONF"
-for i in $(seq 100); do alive "$DIR/slurmd.pid" slurmd && break; sleep 0.1; done
-alive "$DIR/slurmd.pid" slurmd || { tail -20 "$DIR/log/slurmd.log" >&2; die "slurmd did not start"; }
+await_daemon "$DIR/slurmd.pid" slurmd "$DIR/log/slurmd.log"
 
 # 7. wait for the node
 for i in $(seq 300); do

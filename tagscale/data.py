@@ -449,6 +449,11 @@ class TrainData:
     validation: list[list[dict]] = field(default_factory=list)
     """Each task's validation records (empty for an evaluation-only task or without validation)."""
 
+    def counts(self, tasks: list[TaskConfig]) -> dict[str, dict[str, int]]:
+        """Each trained task's number of training and validation examples (after too-long ones were skipped)."""
+        return {task.name: {"train": len(examples), "val": len(held)}
+                for task, examples, held in zip(tasks, self.examples, self.validation) if task.train is not None}
+
     def lengths(self, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
         return {(t, i): int(self.examples[t].lengths[i]) if isinstance(self.examples[t], EncodedSet)
                 else len(self.examples[t][i].ids) for t, i in pairs}

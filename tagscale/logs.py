@@ -7,6 +7,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -61,7 +62,8 @@ def peak_memory_all_ranks(loading: dict[str, int]) -> dict[str, list[int]]:
 
 
 class RunLog:
-    def __init__(self, cfg: RunConfig, model: torch.nn.Module, identity: dict, skipped: dict[str, int]):
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, identity: dict, skipped: dict[str, int],
+                 examples: Optional[dict[str, dict[str, int]]] = None):
         self.cfg = cfg
         self.main = dist.is_main()
         self.folder = Path(cfg.output.dir)
@@ -69,6 +71,8 @@ class RunLog:
         self.total = sum(numel(p) for p in model.parameters())
         self.identity = identity
         self.skipped = skipped
+        self.examples = examples or {}
+        """Each trained task's training and validation example counts (run.json's `examples`)."""
         self.started = time.perf_counter()
         self.tokens_seen = 0
         self.last: dict = {}
@@ -81,6 +85,8 @@ class RunLog:
         self.folder.mkdir(parents=True, exist_ok=True)
         print(f"trainable parameters: {self.trainable:,} of {self.total:,} "
               f"({100 * self.trainable / self.total:.4f}%)", flush=True)
+        for task, count in self.examples.items():
+            print(f"task {task}: {count['train']} training examples, {count['val']} for validation", flush=True)
         for task, count in skipped.items():
             if count:
                 print(f"task {task}: skipped {count} examples longer than train.max_length ({cfg.train.max_length})")
@@ -165,7 +171,7 @@ class RunLog:
 
     def summary(self) -> dict:
         return {"trainable_parameters": self.trainable, "total_parameters": self.total,
-                "skipped_too_long": self.skipped, "final_loss": self.last.get("loss"),
+                "examples": self.examples, "skipped_too_long": self.skipped, "final_loss": self.last.get("loss"),
                 "world_size": dist.world_size(), **self.peak_fields()}
 
     def finish(self, folder: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import itertools
 from array import array
 import hashlib
 import json
@@ -131,9 +132,9 @@ def _key(path: Path) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _jsonl_lines(path: Path) -> Optional[np.ndarray]:
-    """The line number of each record (non-blank line) of a JSONL file, read in binary without parsing it; None
-    when there is no blank line (record i is then line i + 1)."""
+def _jsonl_lines(path: Path) -> tuple[int, Optional[np.ndarray]]:
+    """How many records (non-blank lines) a JSONL file holds and the line number of each, in one pass in binary
+    without parsing it; the line numbers are None when there is no blank line (record i is then line i + 1)."""
     lines, blank = array("q"), False
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, 1):
@@ -141,14 +142,13 @@ def _jsonl_lines(path: Path) -> Optional[np.ndarray]:
                 lines.append(number)
             else:
                 blank = True
-    return np.frombuffer(lines, dtype=np.int64).copy() if blank else None
+    return len(lines), np.frombuffer(lines, dtype=np.int64).copy() if blank else None
 
 
-def _nonblank(path: Path) -> Iterator[bytes]:
+def _has_lines(path: Path, n: int) -> bool:
+    """At least `n` non-blank lines (read only as far as the n-th)."""
     with path.open("rb") as handle:
-        for raw in handle:
-            if raw.strip():
-                yield raw
+        return sum(1 for _ in itertools.islice((raw for raw in handle if raw.strip()), n)) >= n
 
 
 def _first_bad_json_line(path: Path) -> Optional[str]:
@@ -200,7 +200,12 @@ def _read_file(path: Path, start: int):
     ds = _datasets()
     kind = SUFFIXES[path.suffix]
     folder = cache_dir() / "records" / _key(path)
-    if kind in ("json", "csv") and sum(1 for _ in _nonblank(path)) < (1 if kind == "json" else 2):
+    lines = None
+    if kind == "json":  # the file is read once here, for both its record count and its records' lines
+        count, lines = _jsonl_lines(path)
+        if count == 0:
+            return None, None
+    elif kind == "csv" and not _has_lines(path, 2):  # a header and no row
         return None, None
     options: dict[str, Any] = {}
     if kind == "csv":  # every field as text, as written ('007' stays '007'); a BOM and CRLF line ends are fine
@@ -217,7 +222,6 @@ def _read_file(path: Path, start: int):
         if bad:
             raise UserError(bad) from None
         table = _jsonl_by_python(path, folder)
-    lines = _jsonl_lines(path) if kind == "json" else None
     if lines is not None and len(lines) != len(table):
         raise UserError(f"{path}: {len(lines)} non-blank lines but {len(table)} records; expected one JSON object "
                         f"per line")

@@ -1,6 +1,6 @@
 """The scaling sweep's run folders read back, their results and finding: pure functions, no torch, no matplotlib.
 
-tools/sweep.py writes the run folders <out>/<group>/<method>/<base name>/stage<N>; `gather` reads each complete
+tagscale.sweep (tools/sweep.py) writes the run folders <out>/<group>/<method>/<base name>/stage<N>; `gather` reads each complete
 one into a RunRow (run.json, metrics.jsonl, eval.json), `table` is the report's table, `result_rows` and `finding`
 its headline numbers. tagscale.report draws the plots and writes the report.
 

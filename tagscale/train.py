@@ -125,7 +125,7 @@ def build(cfg: RunConfig, ds_config: str) -> Session:
             mean, std = data.label_stats(i)
             head.mean.fill_(mean), head.std.fill_(std)
     engine = dist.build_engine(model, runs.param_groups(model, cfg), ds, runs.lr_lambda(cfg))
-    log = RunLog(cfg, model, base.identity, data.skipped)
+    log = RunLog(cfg, model, base.identity, data.skipped, data.counts(cfg.tasks))
     selector = Selector(cfg, model, encoder, base.tokenizer, evaluate.validation_sets(cfg, encoder, data.validation))
     return Session(cfg, recipe, engine, model, data, plan, base.identity, encoder, base.tokenizer, log, selector)
 

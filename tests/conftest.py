@@ -67,6 +67,21 @@ def train(recipe: str, *overrides: str, ranks: int = 1, ds_config: str = "ds_con
     return proc
 
 
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory):
+    """Stages 1 -> 2 -> 3 on the tiny base, each through `python -m tagscale.train` (tests/recipes/tiny_stage*.yaml):
+    ({stage: run folder}, {stage: its CompletedProcess}). One chain for the session: test_train.py checks it,
+    test_user_paths.py composes its stage-1 domain tags with a run of its own."""
+    root = tmp_path_factory.mktemp("chain")
+    out = {s: root / f"stage{s}" for s in (1, 2, 3)}
+    logs = {}
+    logs[1] = train("tests/recipes/tiny_stage1.yaml", f"output.dir={out[1]}", "wandb.mode=offline")
+    logs[2] = train("tests/recipes/tiny_stage2.yaml", f"output.dir={out[2]}", f"from_runs=[{out[1]}]")
+    logs[3] = train("tests/recipes/tiny_stage3.yaml", f"output.dir={out[3]}", f"from_runs=[{out[2]},{out[1]}]",
+                    "evaluation.gather_base=never")  # ZeRO-3's per-layer gathers; 2 ranks gather whole
+    return out, logs
+
+
 def metrics(run_dir: Path) -> list[dict]:
     """The training steps' records of metrics.jsonl (validation records are `validations`)."""
     return [r for r in records(run_dir) if "loss" in r]

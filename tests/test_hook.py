@@ -108,3 +108,44 @@ def test_gradient_reaches_only_trainable_tags(tagged):
     assert tagged.bank.param("<A>").grad is None
     assert all(p.grad is None for p in tagged.base.parameters())
     tagged.base.eval()
+
+
+def until_eos(tokens: list[int], eos: int) -> list[int]:
+    """Greedy tokens up to and with the first EOS (a batch pads a finished row after it)."""
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def test_left_padded_batched_generate_equals_unpadded_one_at_a_time(tagged, tiny_base):
+    """Examples of four lengths, tags at different places: greedy tokens of the left-padded batch (what
+    tagscale.evaluate.generations runs: collate's left padding, positions from the mask) equal each example's
+    generation alone and unpadded, with its tags spliced by hand into inputs_embeds; and `generations` gives the
+    same text batched and one at a time."""
+    from tagscale.evaluate import generations
+
+    tokenizer, new = tiny_base.tokenizer, 10
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    exs = [[[5], "<B>"], [[5, 6], "<A>", [7, 8, 9], "<B>"],
+           [[17], "<B>", [18, 19], "<A>", [20, 21, 22, 23]], [list(range(30, 44)), "<A>", list(range(44, 51)), "<B>"]]
+    examples = [Example(ids_of(tagged, e), [-100] * len(ids_of(tagged, e)), 0) for e in exs]
+    assert len({len(e.ids) for e in examples}) == 4  # four lengths: every row but the longest is padded
+    batch = on_device(collate(examples, pad, "left"))
+    assert (batch["attention_mask"] == 0).sum(1).tolist() == [max(len(e.ids) for e in examples) - len(e.ids)
+                                                             for e in examples]
+    with torch.no_grad():
+        out = tagged.base.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   max_new_tokens=new, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+        batched = [until_eos(row.tolist(), eos) for row in out[:, batch["input_ids"].shape[1]:]]
+        texts = {micro: generations(tagged, tokenizer, examples, micro, new) for micro in (4, 1)}
+        tagged.splice.remove()  # the reference runs the plain base, one unpadded example at a time
+        alone = []
+        for e in exs:
+            embeds = by_hand(tagged, e).unsqueeze(0)
+            row = tagged.base.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long,
+                                                                                       device=DEVICE),
+                                       max_new_tokens=new, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+            alone.append(until_eos(row[0].tolist(), eos))
+        tagged.splice = type(tagged.splice)(tagged.base.get_input_embeddings(), tagged.bank)
+    print("greedy tokens:", alone)
+    assert batched == alone
+    assert len({tuple(t) for t in alone}) == len(exs)  # each prompt its own continuation: the padding could show
+    assert texts[4] == texts[1] == [tokenizer.decode(t, skip_special_tokens=True).strip() for t in alone]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -71,12 +72,19 @@ def test_run_whose_validation_only_gets_worse_keeps_step_0(tmp_path):
     assert trained["mse"] == pytest.approx(initial["mse"], rel=1e-5)  # step 0 predicts the mean, as "initial"
 
 
-def test_kept_step_is_the_best_validation_step_and_equals_its_checkpoint(tmp_path):
-    """Validation every step on a run that overshoots: the saved tags and heads are those of the checkpoint at
-    the step with the best validation score, not the last step's."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def overshooting(tmp_path_factory) -> Path:
+    """A run that overshoots, validated, checkpointed and tested at every step (two tests read it)."""
+    run = tmp_path_factory.mktemp("overshooting") / "run"
     train("tests/recipes/tiny_head.yaml", f"output.dir={run}", "train.eval_every=1", "train.save_every=1",
           "train.keep_checkpoints=20", "train.lr=0.03", "evaluation.enabled=true", f"tasks.0.eval.path={DATA}")
+    return run
+
+
+def test_kept_step_is_the_best_validation_step_and_equals_its_checkpoint(overshooting):
+    """Validation every step on a run that overshoots: the saved tags and heads are those of the checkpoint at
+    the step with the best validation score, not the last step's."""
+    run = overshooting
     scores = validations(run)
     assert [r["step"] for r in scores] == list(range(9))
     best = max(scores, key=lambda r: (r["val_score"], -r["step"]))["step"]
@@ -96,8 +104,8 @@ def test_selection_survives_a_resume(tmp_path):
     """Interrupted after its step-5 checkpoint and resumed: the same kept step and tags as the uninterrupted run."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     common = ["train.eval_every=1", "train.lr=0.03", "train.save_every=5", "evaluation.enabled=false"]
-    train("tests/recipes/tiny_head.yaml", f"output.dir={whole}", *common)
     train("tests/recipes/tiny_head.yaml", f"output.dir={resumed}", *common)
+    shutil.copytree(resumed, whole)  # the uninterrupted run's outputs, kept before the interruption is staged
     for name in ("run.json", "tags.safetensors", "heads.safetensors"):  # as if killed after the checkpoint
         (resumed / name).unlink()
     proc = train("tests/recipes/tiny_head.yaml", f"output.dir={resumed}", *common)
@@ -165,10 +173,9 @@ def test_grad_clip_matches_clip_grad_norm_by_hand(tmp_path):
     assert max((free[n] - after[n]).abs().max().item() for n in free) > 1e-4  # clipping changed the steps
 
 
-def test_every_json_a_run_writes_is_strict(tmp_path):
+def test_every_json_a_run_writes_is_strict(overshooting):
     """NaN and infinity are written as null: the constant predictor's Pearson, an undefined interval."""
-    run = tmp_path / "run"
-    train("tests/recipes/tiny_head.yaml", f"output.dir={run}", "evaluation.enabled=true", f"tasks.0.eval.path={DATA}")
+    run = overshooting
     initial = strict_json((run / "eval_baselines.json").read_text())["count"]["initial"]
     assert initial["pearson"] is None and initial["ci95"]["pearson"] is None
     for path in [*run.glob("*.json"), *(run / "checkpoints").glob("*.json")]:

@@ -77,16 +77,21 @@ def cluster():
         subprocess.run(["bash", ".ci/slurm_down.sh"], cwd=ROOT, env=env, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def work(cluster, tmp_path_factory):
-    """The job environment: run folders and logs in a temporary folder, the CPU DeepSpeed config."""
-    tmp = tmp_path_factory.mktemp("slurm")
-    env = {**cluster, "RUNS_ROOT": str(tmp / "runs"), "TAGSCALE_LOG_DIR": str(tmp / "logs"),
+def job_workspace(cluster_env: dict, tmp: Path) -> tuple[Path, dict]:
+    """The job environment over a cluster's: run folders and logs in `tmp`, the CPU DeepSpeed config, none of
+    the stage scripts' own variables inherited (the one- and the two-node tests share it)."""
+    env = {**cluster_env, "RUNS_ROOT": str(tmp / "runs"), "TAGSCALE_LOG_DIR": str(tmp / "logs"),
            "DS_CONFIG": "ds_configs/zero3_cpu.json", "TAGSCALE_PROGRESS": "0"}
     for var in ("RECIPE", "RUN_NAME", "RUN_DIR", "PREV_RUN", "BASES", "STAGES"):
         env.pop(var, None)
     (tmp / "logs").mkdir()
     return tmp, env
+
+
+@pytest.fixture(scope="module")
+def work(cluster, tmp_path_factory):
+    """The job environment: run folders and logs in a temporary folder, the CPU DeepSpeed config."""
+    return job_workspace(cluster, tmp_path_factory.mktemp("slurm"))
 
 
 def job_records(job: str, env) -> list[dict]:

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from conftest import metrics, tags_of, train
 from safetensors.torch import load_file
-from test_slurm import (RECIPES, ROOT, STEPS, TRAINER, assert_completed, complete, job_records, log_of, report, sh,
-                        wait_jobs)
+from test_slurm import (RECIPES, ROOT, STEPS, TRAINER, assert_completed, complete, job_records, job_workspace, log_of,
+                        report, sh, wait_jobs)
 
 SLURM_DIR = Path(os.environ.get("TAGSCALE_SLURM2_DIR", "/tmp/tagscale-slurm2"))
 NODES = ("tsnode1", "tsnode2")
@@ -56,13 +56,7 @@ def cluster2():
 
 @pytest.fixture(scope="module")
 def work2(cluster2, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("slurm2")
-    env = {**cluster2, "RUNS_ROOT": str(tmp / "runs"), "TAGSCALE_LOG_DIR": str(tmp / "logs"),
-           "DS_CONFIG": "ds_configs/zero3_cpu.json", "TAGSCALE_PROGRESS": "0"}
-    for var in ("RECIPE", "RUN_NAME", "RUN_DIR", "PREV_RUN", "BASES", "STAGES"):
-        env.pop(var, None)
-    (tmp / "logs").mkdir()
-    return tmp, env
+    return job_workspace(cluster2, tmp_path_factory.mktemp("slurm2"))
 
 
 def submit(tmp: Path, env: dict, *args: str) -> str:

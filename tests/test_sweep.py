@@ -1,5 +1,6 @@
 """tools/sweep.py end to end on the tiny preset: two methods x one base through the real trainer, the report
-(a table row per run, the plots), resume (complete runs are skipped) and one-line errors."""
+(a table row per run, the plots), resume (complete runs are skipped) and one-line errors; tagscale.sweep's job
+plan and trainer commands (the library under the command line) against lists written out by hand."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "tests/recipes/scaling_tiny.yaml"
@@ -93,3 +96,37 @@ def test_slurm_mode_submits_one_array_per_method(tmp_path):
         assert call.startswith("BASES=tiny llama-20m ") and f"RUN_NAME={method} " in call and "PREV_RUN=[]" in call
         assert f"RUNS_ROOT={tmp_path / 'runs' / 'scaling_tiny'} " in call and "scaling_tiny.yaml" in call
         assert "--array=0-1" in call and "stage2.sh" in call and call.endswith(f"method={method} train.steps=2")
+
+
+def test_plan_jobs_and_their_trainer_commands(tmp_path):
+    """Every recipe x method x base, then the cost bases on the first recipe (tag_llm, evaluation off, 5 steps
+    unless the overrides set them); each job's folder and the exact command a user would type."""
+    from tagscale.errors import UserError
+    from tagscale.sweep import job_command, plan_jobs
+
+    recipe, out, folder = (ROOT / RECIPE).resolve(), tmp_path / "runs", tmp_path / "bases" / "my-base"
+    (folder).mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    jobs = plan_jobs([recipe], ["tiny", str(folder)], ["linear_probe", "tag_llm"], ["llama-20m"], out, ["train.lr=0.1"])
+    assert [(j.group, j.method, j.base) for j in jobs] == [
+        ("scaling_tiny", "linear_probe", "tiny"), ("scaling_tiny", "linear_probe", str(folder)),
+        ("scaling_tiny", "tag_llm", "tiny"), ("scaling_tiny", "tag_llm", str(folder)), ("cost", "tag_llm", "llama-20m")]
+    assert jobs[1].run_dir == out / "scaling_tiny" / "linear_probe" / "my-base" / "stage2"
+    assert jobs[4].run_dir == out / "cost" / "tag_llm" / "llama-20m" / "stage2"
+    assert job_command(jobs[0], "ds_configs/zero3_cpu.json", 1) == [
+        sys.executable, "-m", "tagscale.train", "--ds_config", "ds_configs/zero3_cpu.json", "--config", str(recipe),
+        f"output.dir={out}/scaling_tiny/linear_probe/tiny/stage2", "base.preset=tiny", "base.path=null",
+        "method=linear_probe", "train.lr=0.1"]
+    assert job_command(jobs[3], "ds_configs/zero3_cpu.json", 2) == [
+        "deepspeed", "--num_gpus", "2", "tagscale/train.py", "--ds_config", "ds_configs/zero3_cpu.json", "--config",
+        str(recipe), f"output.dir={out}/scaling_tiny/tag_llm/my-base/stage2", f"base.path={folder}", "base.preset=null",
+        "method=tag_llm", "train.lr=0.1"]
+    assert jobs[4].overrides == ("train.lr=0.1", "method=tag_llm", "evaluation.enabled=false", "train.steps=5")
+    steps_given = plan_jobs([recipe], [], ["tag_llm"], ["tiny"], out, ["train.steps=3"])
+    assert steps_given[0].overrides == ("train.steps=3", "method=tag_llm", "evaluation.enabled=false")
+    twin = tmp_path / "other" / "my-base"
+    twin.mkdir(parents=True)
+    with pytest.raises(UserError, match="share the run folder name 'my-base'"):
+        plan_jobs([recipe], [str(folder), str(twin)], ["tag_llm"], [], out, [])
+    with pytest.raises(UserError, match="stage-1 recipe"):
+        plan_jobs([(ROOT / "tests/recipes/tiny_stage1.yaml").resolve()], ["tiny"], ["linear_probe"], [], out, [])

@@ -7,20 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import metrics, tags_of, train
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """Stages 1 -> 2 -> 3 on the tiny base, each through `python -m tagscale.train`."""
-    root = tmp_path_factory.mktemp("chain")
-    out = {s: root / f"stage{s}" for s in (1, 2, 3)}
-    logs = {}
-    logs[1] = train("tests/recipes/tiny_stage1.yaml", f"output.dir={out[1]}", "wandb.mode=offline")
-    logs[2] = train("tests/recipes/tiny_stage2.yaml", f"output.dir={out[2]}", f"from_runs=[{out[1]}]")
-    logs[3] = train("tests/recipes/tiny_stage3.yaml", f"output.dir={out[3]}", f"from_runs=[{out[2]},{out[1]}]",
-                    "evaluation.gather_base=never")  # ZeRO-3's per-layer gathers; 2 ranks gather whole
-    return out, logs
+from conftest import metrics, tags_of, train  # chain: conftest (session-wide, shared with test_user_paths)
 
 
 def test_stage_chaining(chain):
