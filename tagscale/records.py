@@ -145,6 +145,24 @@ def _jsonl_lines(path: Path) -> tuple[int, Optional[np.ndarray]]:
     return len(lines), np.frombuffer(lines, dtype=np.int64).copy() if blank else None
 
 
+def _csv_lines(path: Path) -> Optional[np.ndarray]:
+    """The line on which each data row of a CSV file starts (a quoted field may span lines; blank lines hold no
+    row), by Python's csv reader; None when that is simply header + row number (no blank or multi-line row)."""
+    starts, plain = array("q"), True
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle)
+        next(reader, None)  # the header
+        before = reader.line_num
+        for row in reader:
+            if row:
+                starts.append(before + 1)
+                plain = plain and reader.line_num == before + 1 and before + 1 == len(starts) + 1
+            else:
+                plain = False
+            before = reader.line_num
+    return None if plain else np.frombuffer(starts, dtype=np.int64).copy()
+
+
 def _has_lines(path: Path, n: int) -> bool:
     """At least `n` non-blank lines (read only as far as the n-th)."""
     with path.open("rb") as handle:
@@ -205,8 +223,10 @@ def _read_file(path: Path, start: int):
         count, lines = _jsonl_lines(path)
         if count == 0:
             return None, None
-    elif kind == "csv" and not _has_lines(path, 2):  # a header and no row
-        return None, None
+    elif kind == "csv":
+        if not _has_lines(path, 2):  # a header and no row
+            return None, None
+        lines = _csv_lines(path)  # the rows' true lines where blank or multi-line rows shift them
     options: dict[str, Any] = {}
     if kind == "csv":  # every field as text, as written ('007' stays '007'); a BOM and CRLF line ends are fine
         with path.open(encoding="utf-8-sig", newline="") as handle:
@@ -222,6 +242,8 @@ def _read_file(path: Path, start: int):
         if bad:
             raise UserError(bad) from None
         table = _jsonl_by_python(path, folder)
+    if kind == "csv" and lines is not None and len(lines) != len(table):
+        lines = None  # the two readers disagree on what is a row: fall back to header + row number
     if lines is not None and len(lines) != len(table):
         raise UserError(f"{path}: {len(lines)} non-blank lines but {len(table)} records; expected one JSON object "
                         f"per line")

@@ -78,6 +78,23 @@ def test_a_bad_row_in_a_large_file_is_reported_by_its_line(tmp_path):
     assert again.table.cache_files and again.table.cache_files[0]["filename"] == records.table.cache_files[0]["filename"]
 
 
+def test_a_bad_csv_row_after_a_blank_line_and_a_multiline_field_is_reported_by_its_line(tmp_path):
+    """Line numbers of CSV rows count the header, blank lines and quoted fields that span lines."""
+    path = tmp_path / "rows.csv"
+    path.write_text('seq,y\r\nMKT,1\r\n\r\n"MK\nT",2\r\nMKT,high\r\n', newline="")
+    records = read(path)
+    assert [r["seq"] for r in records] == ["MKT", "MK\nT", "MKT"]
+    assert [r["_line"] for r in records] == [2, 4, 6]  # line 3 is blank; the quoted field spans lines 4-5
+    task = TaskConfig(name="t", template="{seq} <Y>", head="<Y>", label="y")
+    cfg = RunConfig.__new__(RunConfig)
+    cfg.tags = []
+    with pytest.raises(UserError, match=r"rows.csv: line 6: field 'y'.*expected a number"):
+        check_records(cfg, task, records)
+    plain = tmp_path / "plain.csv"
+    plain.write_text("seq,y\nMKT,1\nMKT,2\n")
+    assert [r["_line"] for r in read(plain)] == [2, 3]
+
+
 def test_json_lines_that_arrow_refuses_but_python_reads(tmp_path):
     path = tmp_path / "nan.jsonl"
     path.write_text('{"seq": "MKT", "y": 1}\n{"seq": "MKV", "y": NaN}\n')
