@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import time
@@ -19,7 +20,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher
 
 from tagscale.config import RunConfig, load_config
 from tagscale.errors import UserError, fail, run_cli
-from tagscale.inputs import check_inputs, lock_output_folder
+from tagscale.inputs import check_inputs, check_output_folder, lock_output_folder
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,6 +46,10 @@ def read_and_check(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfi
 if __name__ == "__main__":  # a bad recipe or file is one line within a second: before the slow imports below
     try:
         _args, _cfg = read_and_check(None)
+        if _cfg.method != "expert" and (check_output_folder(_cfg) or {}).get("status") == "complete":
+            if int(os.environ.get("RANK", "0")) == 0:  # a rerun of a finished run: no torch, no process group
+                print(f"{_cfg.output.dir}: this run is already complete; nothing to do")
+            sys.exit(0)
         if _cfg.method == "expert":  # no LLM, no DeepSpeed: the imports below are not needed
             from tagscale.expert import run as run_expert
 
