@@ -22,11 +22,11 @@ import torch
 
 from tagscale.config import TAG_NAME, RunConfig, TaskConfig
 from tagscale.errors import UserError
-# The readers live in tagscale.records (no torch there: the command line checks files before loading torch);
-# read_records, tags_in_tasks and template_tags are used from here too.
+# The readers live in tagscale.records, the checks in tagscale.inputs (neither imports torch: the command line
+# checks files before loading it).
 from tagscale.cache import cache_dir
-from tagscale.inputs import FIELD, label_value, tags_in_tasks, template_tags  # noqa: F401
-from tagscale.records import RecordSet, _datasets, read_records  # noqa: F401  (read_records: used from here too)
+from tagscale.inputs import FIELD, label_value
+from tagscale.records import RecordSet, _datasets, read_records
 from tagscale.records import record_where as _record_where
 
 IGNORE = -100

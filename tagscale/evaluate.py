@@ -24,7 +24,8 @@ import torch
 
 from tagscale import dist
 from tagscale.config import RunConfig, TaskConfig
-from tagscale.data import IGNORE, Encoder, Example, collate, encode_task, fill, read_records, task_records
+from tagscale.data import IGNORE, Encoder, Example, collate, encode_task, fill, task_records
+from tagscale.records import read_records
 from tagscale.metrics import (PRIMARY, classification_metrics, next_token_metrics, paired_difference,
                               regression_metrics, to_json, translation_from_stats, translation_stats, with_intervals)
 from tagscale.model import TaggedModel

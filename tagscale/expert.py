@@ -135,7 +135,7 @@ def task_features(task: TaskConfig, records: list[dict], where: str) -> np.ndarr
     for name, kind in field_kinds(task):
         missing = next((r for r in records if name not in r), None)
         if missing is not None:
-            from tagscale.inputs import record_where
+            from tagscale.records import record_where
 
             raise UserError(f"{record_where(missing)}: field {name!r} (named by task {task.name!r}) is missing")
         values = [str(r[name]) for r in records]
@@ -241,7 +241,8 @@ def run(cfg: RunConfig) -> int:
     from tagscale import runs
     from tagscale.data import task_records
     from tagscale.evaluate import format_table, held_out_data
-    from tagscale.inputs import check_output_folder, label_value, read_records
+    from tagscale.inputs import check_output_folder, label_value
+    from tagscale.records import read_records
     from tagscale.metrics import PRIMARY, to_json, with_intervals
 
     if int(os.environ.get("RANK", "0")) != 0:  # under a multi-rank launcher (Slurm, deepspeed) one process is enough

@@ -21,7 +21,7 @@ from typing import Optional
 from tagscale.config import TAG_NAME, DataConfig, RunConfig, TaskConfig, grad_accumulation
 from tagscale.errors import UserError, nearest
 # the built-in sources' own rules for numbers, SMILES and proteins, so a user's file meets the same ones
-from tagscale.records import read_records, record_where  # noqa: F401  (data.py and the checks read through it)
+from tagscale.records import read_records, record_where
 from tagscale.sources import BUILTINS, _check_protein, _parse_smiles, _to_float, resolve_options
 
 FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -21,7 +21,8 @@ import torch
 
 from tagscale import runs
 from tagscale.config import BaseConfig, TaskConfig
-from tagscale.data import Encoder, template_tags
+from tagscale.data import Encoder
+from tagscale.inputs import template_tags
 from tagscale.errors import UserError, run_cli
 from tagscale.evaluate import generations, head_predictions
 

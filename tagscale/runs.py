@@ -23,9 +23,9 @@ from tagscale import dist
 from tagscale.config import RunConfig
 from tagscale.errors import UserError
 from tagscale.metrics import to_json
-# run.json reading and the output-folder check live in tagscale.inputs (no torch there); used as runs.* too
-from tagscale.inputs import (FORMAT, check_earlier_runs, check_finished_run, check_output_folder,  # noqa: F401
-                             check_tag_sources, read_run_json, tags_in_tasks)
+# run.json reading and the output-folder check live in tagscale.inputs (no torch there)
+from tagscale.inputs import (FORMAT, check_earlier_runs, check_finished_run, check_tag_sources, read_run_json,
+                             tags_in_tasks)
 from tagscale.model import HeadSpec, TaggedModel
 from tagscale.tags import TagBank, TagSpec, init_bank
 

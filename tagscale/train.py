@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if dist.is_main():  # rank 0 holds the folder before anything is written there, for the whole run
         try:
             lock = lock_output_folder(cfg)
-            previous = runs.check_output_folder(cfg)  # again, now under the lock
+            previous = check_output_folder(cfg)  # again, now under the lock
         except UserError as err:
             refusal = str(err)
     previous, refusal = dist.broadcast_object((previous, refusal))

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import train
-from tagscale.data import Encoder, read_records, validation_split
+from tagscale.data import Encoder, validation_split
+from tagscale.records import read_records
 from tagscale.config import DataConfig
 from tagscale.evaluate import PENALTIES
 

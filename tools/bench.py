@@ -206,7 +206,8 @@ def padding_efficiency(lengths: list[int], micro: int, bucketed: bool, seed: int
 def data_pipeline(base, n: int = 400) -> tuple[list[int], float]:
     """Lengths of real encoded QED/descriptor prompts, and the pipeline's tokens/s (read, fill, tokenize, collate)."""
     from tagscale.config import DataConfig, TaskConfig
-    from tagscale.data import Encoder, encode_task, read_records
+    from tagscale.data import Encoder, encode_task
+    from tagscale.records import read_records
 
     tasks = [TaskConfig(name="qed", template="# # Input: The SMILES of the molecule is <D> {smiles}. \n# # Output: the "
                         "quantitative estimate of druglikeness score is <F>", head="<F>", label="qed",
