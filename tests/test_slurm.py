@@ -202,18 +202,24 @@ def test_preemption_in_stage2(work, pipeline):
     (record,) = job_records(job, env)
     report(record)
     print(f"preempted stage 2: {took:.0f} s from USR1 to the end of the requeued job")
+    assert_requeued_and_exact(record, run_dir, runs / "stage2")
+
+
+def assert_requeued_and_exact(record: dict, run_dir: Path, reference: Path) -> None:
+    """A job signalled mid-run: it checkpointed, was requeued once, resumed after the checkpoint, completed, and
+    its tags and heads equal the uninterrupted run's (`reference`)."""
     assert_completed(record)
     assert record["Restarts"] == "1", record["Restarts"]
     log = log_of(record)
-    assert re.search(r"trainer checkpointed at step (\d+) .*requeueing job", log), log[-6000:]
-    stopped_at = int(re.search(r"trainer checkpointed at step (\d+)", log).group(1))
-    assert 2 <= stopped_at < STEPS
-    assert "(restart 1)" in log
+    found = re.search(r"trainer checkpointed at step (\d+) .*requeueing job", log)
+    assert found, log[-6000:]
+    stopped_at = int(found.group(1))
+    assert 2 <= stopped_at < STEPS and "(restart 1)" in log
     complete(run_dir)
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == STEPS and stopped_at + 1 in steps
     for name in ("tags.safetensors", "heads.safetensors"):
-        ref, got = load_file(runs / "stage2" / name), load_file(run_dir / name)
+        ref, got = load_file(reference / name), load_file(run_dir / name)
         assert ref.keys() == got.keys()
         for key in ref:
             assert (ref[key] - got[key]).abs().max().item() <= 1e-6, f"{name} {key} differs after the preemption"

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from conftest import metrics, tags_of, train
 from safetensors.torch import load_file
-from test_slurm import (RECIPES, ROOT, STEPS, TRAINER, assert_completed, complete, job_records, job_workspace, log_of,
-                        report, sh, wait_jobs)
+from test_slurm import (RECIPES, ROOT, STEPS, TRAINER, assert_completed, assert_requeued_and_exact, complete, job_records,
+                        job_workspace, log_of, report, sh, wait_jobs)
 
 SLURM_DIR = Path(os.environ.get("TAGSCALE_SLURM2_DIR", "/tmp/tagscale-slurm2"))
 NODES = ("tsnode1", "tsnode2")
@@ -210,20 +210,8 @@ def test_preemption_across_two_nodes(work2, pipeline2):
     (record,) = job_records(job, env)
     report(record)
     print(f"preempted 2-node stage 2: {took:.0f} s from USR1 to the end of the requeued job")
-    assert_completed(record)
-    assert record["Restarts"] == "1", record["Restarts"]
-    log = log_of(record)
-    stopped_at = int(re.search(r"trainer checkpointed at step (\d+) .*requeueing job", log).group(1))
-    assert 2 <= stopped_at < STEPS and "(restart 1)" in log
     assert_two_nodes(env, record)
-    complete(run_dir)
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == STEPS and stopped_at + 1 in steps
-    for name in ("tags.safetensors", "heads.safetensors"):
-        ref, got = load_file(runs / "stage2" / name), load_file(run_dir / name)
-        assert ref.keys() == got.keys()
-        for key in ref:
-            assert (ref[key] - got[key]).abs().max().item() <= 1e-6, f"{name} {key} differs after the preemption"
+    assert_requeued_and_exact(record, run_dir, runs / "stage2")
 
 
 # ---------------------------------------------------------------------------------------------------------
