@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     png = plot(out)
     total = time.perf_counter() - started
     print(table)
-    print(f"\ntimes: " + ", ".join(f"{'stage ' if isinstance(s, int) else ''}{s} {t:.0f} s" for s, t in seconds.items())
+    print("\ntimes: " + ", ".join(f"{'stage ' if isinstance(s, int) else ''}{s} {t:.0f} s" for s, t in seconds.items())
           + f"; total {total:.0f} s")
     print(f"table: {out / 'results.txt'}   plot: {png}")
     return 0

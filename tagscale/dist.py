@@ -22,13 +22,12 @@ import torch
 
 from tagscale.config import RunConfig
 from tagscale.errors import UserError
-from tagscale.inputs import read_ds_config
+from tagscale.dsconfig import read_ds_config
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 import deepspeed  # noqa: E402  (after DS_ACCELERATOR: DeepSpeed picks its accelerator on import)
 import torch.distributed as torch_dist  # noqa: E402
-from deepspeed.accelerator import get_accelerator  # noqa: E402
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa: E402
 from deepspeed.utils import (  # noqa: E402
     safe_get_full_fp32_param,

@@ -7,8 +7,10 @@ Entry points catch it, print ``error: <message>`` to stderr and exit with status
 from __future__ import annotations
 
 import difflib
+import json
 import sys
-from typing import Callable, Iterable, NoReturn
+from pathlib import Path
+from typing import Any, Callable, Iterable, NoReturn
 
 
 class UserError(Exception):
@@ -24,6 +26,14 @@ def nearest(word: str, choices: Iterable[str]) -> str:
     """' (did you mean X?)' for the closest of `choices`, or '' when nothing is close."""
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's value; a file that is not valid JSON is one line naming it and the line of the fault."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
 
 
 def fail(message: str, exit_code: int = UserError.exit_code) -> NoReturn:

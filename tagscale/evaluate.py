@@ -561,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tagscale.config import RunConfig, build
     from tagscale.methods import apply_method
-    from tagscale.runs import load_for_inference, read_run_json
+    from tagscale.runfolder import read_run_json
+    from tagscale.runs import load_for_inference
 
     parser = argparse.ArgumentParser(prog="tagscale.evaluate", description=main.__doc__)
     parser.add_argument("--run", required=True, help="a complete run folder")

@@ -241,7 +241,8 @@ def run(cfg: RunConfig) -> int:
     from tagscale import runs
     from tagscale.data import task_records
     from tagscale.evaluate import format_table, held_out_data
-    from tagscale.inputs import check_output_folder, label_value
+    from tagscale.inputs import label_value
+    from tagscale.runfolder import FORMAT, check_output_folder
     from tagscale.records import read_records
     from tagscale.metrics import PRIMARY, to_json, with_intervals
 
@@ -305,7 +306,7 @@ def run(cfg: RunConfig) -> int:
     (folder / "metrics.jsonl").write_text("".join(to_json(line) + "\n" for line in lines))
     (folder / "eval.json").write_text(to_json(results, indent=2))
     heads = {t.name: {"type": t.head.type, "outputs": t.head.outputs} for t in cfg.tags if t.head is not None}
-    meta = {"format": runs.FORMAT, "status": "complete", "stage": cfg.stage, "step": 0, "tags": {}, "heads": heads,
+    meta = {"format": FORMAT, "status": "complete", "stage": cfg.stage, "step": 0, "tags": {}, "heads": heads,
             "hidden_size": None, "base": {"source": "none (method: expert uses no LLM)", "num_parameters": 0},
             "config": cfg.to_dict(), "trainable_parameters": 0, "world_size": 1,
             "selection": {"tasks": selection, "rule": "per task: the candidate with the best validation "

@@ -23,9 +23,8 @@ from tagscale import dist
 from tagscale.config import RunConfig
 from tagscale.errors import UserError
 from tagscale.metrics import to_json
-# run.json reading and the output-folder check live in tagscale.inputs (no torch there)
-from tagscale.inputs import (FORMAT, check_earlier_runs, check_finished_run, check_tag_sources, read_run_json,
-                             tags_in_tasks)
+from tagscale.inputs import check_earlier_runs, check_tag_sources, tags_in_tasks
+from tagscale.runfolder import FORMAT, check_finished_run, read_run_json
 from tagscale.model import HeadSpec, TaggedModel
 from tagscale.tags import TagBank, TagSpec, init_bank
 

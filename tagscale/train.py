@@ -20,7 +20,8 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher
 
 from tagscale.config import RunConfig, load_config
 from tagscale.errors import UserError, fail, run_cli
-from tagscale.inputs import check_inputs, check_output_folder, lock_output_folder
+from tagscale.inputs import check_inputs
+from tagscale.runfolder import check_output_folder, lock_output_folder
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -42,8 +42,10 @@ def test_nothing_imports_train():
 
 ROOT = PACKAGE.parent
 TOOLS = ROOT / "tools"
-TORCH_FREE = ("shapes.py", "planner.py", "launch.py", "scaling.py", "sweep.py")
-"""Modules that answer at once (the planner's CLI, the sweep's jobs and readers): no torch, transformers or deepspeed."""
+TORCH_FREE = ("shapes.py", "planner.py", "launch.py", "scaling.py", "sweep.py", "inputs.py", "records.py", "runfolder.py",
+              "dsconfig.py")
+"""Modules that answer at once (the planner's CLI, the sweep's jobs and readers, the checks before a run loads
+torch): no torch, transformers or deepspeed."""
 MOVED = {"Shape", "Setup", "Plan", "Device", "plan", "recommend", "resolve_shape", "preset_shapes", "render",
          "memory_by_part", "cross_node_bytes", "RunRow", "read_run", "gather", "table", "plots", "learning_plot",
          "write_report", "trainer_command", "launch_env", "SHAPES", "LAUNCH_VARS", "Job", "base_name", "base_overrides",

@@ -240,7 +240,7 @@ def test_held_out_next_token_examples_are_cut_like_training_ones(tiny_base, tmp_
 
     cfg = load_config("tests/recipes/tiny_stage1.yaml", [f"output.dir={tmp_path}", "train.max_length=24",
                                                          "train.too_long=truncate", "train.val_fraction=0.25",
-                                                         f"tasks.0.eval.path=tests/data/proteins.jsonl"])
+                                                         "tasks.0.eval.path=tests/data/proteins.jsonl"])
     rows = tiny_base.identity["embedding_rows"]
     placeholders = {t.name: list(range(rows + 4 * i, rows + 4 * i + 4)) for i, t in enumerate(cfg.tags)}
     encoder = Encoder(tiny_base.tokenizer, placeholders, set(placeholders), [], 24)
