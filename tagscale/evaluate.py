@@ -550,9 +550,12 @@ def final(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer, befor
 
 
 def row_name(name: str, values: dict) -> str:
-    """A model's name in a table; a trained model says which step validation kept, out of how many."""
-    selected = values.get("selected")
-    return f"{name} (step {selected['best_step']}/{selected['steps']})" if selected else name
+    """A model's name in a table: a trained model says which step validation kept, out of how many; an expert
+    (method: expert) which model family validation chose."""
+    selected = values.get("selected") or {}
+    if "best_step" in selected:
+        return f"{name} (step {selected['best_step']}/{selected['steps']})"
+    return f"{name} ({selected['family']})" if "family" in selected else name
 
 
 def main(argv: list[str] | None = None) -> int:

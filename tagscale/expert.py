@@ -314,8 +314,7 @@ def run(cfg: RunConfig) -> int:
             "expert": {"tasks": described, "sklearn": sklearn.__version__, "rdkit": rdkit_version,
                        "seconds": round(time.perf_counter() - started, 1)}}
     runs.write_json_atomic(folder / "run.json", meta)  # last: 'complete' means the rest is there
-    shown = {task: {("mean / majority (initial)" if k == "initial" else f"expert ({v['selected']['family']})"):
-                    {m: val for m, val in v.items() if m != "selected"} for k, v in by.items()}
+    shown = {task: {("mean / majority (initial)" if k == "initial" else "expert"): v for k, v in by.items()}
              for task, by in results.items()}
     print(format_table(shown), flush=True)
     return 0

@@ -15,11 +15,14 @@ def _metrics(mse: float) -> dict:
 def test_stage_two_rows_gain_the_expert_and_the_table_and_plot_show_it(tmp_path):
     stage2 = tmp_path / "stage2"
     stage2.mkdir()
-    (stage2 / "eval.json").write_text(json.dumps({"logbb": {"linear probe (start)": _metrics(0.5),
-                                                            "trained": _metrics(0.4)}}))
     expert = tmp_path / demo.EXPERT
     expert.mkdir()
-    (expert / "eval.json").write_text(json.dumps({"logbb": {"initial": _metrics(0.6), "trained": _metrics(0.3)},
+    chosen = {"candidate": 2, "family": "random_forest", "metric": "mse"}  # what method: expert writes
+    kept = {"best_step": 15, "steps": 30, "metric": "mse"}  # what a trained LLM run writes
+    (stage2 / "eval.json").write_text(json.dumps({"logbb": {"linear probe (start)": _metrics(0.5),
+                                                            "trained": _metrics(0.4) | {"selected": kept}}}))
+    (expert / "eval.json").write_text(json.dumps({"logbb": {"initial": _metrics(0.6),
+                                                            "trained": _metrics(0.3) | {"selected": chosen}},
                                                   "not_in_stage2": {"trained": _metrics(9.0)}}))
     results = demo.stage_results(tmp_path, 2)
     assert list(results) == ["logbb"]  # a task the stage does not have is not invented
@@ -32,5 +35,6 @@ def test_stage_two_rows_gain_the_expert_and_the_table_and_plot_show_it(tmp_path)
     assert "expert" not in demo.stage_results(tmp_path, 1)["logbb"]  # only stage 2 is compared with the expert
     table = demo.results_table(tmp_path)
     expert_line = next(line for line in table.splitlines() if line.strip().startswith("expert"))
-    assert "0.3000 [0.1500, 0.6000]" in expert_line
+    assert expert_line.strip().startswith("expert (random_forest)") and "0.3000 [0.1500, 0.6000]" in expert_line
+    assert any(line.strip().startswith("trained (step 15/30)") for line in table.splitlines())
     assert demo.plot(tmp_path).is_file()
