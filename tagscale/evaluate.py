@@ -384,8 +384,8 @@ def probe_metrics(cfg: RunConfig, probe_model: TaggedModel, train_sets: list[Eva
 def start_heads_from_probe(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer,
                            train_examples: list[list[Example]], val_sets: list[EvalSet], before: dict) -> dict:
     """Heads with `init: probe` start at the ridge fit on the hidden states at their function tag (initial tags)
-    over the training set, the penalty chosen on the validation set (a classifier: `classifier_start`); their tasks' test metrics at that start join
-    the baselines as "linear probe (start)". Collective; run once, on a fresh start (a resumed run reads its heads
+    over the training set, the penalty chosen on the validation set (a classifier: `classifier_start`); their
+    tasks' test metrics at that start join the baselines as "linear probe (start)". Collective; run once, on a fresh start (a resumed run reads its heads
     from the checkpoint)."""
     starting = [t for t in cfg.tags if t.head and t.head.init == "probe"]
     if not starting:

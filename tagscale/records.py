@@ -148,7 +148,7 @@ def _jsonl_lines(path: Path) -> tuple[int, Optional[np.ndarray]]:
 def _csv_lines(path: Path) -> Optional[np.ndarray]:
     """The line on which each data row of a CSV file starts (a quoted field may span lines; blank lines hold no
     row), by Python's csv reader; None when that is simply header + row number (no blank or multi-line row)."""
-    starts, plain = array("q"), True
+    starts = array("q")
     with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle)
         next(reader, None)  # the header
@@ -156,11 +156,9 @@ def _csv_lines(path: Path) -> Optional[np.ndarray]:
         for row in reader:
             if row:
                 starts.append(before + 1)
-                plain = plain and reader.line_num == before + 1 and before + 1 == len(starts) + 1
-            else:
-                plain = False
             before = reader.line_num
-    return None if plain else np.frombuffer(starts, dtype=np.int64).copy()
+    lines = np.frombuffer(starts, dtype=np.int64).copy()
+    return None if np.array_equal(lines, np.arange(2, len(lines) + 2)) else lines
 
 
 def _has_lines(path: Path, n: int) -> bool:
