@@ -154,20 +154,13 @@ def head_predictions(model: TaggedModel, examples: list[Example], micro: int, pa
     out = []
     for chunk in _batches(examples, micro):
         batch = {k: v.to(dist.device()) for k, v in collate(chunk, pad_id).items()}
-        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-        raw = model.head_outputs(hidden, batch["head_pos"], batch["head_index"])
+        preds = model.predict_heads(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                    batch["head_pos"], batch["head_index"], with_scores)
         rows: list = [None] * len(chunk)
-        for j, values in enumerate(raw):
-            head, values = model.heads[j], values.float()
-            labels = head.to_label_units(values)
-            if labels.dim() == 1:
-                labels = labels[:, None]
-            labels = labels.float()
-            if with_scores and head.spec.type == "classification" and head.spec.outputs == 2:
-                labels = torch.cat([labels, values.softmax(-1)[:, 1:]], dim=1)
+        for j, values in enumerate(preds):
             positions = (batch["head_index"] == j).nonzero().squeeze(1).tolist()
-            for pos, value in zip(positions, labels.cpu().tolist()):
-                rows[pos] = value
+            for pos, value in zip(positions, values.cpu().tolist()):
+                rows[pos] = value if isinstance(value, list) else [value]
         out += rows
     return out
 
@@ -385,8 +378,8 @@ def start_heads_from_probe(cfg: RunConfig, model: TaggedModel, encoder: Encoder,
                            train_examples: list[list[Example]], val_sets: list[EvalSet], before: dict) -> dict:
     """Heads with `init: probe` start at the ridge fit on the hidden states at their function tag (initial tags)
     over the training set, the penalty chosen on the validation set (a classifier: `classifier_start`); their
-    tasks' test metrics at that start join the baselines as "linear probe (start)". Collective; run once, on a fresh start (a resumed run reads its heads
-    from the checkpoint)."""
+    tasks' test metrics at that start join the baselines as "linear probe (start)". Collective; run once, on a
+    fresh start (a resumed run reads its heads from the checkpoint)."""
     starting = [t for t in cfg.tags if t.head and t.head.init == "probe"]
     if not starting:
         return before

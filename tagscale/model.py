@@ -146,8 +146,15 @@ class TaggedModel(nn.Module):
 
     # -- prediction -------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict_heads(self, input_ids, attention_mask, position_ids, head_pos, head_index) -> list[torch.Tensor]:
-        """Each head's predictions in label units on its rows."""
+    def predict_heads(self, input_ids, attention_mask, position_ids, head_pos, head_index,
+                      with_scores: bool = False) -> list[torch.Tensor]:
+        """Each head's predictions in label units on its rows. With `with_scores`, a two-class head's rows are
+        (class, softmax probability of class 1): what ROC-AUC ranks by."""
         hidden = self.hidden_states(input_ids, attention_mask, position_ids)
-        return [self.heads[j].to_label_units(out.float()) for j, out in
-                enumerate(self.head_outputs(hidden, head_pos, head_index))]
+        preds = []
+        for head, out in zip(self.heads, self.head_outputs(hidden, head_pos, head_index)):
+            labels = head.to_label_units(out.float())
+            if with_scores and head.spec.type == "classification" and head.spec.outputs == 2:
+                labels = torch.stack([labels.float(), out.float().softmax(-1)[:, 1]], dim=1)
+            preds.append(labels)
+        return preds
