@@ -12,6 +12,7 @@ closed-form ridge probe on the frozen base's last prompt token (no tags), fitted
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -141,9 +142,14 @@ def shard(items: list[Example], rank: int, world: int) -> tuple[list[Example], i
     return mine + [blank] * (per_rank - real), real
 
 
-def _batches(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def batches_by_length(items: list[Example], size: int) -> Iterator[tuple[list[int], list[Example]]]:
+    """Micro-batches of similar length, longest first, each with its items' positions in `items`: padding is paid
+    per batch (in record order a few long molecules pad whole batches), and the first batch is the largest, so
+    memory runs out at once if it does. Callers put each output back at its position."""
+    order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
+    for start in range(0, len(order), size):
+        positions = order[start:start + size]
+        yield positions, [items[i] for i in positions]
 
 
 @torch.no_grad()
@@ -151,25 +157,23 @@ def head_predictions(model: TaggedModel, examples: list[Example], micro: int, pa
                      with_scores: bool = False) -> list[list[float]]:
     """Each example's head output in label units (a classifier's: its class index). With `with_scores`, a
     binary classifier's row also ends with its softmax probability of class 1 (what ROC-AUC ranks by)."""
-    out = []
-    for chunk in _batches(examples, micro):
+    out: list = [None] * len(examples)
+    for positions, chunk in batches_by_length(examples, micro):
         batch = {k: v.to(dist.device()) for k, v in collate(chunk, pad_id).items()}
         preds = model.predict_heads(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
                                     batch["head_pos"], batch["head_index"], with_scores)
-        rows: list = [None] * len(chunk)
         for j, values in enumerate(preds):
-            positions = (batch["head_index"] == j).nonzero().squeeze(1).tolist()
-            for pos, value in zip(positions, values.cpu().tolist()):
-                rows[pos] = value if isinstance(value, list) else [value]
-        out += rows
+            rows = (batch["head_index"] == j).nonzero().squeeze(1).tolist()
+            for row, value in zip(rows, values.cpu().tolist()):
+                out[positions[row]] = value if isinstance(value, list) else [value]
     return out
 
 
 @torch.no_grad()
 def generations(model: TaggedModel, tokenizer, examples: list[Example], micro: int, max_new_tokens: int) -> list[str]:
     """Greedy continuations of each prompt (left-padded; tags spliced by the embedding hooks)."""
-    out = []
-    for chunk in _batches(examples, micro):
+    out: list = [None] * len(examples)
+    for positions, chunk in batches_by_length(examples, micro):
         batch = collate(chunk, tokenizer.pad_token_id, padding_side="left")
         generated = model.base.generate(input_ids=batch["input_ids"].to(dist.device()),
                                         attention_mask=batch["attention_mask"].to(dist.device()),
@@ -177,15 +181,16 @@ def generations(model: TaggedModel, tokenizer, examples: list[Example], micro: i
                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                         synced_gpus=dist.world_size() > 1)
         new = generated[:, batch["input_ids"].shape[1]:]
-        out += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+        for position, row in zip(positions, new):
+            out[position] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return out
 
 
 @torch.no_grad()
 def next_token_loss(model: TaggedModel, examples: list[Example], micro: int, pad_id: int) -> list[tuple[float, int]]:
     """Each example's summed cross-entropy over its next-token targets, and their count."""
-    out = []
-    for chunk in _batches(examples, micro):
+    out: list = [None] * len(examples)
+    for positions, chunk in batches_by_length(examples, micro):
         batch = {k: v.to(dist.device()) for k, v in collate(chunk, pad_id).items()}
         hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
         at = batch["lm_targets"] != IGNORE
@@ -193,7 +198,8 @@ def next_token_loss(model: TaggedModel, examples: list[Example], micro: int, pad
         losses = torch.nn.functional.cross_entropy(logits, batch["lm_targets"][at], reduction="none").double()
         row = at.nonzero()[:, 0]  # the example each target belongs to
         sums = torch.zeros(len(chunk), dtype=torch.float64, device=losses.device).index_add_(0, row, losses)
-        out += [(float(v), int(c)) for v, c in zip(sums.cpu(), at.sum(1).cpu())]
+        for position, v, c in zip(positions, sums.cpu(), at.sum(1).cpu()):
+            out[position] = (float(v), int(c))
     return out
 
 
@@ -243,12 +249,12 @@ def task_outputs(cfg: RunConfig, model: TaggedModel, tokenizer, item: EvalSet) -
 @torch.no_grad()
 def last_token_states(model: TaggedModel, examples: list[Example], micro: int, pad_id: int) -> np.ndarray:
     """Final normed hidden states at each example's head position (the last prompt token for a probe)."""
-    rows = []
-    for chunk in _batches(examples, micro):
+    states = np.zeros((len(examples), model.bank.hidden_size), dtype=np.float32)
+    for positions, chunk in batches_by_length(examples, micro):
         batch = {k: v.to(dist.device()) for k, v in collate(chunk, pad_id).items()}
         hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-        rows.append(hidden[torch.arange(len(chunk), device=hidden.device), batch["head_pos"]].float().cpu().numpy())
-    return np.concatenate(rows) if rows else np.zeros((0, model.bank.hidden_size))
+        states[positions] = hidden[torch.arange(len(chunk), device=hidden.device), batch["head_pos"]].float().cpu().numpy()
+    return states
 
 
 def all_states(model: TaggedModel, examples: list[Example], micro: int, pad_id: int) -> np.ndarray:
@@ -506,10 +512,16 @@ def baselines(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer) -
     return out
 
 
+def start_row(by_model: dict) -> Optional[str]:
+    """The baseline row that scored the run's starting state (step 0): the probe start where the head began
+    there, else the initial tags (a zero head: the training-label mean)."""
+    return next((name for name in ("linear probe (start)", "initial") if name in by_model), None)
+
+
 def compare_with_start(model: TaggedModel, item: EvalSet, trained: dict, by_model: dict, resamples: int) -> Optional[dict]:
     """The trained model's headline metric minus its starting point's (the probe start where the head began
     there, else the initial tags), with a 95% paired-bootstrap interval over the test examples."""
-    against = next((name for name in ("linear probe (start)", "initial") if name in by_model), None)
+    against = start_row(by_model)
     kind = task_kind(model, item.task)
     if against is None or "outputs" not in by_model[against]:
         return None
@@ -533,7 +545,15 @@ def final(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer, befor
     compared with its start; eval.json and a printed table (rank 0)."""
     out = {task: dict(models) for task, models in before.items()}
     sets = eval_sets(cfg, encoder)
-    for item, (task, metrics) in zip(sets, evaluate(cfg, model, encoder, tokenizer, sets).items()):
+    kept_start = {}  # validation kept step 0: the start's test outputs are the trained model's, already scored
+    for item in sets if selected and selected.get("best_step") == 0 else []:
+        start = start_row(out.get(item.task.name, {}))
+        if start and "outputs" in out[item.task.name][start]:
+            kept_start[item.task.name] = copy.deepcopy(out[item.task.name][start])
+    scored_now = evaluate(cfg, model, encoder, tokenizer, [s for s in sets if s.task.name not in kept_start])
+    for item in sets:
+        task = item.task.name
+        metrics = kept_start[task] if task in kept_start else scored_now[task]
         metrics["vs_start"] = compare_with_start(model, item, metrics, out.get(task, {}), cfg.evaluation.bootstrap)
         out.setdefault(task, {})["trained"] = metrics | ({"selected": selected} if selected else {})
     if dist.is_main():

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +71,15 @@ def test_run_whose_validation_only_gets_worse_keeps_step_0(tmp_path):
     trained = strict_json((run / "eval.json").read_text())["count"]["trained"]
     assert trained["selected"]["best_step"] == 0
     initial = strict_json((run / "eval.json").read_text())["count"]["initial"]
-    assert trained["mse"] == pytest.approx(initial["mse"], rel=1e-5)  # step 0 predicts the mean, as "initial"
+    # step 0 kept: the run reports the start's test outputs (scored before training) as the trained model's
+    # instead of scoring the same state again; the saved tags and head, scored afresh, must give them
+    assert trained["outputs"] == initial["outputs"] and trained["vs_start"]["diff"] == 0.0
+    proc = subprocess.run([sys.executable, "-m", "tagscale.evaluate", "--run", str(run), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads(proc.stdout)["count"]["trained"]
+    assert again["n"] == trained["n"] == len(initial["outputs"]) > 0
+    assert np.allclose(again["outputs"], trained["outputs"], atol=1e-6) and again["mse"] == pytest.approx(trained["mse"], rel=1e-5)
 
 
 @pytest.fixture(scope="module")

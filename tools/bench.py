@@ -33,6 +33,7 @@ from tagscale import dist  # noqa: E402
 from tagscale.bases import load_base  # noqa: E402
 from tagscale.config import BaseConfig  # noqa: E402
 from tagscale.data import IGNORE, Example, collate, micro_batches  # noqa: E402
+from tagscale.evaluate import batches_by_length  # noqa: E402
 from tagscale.errors import UserError, run_cli  # noqa: E402
 from tagscale.model import HeadSpec, TaggedModel  # noqa: E402
 from tagscale.tags import TagBank, TagSpec  # noqa: E402
@@ -203,6 +204,15 @@ def padding_efficiency(lengths: list[int], micro: int, bucketed: bool, seed: int
     return real / padded
 
 
+def evaluation_padding_efficiency(lengths: list[int], micro: int, by_length: bool) -> float:
+    """Real tokens / padded tokens over a held-out set in record order, batched as evaluation batches it
+    (`evaluate.batches_by_length`) or in record order (what it did before)."""
+    examples = [Example([0] * n, [IGNORE] * n, 0) for n in lengths]
+    chunks = [chunk for _, chunk in batches_by_length(examples, micro)] if by_length else \
+        [examples[i:i + micro] for i in range(0, len(examples), micro)]
+    return sum(lengths) / sum(max(len(e.ids) for e in chunk) * len(chunk) for chunk in chunks)
+
+
 def data_pipeline(base, n: int = 400) -> tuple[list[int], float]:
     """Lengths of real encoded QED/descriptor prompts, and the pipeline's tokens/s (read, fill, tokenize, collate)."""
     from tagscale.config import DataConfig, TaskConfig
@@ -316,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
                 memory["tagscale: prefix split (head task)"] / memory["PEFT prompt tuning (head task)"],
             "padding efficiency, length-bucketed (real / padded tokens)": padding_efficiency(lengths, args.batch, True),
             "padding efficiency, unbucketed (real / padded tokens)": padding_efficiency(lengths, args.batch, False),
+            "evaluation padding efficiency, by length (real / padded tokens)":
+                evaluation_padding_efficiency(lengths, 16, True),
+            "evaluation padding efficiency, record order (real / padded tokens)":
+                evaluation_padding_efficiency(lengths, 16, False),
             "data pipeline tokens/s / trainer tokens/s (goal >= 20)": pipeline_tps / trainer_tps,
             "CPU bf16 linear forward+backward, 7B MLP matrix: tagscale / torch": our_linear_s / torch_linear_s,
         },
