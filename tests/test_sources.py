@@ -89,7 +89,7 @@ def test_descriptor_is_peptides_blosum1_by_name_not_first_descriptor():
 def test_protein_test_pool_is_shared_by_corpus_and_descriptor():
     corpus_train = sources.load_builtin("protein_corpus", "train", {})
     descriptor_test = sources.load_builtin("descriptor", "test", {"n_test": 200})
-    assert len(corpus_train) == 5000
+    assert len(corpus_train) == 4000 and len(descriptor_test) == 200
     # stage-1 <Protein> training never sees the descriptor task's test proteins
     assert not {r["seq"] for r in corpus_train} & {r["seq"] for r in descriptor_test}
 
