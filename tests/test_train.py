@@ -152,3 +152,31 @@ def test_logged_part_losses_are_the_step_mean_over_ranks_and_micro_batches(tmp_p
         assert abs(a["loss/<Count>"] - b["loss/<Count>"]) <= 1e-4 * max(1.0, abs(a["loss/<Count>"]))
         for m in (a, b):
             assert abs(m["loss/<Count>"] - m["loss"]) <= 1e-6 * max(1.0, abs(m["loss"]))
+
+
+def test_replicated_base_zero0_equals_zero3(chain, tmp_path):
+    """ds_configs/zero0_cpu.json (the base replicated, no ZeRO-3 gathers: what tools/plan.py picks when the base
+    fits one rank, and what the demo runs) trains, starts heads at the probe, selects, evaluates and generates as
+    the ZeRO-3 chain does: the same losses, tags and test metrics."""
+    out, _ = chain
+    two, three = tmp_path / "stage2", tmp_path / "stage3"
+    zero0 = "ds_configs/zero0_cpu.json"
+    train("tests/recipes/tiny_stage2.yaml", f"output.dir={two}", f"from_runs=[{out[1]}]", ds_config=zero0)
+    train("tests/recipes/tiny_stage3.yaml", f"output.dir={three}", f"from_runs=[{two},{out[1]}]", ds_config=zero0)
+    for ours, chained in ((two, out[2]), (three, out[3])):
+        losses, reference = [m["loss"] for m in metrics(ours)], [m["loss"] for m in metrics(chained)]
+        assert len(losses) == len(reference) > 1 and len(set(round(x, 6) for x in losses)) > 1
+        assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-4
+        for name, value in tags_of(chained).items():
+            assert (tags_of(ours)[name] - value).abs().max().item() <= 1e-5
+        ours_eval, chained_eval = (json.loads((d / "eval.json").read_text()) for d in (ours, chained))
+        assert set(ours_eval) == set(chained_eval)
+        compared = 0
+        for task, rows in chained_eval.items():
+            assert set(ours_eval[task]) == set(rows)
+            for row, values in rows.items():
+                for metric in ("mse", "chrf", "loss"):
+                    if metric in values:
+                        assert ours_eval[task][row][metric] == pytest.approx(values[metric], rel=1e-4, abs=1e-6)
+                        compared += 1
+        assert compared >= 3  # stage 2: initial, linear probe, trained (mse); stage 3: chrF and losses
