@@ -162,6 +162,11 @@ class TrainConfig:
     eval_every: int = 0
     """Score the validation sets every N steps, besides the start (step 0) and the last step, which are always
     scored (0: only those two). The run keeps, saves and tests the trainables of the best-scoring step."""
+    selection: Literal["beyond_noise", "best"] = "beyond_noise"
+    """Which scored step the run keeps. beyond_noise: the best-scoring of the start and the steps whose validation
+    gain over the start is beyond its 95% paired-bootstrap interval (resampling the validation examples), so that
+    a gain a few dozen validation examples cannot tell from noise does not replace the start; best: the
+    best-scoring step, whatever the noise."""
     val_fraction: float = 0.1
     """Share of each trained task's training records held out for validation when the task gives no ``val``
     data (seeded by train.seed; 0: no validation, the last step is kept)."""

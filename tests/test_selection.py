@@ -87,8 +87,54 @@ def overshooting(tmp_path_factory) -> Path:
     """A run that overshoots, validated, checkpointed and tested at every step (two tests read it)."""
     run = tmp_path_factory.mktemp("overshooting") / "run"
     train("tests/recipes/tiny_head.yaml", f"output.dir={run}", "train.eval_every=1", "train.save_every=1",
-          "train.keep_checkpoints=20", "train.lr=0.03", "evaluation.enabled=true", f"tasks.0.eval.path={DATA}")
+          "train.keep_checkpoints=20", "train.lr=0.03", "evaluation.enabled=true", f"tasks.0.eval.path={DATA}",
+          "train.selection=best")
     return run
+
+
+def test_beyond_noise_keeps_a_step_only_when_its_validation_gain_is_beyond_its_interval(tmp_path):
+    """The default rule on the overshooting run: a step replaces the start only when its score's paired-bootstrap
+    interval lies above 0; here step 1 scores far above the start on 4 validation examples, but within noise."""
+    run = tmp_path / "run"
+    train("tests/recipes/tiny_head.yaml", f"output.dir={run}", "train.eval_every=1", "train.lr=0.03",
+          "evaluation.enabled=true", f"tasks.0.eval.path={DATA}")
+    scores = validations(run)
+    assert [r["step"] for r in scores] == list(range(9)) and scores[0]["val_score_ci95"] is None
+    assert all(len(r["val_score_ci95"]) == 2 and r["val_score_ci95"][0] <= r["val_score"] <= r["val_score_ci95"][1]
+               for r in scores[1:])
+    eligible = [r for r in scores if r["step"] == 0 or r["val_score_ci95"][0] > 0]
+    expected = max(eligible, key=lambda r: (r["val_score"], -r["step"]))["step"]
+    assert any(r["val_score"] > 0 and r["val_score_ci95"][0] <= 0 for r in scores[1:]), "no step the rule refuses"
+    selection = json.loads((run / "run.json").read_text())["selection"]
+    assert selection["best_step"] == expected == scores[-1]["best_step"] and selection["selection"] == "beyond_noise"
+    assert max(scores, key=lambda r: r["val_score"])["step"] != expected  # the plain best-score rule differs here
+
+
+def test_gain_interval_is_the_paired_bootstrap_of_the_mean_relative_gain():
+    """metrics.gain_interval against a loop over resamples that calls each task's full metric function."""
+    from tagscale.metrics import gain_interval
+
+    rng = np.random.default_rng(3)
+    target = rng.normal(size=30)
+    start_pred, now_pred = target + rng.normal(size=30), target + 0.6 * rng.normal(size=30)
+    labels = rng.integers(0, 2, size=25)
+    start_cls, now_cls = np.where(rng.random(25) < 0.6, labels, 1 - labels), np.where(rng.random(25) < 0.8, labels, 1 - labels)
+    start = [(regression_metrics, (start_pred.tolist(), target.tolist()), "mse", False),
+             (classification_metrics, (start_cls.tolist(), labels.tolist()), "accuracy", True)]
+    now = [(regression_metrics, (now_pred.tolist(), target.tolist()), "mse", False),
+           (classification_metrics, (now_cls.tolist(), labels.tolist()), "accuracy", True)]
+    reference = []
+    draws = [np.random.default_rng(0 + t).integers(0, n, size=(200, n)) for t, n in enumerate((30, 25))]
+    for b in range(200):
+        mse_now = regression_metrics(now_pred[draws[0][b]].tolist(), target[draws[0][b]].tolist())["mse"]
+        mse_start = regression_metrics(start_pred[draws[0][b]].tolist(), target[draws[0][b]].tolist())["mse"]
+        acc_now = classification_metrics(now_cls[draws[1][b]].tolist(), labels[draws[1][b]].tolist())["accuracy"]
+        acc_start = classification_metrics(start_cls[draws[1][b]].tolist(), labels[draws[1][b]].tolist())["accuracy"]
+        reference.append(((mse_start - mse_now) / mse_start + (acc_now - acc_start) / acc_start) / 2)
+    low, high = gain_interval(start, now, resamples=200)
+    assert low == pytest.approx(np.percentile(reference, 2.5), rel=1e-9)
+    assert high == pytest.approx(np.percentile(reference, 97.5), rel=1e-9)
+    assert gain_interval(start, now, resamples=0) is None
 
 
 def test_kept_step_is_the_best_validation_step_and_equals_its_checkpoint(overshooting):
