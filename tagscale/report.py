@@ -64,7 +64,8 @@ def plots(rows: list[RunRow], folder: Path) -> list[str]:
                     shift = 10 ** (0.012 * (i - (len(shown_methods) - 1) / 2))  # side by side: intervals overlap
                     points = sorted((r.parameters, r.metrics[task][metric],
                                      (r.metrics[task].get("ci95") or {}).get(metric)) for r in rows
-                                    if r.method == method and task in r.metrics and metric in r.metrics[task])
+                                    if r.method == method and task in r.metrics
+                                    and r.metrics[task].get(metric) is not None)  # null: undefined (a constant predictor)
                     if method == "expert" and points:  # no base: one flat line across the plot
                         ax.axhline(points[0][1], color=colors[method], linestyle="--", label="expert (no LLM)")
                         continue
