@@ -29,7 +29,9 @@ from tagscale.model import HeadSpec, TaggedModel
 from tagscale.tags import TagBank, TagSpec, init_bank
 
 # Tests only: a checkpoint of this step pauses after state.pt is written, before it is marked and renamed, so that
-# a test can SIGKILL the writer in the middle of the write (tests/test_resume.py).
+# a test can SIGKILL the writer in the middle of the write (tests/test_resume.py). The pause is announced by a file
+# PAUSED in the temporary folder: state.pt exists (empty) as soon as torch.save opens it, so a test that waited for
+# state.pt could read it half-written (CI at 8ae16bb).
 PAUSE_IN_CHECKPOINT_ENV = "TAGSCALE_TEST_PAUSE_IN_CHECKPOINT"
 
 
@@ -192,6 +194,7 @@ def write_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
     tmp.mkdir()
     torch.save(state, tmp / "state.pt")
     if os.environ.get(PAUSE_IN_CHECKPOINT_ENV) == str(step):  # tests only: hold still here to be killed mid-write
+        (tmp / "PAUSED").touch()
         time.sleep(120)
     (tmp / "COMPLETE").write_text(str(step))
     if final.exists():

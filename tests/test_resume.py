@@ -135,7 +135,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(reference, tmp_path
     proc = launch(out, env={"TAGSCALE_TEST_PAUSE_IN_CHECKPOINT": "4"})
     root = out / "checkpoints"
     deadline = time.monotonic() + 300
-    while not list(root.glob(".tmp-step-00000004-*/state.pt")):  # state.pt written, not yet marked nor renamed
+    while not list(root.glob(".tmp-step-00000004-*/PAUSED")):  # state.pt written, not yet marked nor renamed
         assert proc.poll() is None and time.monotonic() < deadline, "the run never reached step 4's checkpoint"
         time.sleep(0.02)
     kill_group(proc)
@@ -242,7 +242,7 @@ def test_a_live_run_holds_its_folder_and_a_killed_ones_folder_is_taken_over(tmp_
     out = tmp_path / "run"
     proc = launch(out, env={"TAGSCALE_TEST_PAUSE_IN_CHECKPOINT": "2"})  # holds still inside step 2's checkpoint
     deadline = time.monotonic() + 300
-    while not list((out / "checkpoints").glob(".tmp-step-00000002-*/state.pt")):
+    while not list((out / "checkpoints").glob(".tmp-step-00000002-*/PAUSED")):  # state.pt whole
         assert proc.poll() is None and time.monotonic() < deadline, "the run never reached step 2's checkpoint"
         time.sleep(0.02)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
