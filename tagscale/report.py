@@ -203,7 +203,7 @@ def write_report(out: Path, report: Path, command: str) -> Path:
              f"{len(rows)} complete runs read from `{shown(out)}` (run.json, metrics.jsonl, eval.json). Task metrics are on "
              "each task's held-out test split, in label units; `mean predictor mse` is the untrained head's (it "
              "predicts the training-label mean: the bar to beat); `kept step` is the step validation selected; tokens/s and step time are medians over the steps "
-             "after the first; peak RSS is the largest rank's getrusage peak. Rows in group `cost` are random-init "
+             "after the first (`ZeRO`: the run's ZeRO stage, which sets its speed and memory, not its numbers; `–`: not recorded); peak RSS is the largest rank's getrusage peak. Rows in group `cost` are random-init "
              "shapes run only for the cost curve (evaluation off). Every metric is `value [95% interval]` (bootstrap over the test "
              "examples); `results.json` holds each run's headline metric with its interval and a `mean` row per task and base.",
              "", "## Finding", "", "Computed from the runs (paired bootstrap over the same test examples; a method "

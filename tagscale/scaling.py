@@ -57,6 +57,7 @@ class RunRow:
     folder: str = ""
     global_batch: int = 0
     validation: list[dict] = field(default_factory=list)  # metrics.jsonl's validation records: step, val/<task>/<metric>
+    zero_stage: Optional[int] = None  # run.json's deepspeed.zero_stage (None: not recorded, runs before 2026-12-02)
 
 
 def _median_after_first(values: list[float]) -> Optional[float]:
@@ -112,7 +113,7 @@ def read_run(run_dir: Path, out: Path) -> Optional[RunRow]:
         world_size=int(meta.get("world_size", 1)), skipped_too_long=meta.get("skipped_too_long", {}),
         metrics=metrics, initial=initial, folder=str(run_dir.relative_to(out)),
         global_batch=int(config.get("train", {}).get("global_batch", 0)),
-        validation=[r for r in records if "val_score" in r])
+        validation=[r for r in records if "val_score" in r], zero_stage=(meta.get("deepspeed") or {}).get("zero_stage"))
 
 
 def gather(out: Path) -> list[RunRow]:
@@ -142,10 +143,10 @@ def without_outputs(run: dict) -> dict:
 def table(rows: list[RunRow]) -> str:
     """One line per run and task (cost-curve runs: one line, no metrics)."""
     head = ["group", "task", "base", "parameters", "method", "trainable", *REGRESSION_METRICS, *CLASSIFICATION_METRICS,
-            "mean predictor mse", "test n", "kept step", "tokens/s", "step s", "peak RSS GiB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|---|---:|" + "---:|" * 13]
+            "mean predictor mse", "test n", "kept step", "ZeRO", "tokens/s", "step s", "peak RSS GiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|---|---:|" + "---:|" * 14]
     for r in rows:
-        cost = [_fmt(r.tokens_per_s, 0), _fmt(r.step_s, 2),
+        cost = ["–" if r.zero_stage is None else str(r.zero_stage), _fmt(r.tokens_per_s, 0), _fmt(r.step_s, 2),
                 _fmt(r.peak_rss_bytes / GIB if r.peak_rss_bytes else None, 2)]
         for task, values in (r.metrics.items() or [("–", {})]):
             cells = [_with_interval(values, m) for m in REGRESSION_METRICS + CLASSIFICATION_METRICS]

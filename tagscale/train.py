@@ -104,6 +104,9 @@ class Session:
     log: RunLog
     selector: Selector
     """The validation sets and the best step so far (its trainables are what the run saves and tests)."""
+    deepspeed: dict
+    """What run.json records of the DeepSpeed setup (the config file, ZeRO stage, dtype): a run's speed and memory
+    depend on it, its numbers do not (tests/test_train.py::test_replicated_base_zero0_equals_zero3)."""
 
 
 def build(cfg: RunConfig, ds_config: str) -> Session:
@@ -133,7 +136,9 @@ def build(cfg: RunConfig, ds_config: str) -> Session:
     engine = dist.build_engine(model, runs.param_groups(model, cfg), ds, runs.lr_lambda(cfg))
     log = RunLog(cfg, model, base.identity, data.skipped, data.counts(cfg.tasks))
     selector = Selector(cfg, model, encoder, base.tokenizer, evaluate.validation_sets(cfg, encoder, data.validation))
-    return Session(cfg, recipe, engine, model, data, plan, base.identity, encoder, base.tokenizer, log, selector)
+    setup = {"config": str(ds_config), "zero_stage": dist.zero_stage(ds),
+             "dtype": str(dist.ds_dtype(ds)).removeprefix("torch.")}
+    return Session(cfg, recipe, engine, model, data, plan, base.identity, encoder, base.tokenizer, log, selector, setup)
 
 
 def train_steps(s: Session, start: int, stop: StopFlag | None = None) -> bool:
@@ -256,7 +261,7 @@ def save_outputs(s: Session, step: int) -> Path:
     out = Path(cfg.output.dir)
     if dist.is_main():
         meta = runs.run_metadata(s.recipe, model, plan, s.identity, "complete", step,
-                                 s.log.summary() | {"selection": s.selector.summary()})
+                                 s.log.summary() | {"selection": s.selector.summary(), "deepspeed": s.deepspeed})
         runs.save_outputs(out, tags, heads, meta)
         (out / "PREEMPTED").unlink(missing_ok=True)
     dist.barrier()

@@ -31,10 +31,13 @@ def test_sweep_runs_every_method_and_reports(tmp_path):
         meta = json.loads((run / "run.json").read_text())
         assert meta["status"] == "complete" and meta["config"]["method"] == method and meta["step"] == 2
         assert meta["peak_rss_bytes"] > 0 and (run / "eval.json").is_file()
+        assert meta["deepspeed"]["config"] == "ds_configs/zero0_cpu.json"  # one local rank: the base replicated
     text = (report / "report.md").read_text()
     assert "python tools/sweep.py run --recipe tests/recipes/scaling_tiny.yaml" in text  # the command, at the top
     rows = [line for line in text.splitlines() if line.startswith("| scaling_tiny | count | tiny |")]
     assert len(rows) == 2 and {r.split(" | ")[4] for r in rows} == {"linear_probe", "tag_llm"}
+    zero = next(line for line in text.splitlines() if line.startswith("| group |")).split(" | ").index("ZeRO")
+    assert all(r.split(" | ")[zero] == "0" for r in rows)  # the table says which setup made each row's speed
     for name in ("metrics.png", "cost.png", "learning.png"):
         assert (report / name).stat().st_size > 10_000
     data = json.loads((report / "runs.json").read_text())

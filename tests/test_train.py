@@ -180,3 +180,7 @@ def test_replicated_base_zero0_equals_zero3(chain, tmp_path):
                         assert ours_eval[task][row][metric] == pytest.approx(values[metric], rel=1e-4, abs=1e-6)
                         compared += 1
         assert compared >= 3  # stage 2: initial, linear probe, trained (mse); stage 3: chrF and losses
+        for folder, stage in ((ours, 0), (chained, 3)):  # run.json says which setup made the run's speed and memory
+            recorded = json.loads((folder / "run.json").read_text())["deepspeed"]
+            assert recorded["zero_stage"] == stage and recorded["dtype"] == "float32", recorded
+        assert json.loads((ours / "run.json").read_text())["deepspeed"]["config"] == zero0

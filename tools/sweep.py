@@ -57,8 +57,8 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
     run.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     run.add_argument("--cost-bases", default="", help="random-init shapes for the cost curve only (first recipe)")
     run.add_argument("--out", required=True, help="root of the run folders")
-    run.add_argument("--ds-config", help="DeepSpeed JSON (default: ds_configs/zero3_cpu.json here, the stage "
-                                         "script's with --slurm)")
+    run.add_argument("--ds-config", help="DeepSpeed JSON (default: ds_configs/zero0_cpu.json with --ranks "
+                                         "1, zero3_cpu.json with more, the stage script's with --slurm)")
     run.add_argument("--ranks", type=int, default=1, help="ranks per local run (2+: the deepspeed launcher)")
     run.add_argument("--slurm", action="store_true", help="submit job arrays through slurm/sweep.sh instead")
     run.add_argument("--sbatch", default="", help="extra sbatch options for --slurm, as one string")
@@ -105,7 +105,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(line)
         print(f"when the arrays are done: python tools/sweep.py report --out {out} --report <folder>")
         return 0
-    ds_config = args.ds_config or "ds_configs/zero3_cpu.json"
+    # one rank: the base replicated (ZeRO-3 saves nothing on one rank and its gathers cost time; what tools/plan.py
+    # picks when the base fits); the numbers are the same either way (test_replicated_base_zero0_equals_zero3)
+    ds_config = args.ds_config or ("ds_configs/zero0_cpu.json" if args.ranks == 1 else "ds_configs/zero3_cpu.json")
     if not Path(ds_config).is_file() and not (ROOT / ds_config).is_file():
         raise UserError(f"--ds-config: {ds_config}: no such DeepSpeed config")
     results = run_local(jobs, ds_config, args.ranks)
