@@ -1,7 +1,8 @@
 """tagscale.embedded: the cached SmolLM2 folder equals the GGUF load; atomic, cached builds; clear errors.
 
-The SmolLM2 test uses the real cache (`$TAGSCALE_CACHE` or ~/.cache/tagscale), so the ~45 s dequantize-and-save
-happens once per machine; each run still loads the GGUF once (~25 s) to compare logits.
+The two equality tests use the real cache (`$TAGSCALE_CACHE` or ~/.cache/tagscale): on a fresh cache the folder is
+built there and compared with the very model it was built from (one dequantization); on a warm one the GGUF is
+loaded afresh to compare with.
 """
 
 from __future__ import annotations
@@ -15,18 +16,26 @@ import pytest
 from tagscale import embedded
 from tagscale.errors import UserError
 
-def test_smollm2_cached_folder_equals_gguf_load_and_knows_paris():
+def folder_and_gguf_load(monkeypatch, name: str, gguf_path) -> tuple[Path, tuple]:
+    """The embedded base `name`'s cached folder and (tokenizer, model) dequantized from its GGUF: the load the folder
+    was built from when this call built it, else a fresh load."""
+    loaded, dequantize = [], embedded.load_gguf
+    monkeypatch.setattr(embedded, "load_gguf", lambda path: loaded.append(dequantize(path)) or loaded[-1])
+    folder = embedded.EMBEDDED_BASES[name]()
+    return folder, loaded[0] if loaded else dequantize(gguf_path())
+
+
+def test_smollm2_cached_folder_equals_gguf_load_and_knows_paris(monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = embedded.EMBEDDED_BASES["smollm2-135m"]()
+    folder, (gguf_tokenizer, gguf_model) = folder_and_gguf_load(monkeypatch, "smollm2-135m", embedded.smollm2_gguf)
     assert folder == embedded.smollm2_folder()
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
     assert "quantization_config" not in (folder / "config.json").read_text()
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    gguf_tokenizer, gguf_model = embedded.load_gguf(embedded.smollm2_gguf())
     prompt = "The capital of France is"
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     assert ids.tolist() == gguf_tokenizer(prompt, return_tensors="pt").input_ids.tolist()
@@ -90,15 +99,14 @@ def test_built_folder_is_readable_by_others(monkeypatch, tmp_path):
     assert folder.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700: a cluster's shared cache is read by every user
 
 
-def test_gemma3_cached_folder_equals_gguf_load():
-    """The scaling sweep's second base (installed by `tools/install.sh --tests`; ~3 min on a fresh cache, ~1.5 after)."""
+def test_gemma3_cached_folder_equals_gguf_load(monkeypatch):
+    """The scaling sweep's second base (installed by `tools/install.sh --tests`; ~2.5 min either way)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = embedded.EMBEDDED_BASES["gemma3-270m"]()
+    folder, (_, gguf_model) = folder_and_gguf_load(monkeypatch, "gemma3-270m", embedded.gemma3_gguf)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = AutoTokenizer.from_pretrained(folder)("The capital of France is", return_tensors="pt").input_ids
-    _, gguf_model = embedded.load_gguf(embedded.gemma3_gguf())
     assert sum(p.numel() for p in model.parameters()) == 268_098_176
     with torch.no_grad():
         assert (model(ids).logits - gguf_model.eval()(ids).logits).abs().max().item() == 0.0
