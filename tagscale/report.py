@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tagscale.errors import UserError
 from tagscale.metrics import to_json
-from tagscale.scaling import (COST_GROUP, FORMULA_TASKS, GIB, METHODS, RunRow, without_outputs, finding, gather,
-                              result_rows, table)
+from tagscale.scaling import (COST_GROUP, FORMULA_TASKS, GIB, METHODS, RunRow, curve_lines, curves, finding, gather,
+                              headline, result_rows, table, without_outputs)
 
 
 def _size_ticks(ax, sizes: list[int], matplotlib) -> None:
@@ -173,6 +173,43 @@ def learning_plot(rows: list[RunRow], folder: Path) -> list[str]:
     return ["learning.png"]
 
 
+def data_plot(rows: list[RunRow], folder: Path) -> list[str]:
+    """data.png: each task's test metric (with its 95% interval) against the number of training examples, one line
+    per method and base run at several training-set sizes: whether more data, not more steps, moves a method."""
+    found = curves(rows)
+    if not found:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({task for task, _, _ in found})
+    styles = dict(zip(sorted({base for _, _, base in found}), ["-", "--", ":", "-."] * 4))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.0), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        metric = "?"
+        for (t, method, base), points in found.items():
+            metric = headline(points[0][1].metrics[task]) if t == task else None
+            if metric is None:
+                continue
+            values = [(n, r.metrics[task][metric], (r.metrics[task].get("ci95") or {}).get(metric)) for n, r in points]
+            errors = [[v - ci[0] if ci else 0 for _, v, ci in values], [ci[1] - v if ci else 0 for _, v, ci in values]]
+            ax.errorbar([n for n, _, _ in values], [v for _, v, _ in values], yerr=errors, fmt="o" + styles[base],
+                        capsize=3, color=_COLORS.get(method, "black"), label=f"{method}, {base}")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("training examples")
+        ax.set_ylabel(f"test {metric}")
+        ax.set_title(f"{task}: test metric against training examples", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "data.png", dpi=110)
+    plt.close(fig)
+    return ["data.png"]
+
+
 def shown(path: Path) -> str:
     """A path as the user would type it: relative to the current folder when inside it."""
     try:
@@ -181,16 +218,19 @@ def shown(path: Path) -> str:
         return str(path)
 
 
-def write_report(out: Path, report: Path, command: str) -> Path:
+def write_report(out: Path, report: Path, command: str, curve_outs: tuple[Path, ...] = ()) -> Path:
     """Gather the complete run folders under `out` and write the report into `report` (made if absent); `command`
-    is printed at its top. Returns report.md's path."""
+    is printed at its top. `curve_outs`: sweep roots of the same recipes at other training-set sizes; their runs
+    and `out`'s make the learning curve against training examples (data.png and its table), and nothing else.
+    Returns report.md's path."""
     rows = gather(out)
+    curve_rows = rows + [r for folder in curve_outs for r in gather(folder)]
     timings_path = out / "timings.json"
     timings = list(json.loads(timings_path.read_text()).values()) if timings_path.is_file() else []
     if not rows:
         raise UserError(f"--out: {out}: no complete run folders (run.json with status complete) to report")
     report.mkdir(parents=True, exist_ok=True)
-    images = plots(rows, report) + learning_plot(rows, report)
+    images = plots(rows, report) + learning_plot(rows, report) + data_plot(curve_rows, report)
     runs = [asdict(r) for r in rows]
     data = {"command": command, "runs": [without_outputs(r) for r in runs]}
     if timings:
@@ -209,6 +249,13 @@ def write_report(out: Path, report: Path, command: str) -> Path:
              "", "## Finding", "", "Computed from the runs (paired bootstrap over the same test examples; a method "
              "is `clearly better` only when the 95% interval of the difference excludes zero):", "",
              *finding([r for r in runs if r["group"] != COST_GROUP], FORMULA_TASKS), "", "## Runs", "", table(rows), ""]
+    curve = curve_lines(curve_rows)
+    if curve:
+        lines += ["## Against training examples", "",
+                  "The same recipe, method and base at several training-set sizes (`training examples`: after the "
+                  "validation carve-out; the runs at other sizes from " + ", ".join(f"`{shown(f)}`" for f in curve_outs)
+                  + "); `largest vs smallest`: the test metric's paired difference over the same test examples.", "",
+                  *curve, ""]
     lines += [f"![{name}]({name})" for name in images]
     if timings:
         lines += ["", "Wall time of each run (this machine, shared with other jobs; `skipped` runs were complete):", "", "| run | status | seconds |",

@@ -58,6 +58,7 @@ class RunRow:
     global_batch: int = 0
     validation: list[dict] = field(default_factory=list)  # metrics.jsonl's validation records: step, val/<task>/<metric>
     zero_stage: Optional[int] = None  # run.json's deepspeed.zero_stage (None: not recorded, runs before 2026-12-02)
+    train_examples: dict[str, int] = field(default_factory=dict)  # task -> examples trained on (validation held out)
 
 
 def _median_after_first(values: list[float]) -> Optional[float]:
@@ -82,6 +83,26 @@ def is_complete(run_dir: Path) -> bool:
         return False
     evaluates = meta.get("config", {}).get("evaluation", {}).get("enabled", True)
     return not evaluates or (run_dir / "eval.json").is_file()
+
+
+def train_examples(meta: dict) -> dict[str, int]:
+    """Each task's number of training examples (after the validation carve-out and skipped ones) from run.json:
+    its `examples` (trainer runs), the expert's `selection.tasks.<task>.train_examples`, or, for trainer runs
+    written before run.json recorded `examples`, the built-in source's `n_train` (or the task's `limit`) less the
+    validation examples and the skipped ones (the carve-out is exact: `data.validation_split`)."""
+    if meta.get("examples"):
+        return {task: int(c["train"]) for task, c in meta["examples"].items()}
+    selection = meta.get("selection") or {}
+    if selection.get("tasks"):
+        return {task: int(c["train_examples"]) for task, c in selection["tasks"].items() if "train_examples" in c}
+    out = {}
+    for task in meta.get("config", {}).get("tasks", []):
+        source = task.get("train") or {}
+        sizes = [n for n in ((source.get("options") or {}).get("n_train"), source.get("limit")) if n is not None]
+        if sizes and task.get("name"):
+            held = (selection.get("val_examples") or {}).get(task["name"], 0)
+            out[task["name"]] = int(min(sizes)) - int(held) - int(meta.get("skipped_too_long", {}).get(task["name"], 0))
+    return out
 
 
 def read_run(run_dir: Path, out: Path) -> Optional[RunRow]:
@@ -113,7 +134,8 @@ def read_run(run_dir: Path, out: Path) -> Optional[RunRow]:
         world_size=int(meta.get("world_size", 1)), skipped_too_long=meta.get("skipped_too_long", {}),
         metrics=metrics, initial=initial, folder=str(run_dir.relative_to(out)),
         global_batch=int(config.get("train", {}).get("global_batch", 0)),
-        validation=[r for r in records if "val_score" in r], zero_stage=(meta.get("deepspeed") or {}).get("zero_stage"))
+        validation=[r for r in records if "val_score" in r], zero_stage=(meta.get("deepspeed") or {}).get("zero_stage"),
+        train_examples=train_examples(meta))
 
 
 def gather(out: Path) -> list[RunRow]:
@@ -305,4 +327,44 @@ def finding(runs: list[dict], formula_tasks: tuple[str, ...] = ()) -> list[str]:
             lines.append(f"  - Tag-LLM minus the best other method: {first[1]} {first[3]['diff']:+.4f} ({first[2]}) -> "
                          f"{last[1]} {last[3]['diff']:+.4f} ({last[2]}): Tag-LLM's advantage {trend} with size "
                          f"over these {len(gaps)} bases (two points show a direction, not a law)")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The learning curve against training examples (runs of the same recipe at several training-set sizes)
+
+def curves(rows: list[RunRow]) -> dict[tuple[str, str, str], list[tuple[int, RunRow]]]:
+    """(task, method, base) -> [(training examples, run)] sorted by size, for every task, method and base run at
+    two or more training-set sizes (the cost group excluded)."""
+    found: dict[tuple[str, str, str], dict[int, RunRow]] = {}
+    for r in rows:
+        if r.group == COST_GROUP:
+            continue
+        for task in r.metrics:
+            if task in r.train_examples:
+                found.setdefault((task, r.method, r.base), {})[r.train_examples[task]] = r
+    return {key: sorted(by_size.items(), key=lambda kv: kv[0]) for key, by_size in sorted(found.items())
+            if len(by_size) > 1}
+
+
+def curve_lines(rows: list[RunRow]) -> list[str]:
+    """The report's table of the learning curve: each method's test metric at each training-set size, and the
+    largest size against the smallest (paired bootstrap over the same test examples)."""
+    found = curves(rows)
+    if not found:
+        return []
+    lines = ["| task | method | base | training examples | kept step | test metric [95% interval] | largest vs smallest |",
+             "|---|---|---|---:|---:|---|---|"]
+    for (task, method, base), points in found.items():
+        metric = headline(points[0][1].metrics[task])
+        if metric is None:
+            continue
+        smallest, largest = points[0][1].metrics[task], points[-1][1].metrics[task]
+        diff = compare(largest, smallest, metric)
+        versus = (f"{diff['diff']:+.4f} [{diff['ci95'][0]:+.4f}, {diff['ci95'][1]:+.4f}]: "
+                  f"{_verdict(diff, LOWER_IS_BETTER[metric])}" if diff and diff.get("ci95") else "no paired interval")
+        for i, (n, run) in enumerate(points):
+            kept = (run.metrics[task].get("selected") or {}).get("best_step")
+            lines.append(f"| {task} | {method} | {base} | {n} | {'–' if kept is None else kept} | {metric} "
+                         f"{_with_interval(run.metrics[task], metric)} | {versus if i == len(points) - 1 else ''} |")
     return lines

@@ -64,6 +64,41 @@ def test_sweep_runs_every_method_and_reports(tmp_path):
     again = sweep(*args)  # resume-friendly: nothing left to run
     assert again.returncode == 0 and again.stdout.count("skipped (complete)") == 2
 
+    # the learning curve against training examples: linear_probe again on the first 24 records (a second sweep
+    # root), reported beside the first root's runs; tag_llm, at one size only, has no curve
+    small = tmp_path / "runs-24"
+    proc = sweep("run", "--recipe", RECIPE, "--bases", "tiny", "--methods", "linear_probe", "--out", str(small),
+                 "--", "train.steps=2", "tasks.0.train.limit=24")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = sweep("report", "--out", str(out), "--report", str(report), "--curve", str(small))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sizes = [json.loads((root / "scaling_tiny" / "linear_probe" / "tiny" / "stage2" / "run.json").read_text())
+             ["examples"]["count"]["train"] for root in (small, out)]
+    assert sizes[0] < sizes[1] and sizes[0] == 24 - round(0.1 * 24)  # 24 records less the 10% validation carve-out
+    text = (report / "report.md").read_text()
+    curve = [line for line in text.split("## Against training examples")[1].splitlines() if line.startswith("| count |")]
+    assert [line.split(" | ")[1:4] for line in curve] == [["linear_probe", "tiny", str(n)] for n in sizes]
+    assert curve[1].endswith(("clearly better |", "clearly worse |", "not distinguishable |")) and "[" in curve[1]
+    assert (report / "data.png").stat().st_size > 10_000
+    proc = sweep("report", "--out", str(out), "--report", str(report), "--curve", str(tmp_path / "nowhere"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--curve" in proc.stderr
+
+
+def test_training_examples_of_runs_before_run_json_recorded_them():
+    """Committed sweep runs that record `examples` give the same count when it is derived the way older run.json
+    files need (the source's n_train less the validation carve-out and the skipped)."""
+    from tagscale.scaling import train_examples
+
+    checked = 0
+    for path in sorted((ROOT / "docs" / "scaling" / "runs").glob("*/*/*/stage2/run.json")):
+        meta = json.loads(path.read_text())
+        if meta.get("examples") and meta["config"].get("method") != "expert":
+            recorded = {task: c["train"] for task, c in meta["examples"].items()}
+            assert train_examples(meta) == recorded
+            assert train_examples({k: v for k, v in meta.items() if k != "examples"}) == recorded, path
+            checked += 1
+    assert checked >= 5
+
 
 def test_report_alone_and_errors(tmp_path):
     proc = sweep("report", "--out", str(tmp_path), "--report", str(tmp_path / "r"))
