@@ -199,6 +199,7 @@ def data_plot(rows: list[RunRow], folder: Path) -> list[str]:
                         capsize=3, color=_COLORS.get(method, "black"), label=f"{method}, {base}")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # not 2x10^3
         ax.set_xlabel("training examples")
         ax.set_ylabel(f"test {metric}")
         ax.set_title(f"{task}: test metric against training examples", fontsize=10)

@@ -364,7 +364,10 @@ def curve_lines(rows: list[RunRow]) -> list[str]:
         versus = (f"{diff['diff']:+.4f} [{diff['ci95'][0]:+.4f}, {diff['ci95'][1]:+.4f}]: "
                   f"{_verdict(diff, LOWER_IS_BETTER[metric])}" if diff and diff.get("ci95") else "no paired interval")
         for i, (n, run) in enumerate(points):
-            kept = (run.metrics[task].get("selected") or {}).get("best_step")
-            lines.append(f"| {task} | {method} | {base} | {n} | {'–' if kept is None else kept} | {metric} "
+            selected = run.metrics[task].get("selected") or {}
+            kept = "–" if selected.get("best_step") is None else str(selected["best_step"])
+            if selected and selected.get("selection", "best") == "best":  # runs before beyond_noise: the plain best
+                kept += " (plain best)"
+            lines.append(f"| {task} | {method} | {base} | {n} | {kept} | {metric} "
                          f"{_with_interval(run.metrics[task], metric)} | {versus if i == len(points) - 1 else ''} |")
     return lines
