@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tagscale.errors import UserError
 from tagscale.metrics import to_json
-from tagscale.scaling import (COST_GROUP, FORMULA_TASKS, GIB, METHODS, RunRow, curve_lines, curves, finding, gather,
+from tagscale.scaling import (COST_GROUP, FORMULA_TASKS, GIB, METHODS, RunRow, choose_settings, curve_lines, curves, finding, gather,
                               headline, result_rows, table, without_outputs)
 
 
@@ -219,12 +219,15 @@ def shown(path: Path) -> str:
         return str(path)
 
 
-def write_report(out: Path, report: Path, command: str, curve_outs: tuple[Path, ...] = ()) -> Path:
+def write_report(out: Path, report: Path, command: str, curve_outs: tuple[Path, ...] = (),
+                 candidate_outs: tuple[Path, ...] = ()) -> Path:
     """Gather the complete run folders under `out` and write the report into `report` (made if absent); `command`
-    is printed at its top. `curve_outs`: sweep roots of the same recipes at other training-set sizes; their runs
-    and `out`'s make the learning curve against training examples (data.png and its table), and nothing else.
+    is printed at its top. `candidate_outs`: sweep roots of the same recipes under other settings (another
+    learning rate ...): per recipe, method and base the report keeps the run validation scored best
+    (`scaling.choose_settings`). `curve_outs`: sweep roots at other training-set sizes; their runs and the chosen
+    ones make the learning curve against training examples (data.png and its table), and nothing else.
     Returns report.md's path."""
-    rows = gather(out)
+    rows, settings = choose_settings([gather(out)] + [gather(folder) for folder in candidate_outs])
     curve_rows = rows + [r for folder in curve_outs for r in gather(folder)]
     timings_path = out / "timings.json"
     timings = list(json.loads(timings_path.read_text()).values()) if timings_path.is_file() else []
@@ -250,6 +253,12 @@ def write_report(out: Path, report: Path, command: str, curve_outs: tuple[Path, 
              "", "## Finding", "", "Computed from the runs (paired bootstrap over the same test examples; a method "
              "is `clearly better` only when the 95% interval of the difference excludes zero):", "",
              *finding([r for r in runs if r["group"] != COST_GROUP], FORMULA_TASKS), "", "## Runs", "", table(rows), ""]
+    if settings:
+        lines += ["## Settings chosen on validation", "",
+                  "Each recipe, method and base run under several settings (sweep roots " + ", ".join(
+                      f"`{shown(f)}`" for f in (out, *candidate_outs)) + "); the report keeps the run whose kept "
+                  "step scored best on validation (its gain over the shared step 0); the test split chose nothing.",
+                  "", *settings, ""]
     curve = curve_lines(curve_rows)
     if curve:
         lines += ["## Against training examples", "",

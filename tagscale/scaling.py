@@ -59,6 +59,9 @@ class RunRow:
     validation: list[dict] = field(default_factory=list)  # metrics.jsonl's validation records: step, val/<task>/<metric>
     zero_stage: Optional[int] = None  # run.json's deepspeed.zero_stage (None: not recorded, runs before 2026-12-02)
     train_examples: dict[str, int] = field(default_factory=dict)  # task -> examples trained on (validation held out)
+    lr: Optional[float] = None  # the tags' peak learning rate (train.lr; None for the expert, which has none)
+    val_score: Optional[float] = None  # run.json selection.val_score: the kept step's validation gain over step 0
+    root: str = ""  # the sweep root the run folder was read from
 
 
 def _median_after_first(values: list[float]) -> Optional[float]:
@@ -135,13 +138,44 @@ def read_run(run_dir: Path, out: Path) -> Optional[RunRow]:
         metrics=metrics, initial=initial, folder=str(run_dir.relative_to(out)),
         global_batch=int(config.get("train", {}).get("global_batch", 0)),
         validation=[r for r in records if "val_score" in r], zero_stage=(meta.get("deepspeed") or {}).get("zero_stage"),
-        train_examples=train_examples(meta))
+        train_examples=train_examples(meta),
+        lr=None if config.get("method") == "expert" else config.get("train", {}).get("lr"),
+        val_score=(meta.get("selection") or {}).get("val_score"), root=str(out))
+
+
+def _order(rows: list[RunRow]) -> list[RunRow]:
+    return sorted(rows, key=lambda r: (r.group, r.parameters, METHODS.index(r.method) if r.method in METHODS else 9))
 
 
 def gather(out: Path) -> list[RunRow]:
-    rows = [read_run(p.parent, out) for p in sorted(out.rglob("run.json"))]
-    return sorted((r for r in rows if r is not None), key=lambda r: (r.group, r.parameters, METHODS.index(r.method)
-                                                                      if r.method in METHODS else 9))
+    return _order([r for r in (read_run(p.parent, out) for p in sorted(out.rglob("run.json"))) if r is not None])
+
+
+def choose_settings(roots: list[list[RunRow]]) -> tuple[list[RunRow], list[str]]:
+    """Runs of the same recipes under other settings (each sweep root: e.g. another learning rate), chosen on
+    validation: per group, method and base, the run whose kept step scored best on validation (run.json's
+    `selection.val_score`, the gain over step 0, which every setting shares: the same initial tags and probe
+    start); ties, and runs without a validation score, go to the earliest root. Returns the chosen runs and a
+    table of every candidate where there was a choice."""
+    found: dict[tuple[str, str, str], list[RunRow]] = {}
+    for rows in roots:
+        for r in rows:
+            found.setdefault((r.group, r.method, r.base), []).append(r)
+    chosen, lines = [], []
+    for key, candidates in found.items():
+        score = lambda r: -math.inf if r.val_score is None else r.val_score
+        best = max(candidates, key=score)  # max keeps the first of equal scores: the earliest root
+        chosen.append(best)
+        if len(candidates) > 1:
+            for r in candidates:
+                kept = next((m.get("selected", {}).get("best_step") for m in r.metrics.values()), None)
+                lines.append(f"| {' | '.join(key)} | {'–' if r.lr is None else f'{r.lr:g}'} | "
+                             f"{'–' if kept is None else kept} | {_fmt(r.val_score)} | {r.root} | "
+                             f"{'**chosen**' if r is best else ''} |")
+    if lines:
+        lines = ["| group | method | base | tag lr | kept step | validation score | root | |",
+                 "|---|---|---|---:|---:|---:|---|---|", *lines]
+    return _order(chosen), lines
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,15 +199,15 @@ def without_outputs(run: dict) -> dict:
 def table(rows: list[RunRow]) -> str:
     """One line per run and task (cost-curve runs: one line, no metrics)."""
     head = ["group", "task", "base", "parameters", "method", "trainable", *REGRESSION_METRICS, *CLASSIFICATION_METRICS,
-            "mean predictor mse", "test n", "kept step", "ZeRO", "tokens/s", "step s", "peak RSS GiB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|---|---:|" + "---:|" * 14]
+            "mean predictor mse", "test n", "kept step", "tag lr", "ZeRO", "tokens/s", "step s", "peak RSS GiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|---|---:|" + "---:|" * 15]
     for r in rows:
         cost = ["–" if r.zero_stage is None else str(r.zero_stage), _fmt(r.tokens_per_s, 0), _fmt(r.step_s, 2),
                 _fmt(r.peak_rss_bytes / GIB if r.peak_rss_bytes else None, 2)]
         for task, values in (r.metrics.items() or [("–", {})]):
             cells = [_with_interval(values, m) for m in REGRESSION_METRICS + CLASSIFICATION_METRICS]
             cells += [_with_interval(r.initial.get(task, {}), "mse"), str(values.get("n", "–")),
-                      str((values.get("selected") or {}).get("best_step", "–"))]
+                      str((values.get("selected") or {}).get("best_step", "–")), "–" if r.lr is None else f"{r.lr:g}"]
             lines.append("| " + " | ".join([r.group, task, r.base, f"{r.parameters / 1e6:,.1f} M", r.method,
                                             f"{r.trainable:,}", *cells, *cost]) + " |")
     return "\n".join(lines)

@@ -83,6 +83,47 @@ def test_sweep_runs_every_method_and_reports(tmp_path):
     proc = sweep("report", "--out", str(out), "--report", str(report), "--curve", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--curve" in proc.stderr
 
+    # another setting as a candidate root: tag_llm at another learning rate; the report keeps, per method and base,
+    # the run whose kept step scored best on validation (ties: the first root's)
+    other = tmp_path / "runs-lr"
+    proc = sweep("run", "--recipe", RECIPE, "--bases", "tiny", "--methods", "tag_llm", "--out", str(other),
+                 "--", "train.steps=2", "train.lr=0.05", "train.selection=best")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = sweep("report", "--out", str(out), "--report", str(report), "--candidates", str(other))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = [json.loads((root / "scaling_tiny" / "tag_llm" / "tiny" / "stage2" / "run.json").read_text())
+              ["selection"]["val_score"] for root in (out, other)]
+    winner = 1 if scores[1] > scores[0] else 0
+    text = (report / "report.md").read_text()
+    settings = [line for line in text.split("## Settings chosen on validation")[1].splitlines()
+                if line.startswith("| scaling_tiny | tag_llm | tiny |")]
+    assert [line.split(" | ")[3] for line in settings] == ["0.01", "0.05"]  # every candidate, in root order
+    assert [line.endswith("**chosen** |") for line in settings] == [winner == 0, winner == 1]
+    runs = [line.split(" | ") for line in text.split("## Runs")[1].split("## Settings")[0].splitlines()
+            if line.startswith("| scaling_tiny |")]
+    lr = next(line for line in text.splitlines() if line.startswith("| group |")).split(" | ").index("tag lr")
+    assert sorted((r[4], r[lr]) for r in runs) == [("linear_probe", "0.01"), ("tag_llm", ["0.01", "0.05"][winner])]
+
+
+def test_settings_are_chosen_by_validation_score():
+    """choose_settings keeps, per group, method and base, the candidate with the best validation score; a tie or
+    a run without one goes to the earliest root; a run with one candidate is kept without a table line."""
+    from tagscale.scaling import RunRow, choose_settings
+
+    def row(method: str, lr: float, score, root: str) -> RunRow:
+        return RunRow(group="g", method=method, base="b", source="", parameters=1, random_init=False, trainable=1,
+                      steps=2, tokens_per_s=None, step_s=None, peak_rss_bytes=None, peak_accel_bytes=None,
+                      world_size=1, skipped_too_long={}, lr=lr, val_score=score, root=root)
+
+    first = [row("tag_llm", 1e-4, 0.0, "a"), row("prompt_tuning", 1e-4, 0.02, "a"), row("linear_probe", 1e-4, 0.0, "a")]
+    second = [row("tag_llm", 1e-5, 0.03, "b"), row("prompt_tuning", 1e-5, 0.02, "b"), row("expert", 1e-5, None, "b")]
+    chosen, lines = choose_settings([first, second])
+    assert {(r.method, r.root) for r in chosen} == {("tag_llm", "b"), ("prompt_tuning", "a"), ("linear_probe", "a"),
+                                                     ("expert", "b")}
+    assert len(lines) == 2 + 4 and sum("**chosen**" in line for line in lines) == 2  # two choices of two each
+    chosen, _ = choose_settings([[row("tag_llm", 1e-4, None, "a")], [row("tag_llm", 1e-5, -0.1, "b")]])
+    assert chosen[0].root == "b"  # a score beats no score
+
 
 def test_training_examples_of_runs_before_run_json_recorded_them():
     """Committed sweep runs that record `examples` give the same count when it is derived the way older run.json

@@ -2,7 +2,8 @@
 
     python tools/sweep.py run --recipe R[,R2] --bases a,b,c --methods tag_llm,prompt_tuning,linear_probe \\
         --out runs/sweep [--cost-bases tiny,llama-100m] [--slurm] [--report docs/scaling] [-- key=value ...]
-    python tools/sweep.py report --out runs/sweep --report docs/scaling [--curve runs/sweep-n4200,...]
+    python tools/sweep.py report --out runs/sweep --report docs/scaling [--candidates runs/sweep-lr1e-5,...] \\
+        [--curve runs/sweep-n4200,...]
 
 A base is a shape preset (tagscale.shapes.SHAPES: random init), ``embedded:<name>`` or a local Hugging Face folder.
 Run folders: <out>/<recipe stem>/<method>/<base name>/stage<N> (the layout slurm/sweep.sh makes); runs already
@@ -67,6 +68,8 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
     rep.add_argument("--out", required=True, help="root of the run folders")
     rep.add_argument("--report", required=True, help="folder for report.md, runs.json and the plots")
     rep.add_argument("--command", dest="command_line", help="the command to print at the top (default: this one)")
+    rep.add_argument("--candidates", default="", help="sweep roots of the same recipes under other settings "
+                     "(comma-separated; e.g. another train.lr): per recipe, method and base the run validation scored best")
     rep.add_argument("--curve", default="", help="sweep roots of the same recipes at other training-set sizes "
                                                  "(comma-separated): the learning curve against training examples")
     return parser.parse_args(argv), overrides
@@ -79,11 +82,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.action == "report":
         if not out.is_dir():
             raise UserError(f"--out: {out}: no such folder")
-        curve_outs = tuple(Path(c).resolve() for c in _split_list(args.curve, "--curve")) if args.curve else ()
-        for folder in curve_outs:
-            if not folder.is_dir():
-                raise UserError(f"--curve: {folder}: no such folder")
-        print(write_report(out, Path(args.report), args.command_line or command, curve_outs))
+        roots = {}
+        for option, text in (("--curve", args.curve), ("--candidates", args.candidates)):
+            roots[option] = tuple(Path(c).resolve() for c in _split_list(text, option)) if text else ()
+            for folder in roots[option]:
+                if not folder.is_dir():
+                    raise UserError(f"{option}: {folder}: no such folder")
+        print(write_report(out, Path(args.report), args.command_line or command, roots["--curve"], roots["--candidates"]))
         return 0
     recipes = [Path(r).resolve() for r in _split_list(args.recipe, "--recipe")]
     for recipe in recipes:
