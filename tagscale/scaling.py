@@ -151,6 +151,11 @@ def gather(out: Path) -> list[RunRow]:
     return _order([r for r in (read_run(p.parent, out) for p in sorted(out.rglob("run.json"))) if r is not None])
 
 
+def validation_score(r: RunRow) -> float:
+    """What settings are chosen by: the kept step's validation gain over step 0 (-inf: none recorded)."""
+    return -math.inf if r.val_score is None else r.val_score
+
+
 def choose_settings(roots: list[list[RunRow]]) -> tuple[list[RunRow], list[str]]:
     """Runs of the same recipes under other settings (each sweep root: e.g. another learning rate), chosen on
     validation: per group, method and base, the run whose kept step scored best on validation (run.json's
@@ -163,8 +168,7 @@ def choose_settings(roots: list[list[RunRow]]) -> tuple[list[RunRow], list[str]]
             found.setdefault((r.group, r.method, r.base), []).append(r)
     chosen, lines = [], []
     for key, candidates in found.items():
-        score = lambda r: -math.inf if r.val_score is None else r.val_score
-        best = max(candidates, key=score)  # max keeps the first of equal scores: the earliest root
+        best = max(candidates, key=validation_score)  # max keeps the first of equal scores: the earliest root
         chosen.append(best)
         if len(candidates) > 1:
             for r in candidates:
@@ -369,14 +373,18 @@ def finding(runs: list[dict], formula_tasks: tuple[str, ...] = ()) -> list[str]:
 
 def curves(rows: list[RunRow]) -> dict[tuple[str, str, str], list[tuple[int, RunRow]]]:
     """(task, method, base) -> [(training examples, run)] sorted by size, for every task, method and base run at
-    two or more training-set sizes (the cost group excluded)."""
+    two or more training-set sizes (the cost group excluded). Runs at one size under several settings: the one
+    validation scored best, as `choose_settings` (ties: the earlier row)."""
     found: dict[tuple[str, str, str], dict[int, RunRow]] = {}
     for r in rows:
         if r.group == COST_GROUP:
             continue
         for task in r.metrics:
             if task in r.train_examples:
-                found.setdefault((task, r.method, r.base), {})[r.train_examples[task]] = r
+                by_size = found.setdefault((task, r.method, r.base), {})
+                n = r.train_examples[task]
+                if n not in by_size or validation_score(r) > validation_score(by_size[n]):
+                    by_size[n] = r
     return {key: sorted(by_size.items(), key=lambda kv: kv[0]) for key, by_size in sorted(found.items())
             if len(by_size) > 1}
 

@@ -124,6 +124,12 @@ def test_settings_are_chosen_by_validation_score():
     chosen, _ = choose_settings([[row("tag_llm", 1e-4, None, "a")], [row("tag_llm", 1e-5, -0.1, "b")]])
     assert chosen[0].root == "b"  # a score beats no score
 
+    from tagscale.scaling import curves  # the learning curve: at one size, the setting validation scored best
+    sized = [row("tag_llm", lr, score, root) for lr, score, root in [(1e-4, 0.0, "a"), (1e-5, 0.04, "b"), (1e-4, 0.0, "c")]]
+    for r, n in zip(sized, (1000, 4000, 4000)):
+        r.metrics, r.train_examples = {"t": {"mse": 1.0}}, {"t": n}
+    assert [(n, r.root) for n, r in curves(sized)[("t", "tag_llm", "b")]] == [(1000, "a"), (4000, "b")]
+
 
 def test_training_examples_of_runs_before_run_json_recorded_them():
     """Committed sweep runs that record `examples` give the same count when it is derived the way older run.json
