@@ -395,8 +395,8 @@ def curve_lines(rows: list[RunRow]) -> list[str]:
     found = curves(rows)
     if not found:
         return []
-    lines = ["| task | method | base | training examples | kept step | test metric [95% interval] | largest vs smallest |",
-             "|---|---|---|---:|---:|---|---|"]
+    lines = ["| task | method | base | training examples | tag lr | kept step | test metric [95% interval] | "
+             "largest vs smallest |", "|---|---|---|---:|---:|---:|---|---|"]
     for (task, method, base), points in found.items():
         metric = headline(points[0][1].metrics[task])
         if metric is None:
@@ -410,6 +410,7 @@ def curve_lines(rows: list[RunRow]) -> list[str]:
             kept = "–" if selected.get("best_step") is None else str(selected["best_step"])
             if selected and selected.get("selection", "best") == "best":  # runs before beyond_noise: the plain best
                 kept += " (plain best)"
-            lines.append(f"| {task} | {method} | {base} | {n} | {kept} | {metric} "
+            lr = "–" if run.lr is None else f"{run.lr:g}"
+            lines.append(f"| {task} | {method} | {base} | {n} | {lr} | {kept} | {metric} "
                          f"{_with_interval(run.metrics[task], metric)} | {versus if i == len(points) - 1 else ''} |")
     return lines
