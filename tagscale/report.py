@@ -13,7 +13,7 @@ from pathlib import Path
 from tagscale.errors import UserError
 from tagscale.metrics import to_json
 from tagscale.scaling import (COST_GROUP, FORMULA_TASKS, GIB, METHODS, RunRow, choose_settings, curve_lines, curves, finding, gather,
-                              headline, result_rows, table, without_outputs)
+                              headline, result_rows, shown, table, without_outputs)
 
 
 def _size_ticks(ax, sizes: list[int], matplotlib) -> None:
@@ -209,14 +209,6 @@ def data_plot(rows: list[RunRow], folder: Path) -> list[str]:
     fig.savefig(folder / "data.png", dpi=110)
     plt.close(fig)
     return ["data.png"]
-
-
-def shown(path: Path) -> str:
-    """A path as the user would type it: relative to the current folder when inside it."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 def write_report(out: Path, report: Path, command: str, curve_outs: tuple[Path, ...] = (),

@@ -174,7 +174,7 @@ def choose_settings(roots: list[list[RunRow]]) -> tuple[list[RunRow], list[str]]
             for r in candidates:
                 kept = next((m.get("selected", {}).get("best_step") for m in r.metrics.values()), None)
                 lines.append(f"| {' | '.join(key)} | {'–' if r.lr is None else f'{r.lr:g}'} | "
-                             f"{'–' if kept is None else kept} | {_fmt(r.val_score)} | {r.root} | "
+                             f"{'–' if kept is None else kept} | {_fmt(r.val_score)} | {shown(r.root)} | "
                              f"{'**chosen**' if r is best else ''} |")
     if lines:
         lines = ["| group | method | base | tag lr | kept step | validation score | root | |",
@@ -184,6 +184,14 @@ def choose_settings(roots: list[list[RunRow]]) -> tuple[list[RunRow], list[str]]
 
 # ----------------------------------------------------------------------------------------------------------------
 # The report
+
+def shown(path: Path | str) -> str:
+    """A path as the user would type it: relative to the current folder when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
 
 def _fmt(value: Optional[float], digits: int = 4) -> str:
     return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"

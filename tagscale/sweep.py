@@ -20,8 +20,7 @@ from typing import Optional
 
 from tagscale.errors import UserError, nearest
 from tagscale.launch import launch_env, trainer_command
-from tagscale.report import shown
-from tagscale.scaling import COST_GROUP, is_complete
+from tagscale.scaling import COST_GROUP, is_complete, shown
 from tagscale.shapes import SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
