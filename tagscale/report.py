@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tagscale.errors import UserError
 from tagscale.metrics import to_json
-from tagscale.scaling import (COST_GROUP, FORMULA_TASKS, GIB, METHODS, RunRow, choose_settings, curve_lines, curves, finding, gather,
-                              headline, result_rows, shown, table, without_outputs)
+from tagscale.scaling import (COST_GROUP, FORMULA_TASKS, GIB, METHODS, RunRow, choose_settings, curve_lines, curves,
+                              finding, gather, headline, result_rows, shown, table, without_outputs)
 
 
 def _size_ticks(ax, sizes: list[int], matplotlib) -> None:
@@ -190,9 +190,9 @@ def data_plot(rows: list[RunRow], folder: Path) -> list[str]:
     for ax, task in zip(axes[0], tasks):
         metric = "?"
         for (t, method, base), points in found.items():
-            metric = headline(points[0][1].metrics[task]) if t == task else None
-            if metric is None:
+            if t != task or headline(points[0][1].metrics[task]) is None:
                 continue
+            metric = headline(points[0][1].metrics[task])
             values = [(n, r.metrics[task][metric], (r.metrics[task].get("ci95") or {}).get(metric)) for n, r in points]
             errors = [[v - ci[0] if ci else 0 for _, v, ci in values], [ci[1] - v if ci else 0 for _, v, ci in values]]
             ax.errorbar([n for n, _, _ in values], [v for _, v, _ in values], yerr=errors, fmt="o" + styles[base],

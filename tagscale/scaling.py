@@ -173,7 +173,7 @@ def choose_settings(roots: list[list[RunRow]]) -> tuple[list[RunRow], list[str]]
         if len(candidates) > 1:
             for r in candidates:
                 kept = next((m.get("selected", {}).get("best_step") for m in r.metrics.values()), None)
-                lines.append(f"| {' | '.join(key)} | {'–' if r.lr is None else f'{r.lr:g}'} | "
+                lines.append(f"| {' | '.join(key)} | {_lr(r)} | "
                              f"{'–' if kept is None else kept} | {_fmt(r.val_score)} | {shown(r.root)} | "
                              f"{'**chosen**' if r is best else ''} |")
     if lines:
@@ -191,6 +191,11 @@ def shown(path: Path | str) -> str:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+def _lr(r: RunRow) -> str:
+    """A run's tag learning rate as the tables print it (`–`: the expert, which has none)."""
+    return "–" if r.lr is None else f"{r.lr:g}"
 
 
 def _fmt(value: Optional[float], digits: int = 4) -> str:
@@ -219,7 +224,7 @@ def table(rows: list[RunRow]) -> str:
         for task, values in (r.metrics.items() or [("–", {})]):
             cells = [_with_interval(values, m) for m in REGRESSION_METRICS + CLASSIFICATION_METRICS]
             cells += [_with_interval(r.initial.get(task, {}), "mse"), str(values.get("n", "–")),
-                      str((values.get("selected") or {}).get("best_step", "–")), "–" if r.lr is None else f"{r.lr:g}"]
+                      str((values.get("selected") or {}).get("best_step", "–")), _lr(r)]
             lines.append("| " + " | ".join([r.group, task, r.base, f"{r.parameters / 1e6:,.1f} M", r.method,
                                             f"{r.trainable:,}", *cells, *cost]) + " |")
     return "\n".join(lines)
@@ -418,7 +423,6 @@ def curve_lines(rows: list[RunRow]) -> list[str]:
             kept = "–" if selected.get("best_step") is None else str(selected["best_step"])
             if selected and selected.get("selection", "best") == "best":  # runs before beyond_noise: the plain best
                 kept += " (plain best)"
-            lr = "–" if run.lr is None else f"{run.lr:g}"
-            lines.append(f"| {task} | {method} | {base} | {n} | {lr} | {kept} | {metric} "
+            lines.append(f"| {task} | {method} | {base} | {n} | {_lr(run)} | {kept} | {metric} "
                          f"{_with_interval(run.metrics[task], metric)} | {versus if i == len(points) - 1 else ''} |")
     return lines
