@@ -57,6 +57,12 @@ class HeadConfig:
     closed-form ridge fit on the hidden states at the function tag (initial tags) over the training set (a
     classifier: ridge on one-hot classes as logits, scaled on validation), then tune tags and head together
     (linear probing, then fine-tuning): short runs start where the probe ends."""
+    penalty: Literal["none", "probe"] = "none"
+    """Regression heads with init: probe only. probe: training adds the ridge penalty the probe's validation chose
+    (lambda * ||W||^2, lambda in the training loss's units, the bias free) to the head's loss, so the start is a
+    stationary point of the training objective: without it the head's mean gradient at the start points from the
+    ridge fit towards least squares, the fit validation rejected, and Adam takes full-rate steps along it. none:
+    plain MSE."""
 
 
 @dataclass
@@ -454,6 +460,10 @@ def validate(cfg: RunConfig) -> None:
                             f"field); got {tag.head.outputs} (make one task and head per label)")
         if tag.head and tag.head.type == "classification" and tag.head.outputs < 2:
             raise UserError(f"{where}.head.outputs: a classification head needs at least 2 classes")
+        if tag.head and tag.head.penalty == "probe" and (tag.head.type != "regression" or tag.head.init != "probe"):
+            # the classifier start (one-hot ridge scaled on validation) minimises no penalised cross-entropy
+            raise UserError(f"{where}.head.penalty: probe keeps a ridge probe's penalty; it needs type: regression "
+                            f"and init: probe (got type: {tag.head.type}, init: {tag.head.init})")
         if tag.init == "text" and not tag.init_text:
             raise UserError(f"{where}.init_text: init: text needs the text whose embeddings start the tag")
         if tag.kind != cfg.trained_kind and not (cfg.enrich and tag.kind == "domain"):

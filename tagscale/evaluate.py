@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -268,14 +268,28 @@ PENALTIES = 10.0 ** np.arange(-5.0, 3.5, 0.5)
 serves every base, whatever its hidden-state scale)."""
 
 
+def _penalty_scale(xc: np.ndarray) -> float:
+    """The unit of `PENALTIES`: the mean eigenvalue of the centred features' Gram matrix."""
+    return max(float(np.einsum("ij,ij->", xc, xc)) / xc.shape[1], 1e-12)
+
+
 def _ridge_solve(x: np.ndarray, target: np.ndarray, rows: np.ndarray, penalty: float) -> tuple[np.ndarray, np.ndarray]:
     """Ridge on the rows' centred features, for one target column or several (one-hot classes): (w, b)."""
     xm, ym = x[rows].mean(0), target[rows].mean(0)
     xc = x[rows] - xm
     gram = xc.T @ xc
-    scale = max(float(np.trace(gram)) / x.shape[1], 1e-12)
-    w = np.linalg.solve(gram + penalty * scale * np.eye(x.shape[1]), xc.T @ (target[rows] - ym))
+    w = np.linalg.solve(gram + penalty * _penalty_scale(xc) * np.eye(x.shape[1]), xc.T @ (target[rows] - ym))
     return w, ym - xm @ w
+
+
+class RidgeFit(NamedTuple):
+    """A regression probe: predictions x @ w + b; `penalty` is its lambda in mean-squared-error units, i.e. the fit
+    minimises mean((x @ w + b - y)^2) + penalty * ||w||^2 over its training rows (the same lambda holds for labels
+    standardised by their std, with w divided by it)."""
+
+    w: np.ndarray
+    b: float
+    penalty: float
 
 
 def _probe_rows(x: np.ndarray, target: np.ndarray, val_features: Optional[np.ndarray], val_target: Optional[np.ndarray],
@@ -289,10 +303,10 @@ def _probe_rows(x: np.ndarray, target: np.ndarray, val_features: Optional[np.nda
 
 
 def ridge_fit(features: np.ndarray, target: np.ndarray, val_features: Optional[np.ndarray] = None,
-              val_target: Optional[np.ndarray] = None, seed: int = 0) -> tuple[np.ndarray, float]:
+              val_target: Optional[np.ndarray] = None, seed: int = 0) -> RidgeFit:
     """Ridge regression on the centred features in their own units, fitted on the training rows, its penalty
     chosen from `PENALTIES` by the MSE on the validation rows (without them: on a seeded 20% hold-out of the
-    training rows, then refit on all of them). Returns (w, b).
+    training rows, then refit on all of them). Returns (w, b, penalty): `RidgeFit`.
 
     The features are not standardised: a hidden state has near-constant dimensions, and a ridge on standardised
     features gives them weights of 1/std, so a head started there (`init: probe`) turns the first small move of a
@@ -303,7 +317,7 @@ def ridge_fit(features: np.ndarray, target: np.ndarray, val_features: Optional[n
     best = min((float(np.mean((x_val @ w + b - y_val) ** 2)), p)
                for p in PENALTIES for w, b in [_ridge_solve(x, target, fit_rows, p)])
     w, b = _ridge_solve(x, target, np.arange(len(x)), best[1])
-    return w, float(b)
+    return RidgeFit(w, float(b), best[1] * _penalty_scale(x - x.mean(0)) / len(x))
 
 
 def ridge_classifier_fit(features: np.ndarray, labels: np.ndarray, classes: int,
@@ -374,7 +388,7 @@ def probe_metrics(cfg: RunConfig, probe_model: TaggedModel, train_sets: list[Eva
             results[test_set.task.name] = scored("classification", scores.argmax(1).tolist(), test_set,
                                                  cfg.evaluation.bootstrap, scores[:, 1].tolist() if head.outputs == 2 else None)
             continue
-        w, b = ridge_fit(x_train, labels, x_val, val_labels)
+        w, b, _ = ridge_fit(x_train, labels, x_val, val_labels)
         results[test_set.task.name] = scored("regression", (x_test @ w + b).tolist(), test_set,
                                              cfg.evaluation.bootstrap)
     return results
@@ -405,10 +419,12 @@ def start_heads_from_probe(cfg: RunConfig, model: TaggedModel, encoder: Encoder,
             dist.set_trainable(head.linear.weight, torch.tensor(w.T, dtype=torch.float32))
             dist.set_trainable(head.linear.bias, torch.tensor(b, dtype=torch.float32))
             continue
-        w, b = ridge_fit(features[tag.name], labels, val_features[tag.name], val_labels)
+        w, b, penalty = ridge_fit(features[tag.name], labels, val_features[tag.name], val_labels)
         mean, std = float(head.mean[0]), float(head.std[0])  # the head works in standardised label units
         dist.set_trainable(head.linear.weight, torch.tensor(w / std, dtype=torch.float32)[None])
         dist.set_trainable(head.linear.bias, torch.tensor([(b - mean) / std], dtype=torch.float32))
+        if tag.head.penalty == "probe":  # units-free: the same lambda for standardised labels and w / std
+            head.penalty = penalty
     if not cfg.evaluation.enabled:
         return before
     names = {t.name for t in starting}

@@ -44,10 +44,17 @@ class Head(nn.Module):
         nn.init.zeros_(self.linear.bias)
         self.register_buffer("mean", torch.zeros(spec.outputs))
         self.register_buffer("std", torch.ones(spec.outputs))
+        self.penalty = 0.0
+        """lambda of the training loss's lambda * ||W||^2 (head.penalty: probe sets it at the probe start; a plain
+        float, so no dtype cast of the engine's touches it)."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, d) -> (n, k) in standardised units (regression) or logits (classification)."""
         return self.linear(hidden.to(self.linear.weight.dtype))
+
+    def penalised(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(outputs, lambda * ||W||^2): the penalty is taken inside the module's call, where ZeRO-3 has gathered W."""
+        return self(hidden), self.penalty * self.linear.weight.float().pow(2).sum()
 
     def to_label_units(self, output: torch.Tensor) -> torch.Tensor:
         return output * self.std + self.mean if self.spec.type == "regression" else output.argmax(-1)
@@ -101,16 +108,20 @@ class TaggedModel(nn.Module):
             logits = torch.tanh(logits / softcap) * softcap
         return logits
 
-    def head_outputs(self, hidden: torch.Tensor, head_pos: torch.Tensor, head_index: torch.Tensor) -> list[torch.Tensor]:
-        """Each head's raw outputs on its own rows (every head is called, possibly on zero rows)."""
+    def head_outputs(self, hidden: torch.Tensor, head_pos: torch.Tensor, head_index: torch.Tensor,
+                     penalised: bool = False) -> list:
+        """Each head's raw outputs on its own rows (every head is called, possibly on zero rows); with
+        `penalised`, (outputs, weight penalty) pairs (`Head.penalised`)."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return [head(hidden[rows[head_index == j], head_pos[head_index == j]]) for j, head in enumerate(self.heads)]
+        return [(head.penalised if penalised else head)(hidden[rows[head_index == j], head_pos[head_index == j]])
+                for j, head in enumerate(self.heads)]
 
     # -- training loss ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 lm_targets: torch.Tensor, head_pos: torch.Tensor, head_index: torch.Tensor,
                 head_target: torch.Tensor, prefix_len: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Text: cross-entropy on target tokens only, logits computed only there. Heads: MSE or CE per head.
+        """Text: cross-entropy on target tokens only, logits computed only there. Heads: MSE or CE per head, plus
+        a head's weight penalty (`Head.penalty`, head.penalty: probe) in the total.
 
         lm_targets[b, t] is the token to predict from position t (IGNORE elsewhere); head_pos[b] is the
         position of the last vector of example b's function tag and head_index[b] its head (-1: none).
@@ -129,7 +140,7 @@ class TaggedModel(nn.Module):
             losses["text"] = ce_sum / at_target.sum().clamp(min=1)
             counts["text"] = int(at_target.sum())
             total = total + losses["text"]
-        for j, output in enumerate(self.head_outputs(hidden, head_pos, head_index)):
+        for j, (output, penalty) in enumerate(self.head_outputs(hidden, head_pos, head_index, penalised=True)):
             spec = self.heads[j].spec
             target = head_target[head_index == j]
             if spec.type == "regression":
@@ -139,7 +150,10 @@ class TaggedModel(nn.Module):
                 loss_sum = F.cross_entropy(output.float(), target[:, 0].long(), reduction="sum")
             losses[spec.tag] = loss_sum / max(int(target.shape[0]), 1)
             counts[spec.tag] = int(target.shape[0])
-            total = total + losses[spec.tag]
+            # the penalty goes with the head's rows (in a mixture, a micro-batch without them leaves the head
+            # alone), so the objective stays the probe's: mean squared error + lambda ||W||^2; it is in the total
+            # ("loss"), not in the head's logged data loss
+            total = total + losses[spec.tag] + (penalty if target.shape[0] else 0.0)
         self.last_losses = {k: float(v.detach()) for k, v in losses.items()}
         self.last_counts = counts
         return total

@@ -222,6 +222,8 @@ def run(args: argparse.Namespace, cfg: RunConfig, stop: StopFlag, previous: dict
         if "rng" in state:  # absent from checkpoints written before RNG states were saved
             dist.restore_rng_states(state["rng"])
         start = state["step"]
+        for head, penalty in zip(session.model.heads, state.get("head_penalties", [])):
+            head.penalty = penalty  # set at the probe start, which a resumed run does not repeat
         if "selection" in state:
             session.selector.load_state_dict(state["selection"])
         if dist.is_main():
@@ -240,10 +242,12 @@ def run(args: argparse.Namespace, cfg: RunConfig, stop: StopFlag, previous: dict
 
 def save_checkpoint(s: Session, step: int) -> None:
     """A resumable checkpoint: trainables, Adam state, scheduler, every rank's RNG states, step (the data
-    position: batches are a function of the step), the selection so far; world-size independent. Collective."""
+    position: batches are a function of the step), the selection so far, the heads' weight penalties;
+    world-size independent. Collective."""
     cfg = s.cfg
     state = {"engine": dist.portable_state(s.engine), "rng": dist.all_gather_objects(dist.rng_state()), "step": step,
-             "world_size": dist.world_size(), "selection": s.selector.state_dict()}
+             "world_size": dist.world_size(), "selection": s.selector.state_dict(),
+             "head_penalties": [head.penalty for head in s.model.heads]}
     if dist.is_main():
         runs.write_checkpoint(Path(cfg.output.dir), step, state, cfg.train.keep_checkpoints)
     dist.barrier()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from conftest import train
+from conftest import metrics, train
 from tagscale.data import Encoder, validation_split
 from tagscale.records import read_records
 from tagscale.config import DataConfig
@@ -39,10 +39,11 @@ def features_by_hand(base, tag: torch.Tensor, records: list[dict], template: str
     return np.stack(out)
 
 
-def ridge_by_lstsq(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray) -> tuple[np.ndarray, float]:
+def ridge_by_lstsq(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray) -> tuple[np.ndarray, float, float]:
     """The documented probe, solved another way: for each penalty of the grid, ridge with an unpenalised intercept
     as one least-squares problem on the augmented system [x 1; sqrt(a) I 0] [w; b] = [y; 0], a = penalty x the
-    mean per-feature sum of squares of the centred features; the penalty with the lowest validation MSE wins."""
+    mean per-feature sum of squares of the centred features; the penalty with the lowest validation MSE wins.
+    Returns (w, b, a / n): the fit minimises mean((x w + b - y)^2) + (a / n) ||w||^2."""
     n, d = x.shape
     scale = max(float(((x - x.mean(0)) ** 2).sum()) / d, 1e-12)
     fits = []
@@ -51,9 +52,9 @@ def ridge_by_lstsq(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.nd
                             np.hstack([np.sqrt(penalty * scale) * np.eye(d), np.zeros((d, 1))])])
         solution = np.linalg.lstsq(system, np.concatenate([y, np.zeros(d)]), rcond=None)[0]
         w, b = solution[:d], float(solution[d])
-        fits.append((float(np.mean((x_val @ w + b - y_val) ** 2)), w, b))
-    _, w, b = min(fits, key=lambda fit: fit[0])
-    return w, b
+        fits.append((float(np.mean((x_val @ w + b - y_val) ** 2)), w, b, penalty * scale / n))
+    _, w, b, penalty = min(fits, key=lambda fit: fit[0])
+    return w, b, penalty
 
 
 def test_head_starts_at_the_probe_fit(tiny_base, tmp_path):
@@ -66,7 +67,7 @@ def test_head_starts_at_the_probe_fit(tiny_base, tmp_path):
     features = features_by_hand(tiny_base, load_file(str(run / "tags.safetensors"))["<Count>"], records)
     keep, held = validation_split(len(records), 0.1, 200, 0, 0)  # the run's default validation split
     assert len(held) == round(0.1 * len(records)) and not set(keep) & set(held)
-    w, b = ridge_by_lstsq(features[keep], y[keep], features[held], y[held])  # penalty chosen on validation
+    w, b, _ = ridge_by_lstsq(features[keep], y[keep], features[held], y[held])  # penalty chosen on validation
     reference = features @ w + b
 
     heads = load_file(str(run / "heads.safetensors"))
@@ -78,6 +79,37 @@ def test_head_starts_at_the_probe_fit(tiny_base, tmp_path):
     baselines = json.loads((run / "eval_baselines.json").read_text())["count"]
     assert abs(baselines["linear probe (start)"]["mse"] - float(np.mean((reference - y) ** 2))) <= 1e-6
     assert baselines["linear probe (start)"]["mse"] < baselines["initial"]["mse"]
+
+
+def test_probe_penalty_makes_the_start_a_stationary_point_of_training(tiny_base, tmp_path):
+    """`head.penalty: probe`: training adds the probe's own ridge penalty (lambda ||W||^2, lambda in MSE units)
+    to the head's loss, so at the probe start the gradient of the training objective with respect to the head is
+    zero; without it the gradient points from the ridge fit towards least squares. Reference: lambda from the
+    lstsq-solved probe, gradients by hand in numpy on hand-built hidden states; the trainer's logged step-1 loss
+    is its data loss + lambda ||W||^2 of the saved head."""
+    run = tmp_path / "run"
+    train("tests/recipes/tiny_head.yaml", "tags.0.head.init=probe", "tags.0.head.penalty=probe", f"output.dir={run}",
+          "train.steps=1", "train.lr=1e-12", "train.head_lr=1e-12")
+    records = read_records(DataConfig(path=DATA), "test", "train")
+    y = np.array([r["y"] for r in records])
+    x = features_by_hand(tiny_base, load_file(str(run / "tags.safetensors"))["<Count>"], records).astype(np.float64)
+    keep, held = validation_split(len(records), 0.1, 200, 0, 0)
+    _, _, penalty = ridge_by_lstsq(x[keep], y[keep], x[held], y[held])
+    recorded = json.loads((run / "run.json").read_text())["heads"]["<Count>"]["penalty"]
+    assert penalty > 0 and abs(recorded - penalty) <= 1e-6 * penalty
+
+    heads = load_file(str(run / "heads.safetensors"))
+    w, b = heads["<Count>.weight"][0].double().numpy(), float(heads["<Count>.bias"])
+    scaled = (y[keep] - float(heads["<Count>.mean"])) / float(heads["<Count>.std"])  # the head's units
+    residual = x[keep] @ w + b - scaled
+    plain = 2 * x[keep].T @ residual / len(keep)  # d/dW of the mean squared error alone
+    penalised = plain + 2 * recorded * w
+    # stationary with the penalty, not without (what is left: float32 heads and hidden states)
+    assert np.linalg.norm(penalised) <= 1e-2 * np.linalg.norm(plain)
+    assert abs(residual.mean()) <= 1e-4 * np.abs(residual).mean()  # the free bias is at its optimum too
+
+    step = [m for m in metrics(run) if "loss" in m][0]
+    assert abs(step["loss"] - step["loss/<Count>"] - recorded * float(w @ w)) <= 1e-5 * step["loss"]
 
 
 def test_classification_head_starts_at_the_probe_classifier(tiny_base, tmp_path):

@@ -129,6 +129,22 @@ def test_kill_9_then_rerun_resumes_exactly(reference, tmp_path, kill_after, rank
     assert assert_resumed_exactly(out, reference, resumed_at, log, ranks) <= EXACT
 
 
+def test_a_probe_penalty_head_resumes_exactly(tmp_path):
+    """The head's weight penalty (head.penalty: probe) is set at the probe start, which a resumed run skips: the
+    checkpoint carries it, so a run killed after step 3 and rerun ends where an uninterrupted one does."""
+    probe = ["tags.0.head.init=probe", "tags.0.head.penalty=probe"]
+    whole = tmp_path / "whole"
+    train(RECIPE, f"output.dir={whole}", *probe)
+    out = tmp_path / "run"
+    proc = launch(out, *probe)
+    wait_for(checkpoint(out, 3) / "COMPLETE", proc)
+    kill_group(proc)
+    resumed_at = complete_steps(out)[-1]
+    log = train(RECIPE, f"output.dir={out}", "train.save_every=1", *probe).stdout
+    assert json.loads((out / "run.json").read_text())["heads"]["<Count>"]["penalty"] > 0
+    assert assert_resumed_exactly(out, whole, resumed_at, log) <= EXACT
+
+
 def test_kill_during_checkpoint_write_keeps_the_previous_one(reference, tmp_path):
     """SIGKILL while step 4's checkpoint is half written: step 3's is intact, and the rerun resumes from it."""
     out = tmp_path / "run"
