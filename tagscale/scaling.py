@@ -62,6 +62,7 @@ class RunRow:
     lr: Optional[float] = None  # the tags' peak learning rate (train.lr; None for the expert, which has none)
     val_score: Optional[float] = None  # run.json selection.val_score: the kept step's validation gain over step 0
     root: str = ""  # the sweep root the run folder was read from
+    head_penalty: bool = False  # a head trained with its probe's ridge penalty (head.penalty: probe)
 
 
 def _median_after_first(values: list[float]) -> Optional[float]:
@@ -140,7 +141,8 @@ def read_run(run_dir: Path, out: Path) -> Optional[RunRow]:
         validation=[r for r in records if "val_score" in r], zero_stage=(meta.get("deepspeed") or {}).get("zero_stage"),
         train_examples=train_examples(meta),
         lr=None if config.get("method") == "expert" else config.get("train", {}).get("lr"),
-        val_score=(meta.get("selection") or {}).get("val_score"), root=str(out))
+        val_score=(meta.get("selection") or {}).get("val_score"), root=str(out),
+        head_penalty=any((t.get("head") or {}).get("penalty") == "probe" for t in config.get("tags", [])))
 
 
 def _order(rows: list[RunRow]) -> list[RunRow]:
@@ -173,12 +175,12 @@ def choose_settings(roots: list[list[RunRow]]) -> tuple[list[RunRow], list[str]]
         if len(candidates) > 1:
             for r in candidates:
                 kept = next((m.get("selected", {}).get("best_step") for m in r.metrics.values()), None)
-                lines.append(f"| {' | '.join(key)} | {_lr(r)} | "
+                lines.append(f"| {' | '.join(key)} | {_lr(r)} | {r.steps} | {'probe' if r.head_penalty else 'none'} | "
                              f"{'–' if kept is None else kept} | {_fmt(r.val_score)} | {shown(r.root)} | "
                              f"{'**chosen**' if r is best else ''} |")
     if lines:
-        lines = ["| group | method | base | tag lr | kept step | validation score | root | |",
-                 "|---|---|---|---:|---:|---:|---|---|", *lines]
+        lines = ["| group | method | base | tag lr | steps | head penalty | kept step | validation score | root | |",
+                 "|---|---|---|---:|---:|---|---:|---:|---|---|", *lines]
     return _order(chosen), lines
 
 

@@ -97,7 +97,7 @@ def test_sweep_runs_every_method_and_reports(tmp_path):
     text = (report / "report.md").read_text()
     settings = [line for line in text.split("## Settings chosen on validation")[1].splitlines()
                 if line.startswith("| scaling_tiny | tag_llm | tiny |")]
-    assert [line.split(" | ")[3] for line in settings] == ["0.01", "0.05"]  # every candidate, in root order
+    assert [line.split(" | ")[3:6] for line in settings] == [["0.01", "2", "none"], ["0.05", "2", "none"]]  # in root order
     assert [line.endswith("**chosen** |") for line in settings] == [winner == 0, winner == 1]
     runs = [line.split(" | ") for line in text.split("## Runs")[1].split("## Settings")[0].splitlines()
             if line.startswith("| scaling_tiny |")]
@@ -121,6 +121,10 @@ def test_settings_are_chosen_by_validation_score():
     assert {(r.method, r.root) for r in chosen} == {("tag_llm", "b"), ("prompt_tuning", "a"), ("linear_probe", "a"),
                                                      ("expert", "b")}
     assert len(lines) == 2 + 4 and sum("**chosen**" in line for line in lines) == 2  # two choices of two each
+    longer = row("tag_llm", 1e-5, 0.01, "c")
+    longer.steps, longer.head_penalty = 240, True
+    _, lines = choose_settings([first, [longer]])
+    assert "| g | tag_llm | b | 1e-05 | 240 | probe |" in lines[3]  # what differs between settings is in the row
     chosen, _ = choose_settings([[row("tag_llm", 1e-4, None, "a")], [row("tag_llm", 1e-5, -0.1, "b")]])
     assert chosen[0].root == "b"  # a score beats no score
 
