@@ -171,16 +171,29 @@ def paired_difference(metric_fn, key: str, columns_a: Sequence[Sequence], column
                       resamples: int = 1000, seed: int = 0) -> dict:
     """metric(a) - metric(b) on the same examples, with a 95% paired-bootstrap interval (each resample draws the
     same examples for both): whether two models differ beyond the noise of the test set."""
-    def diff(*cols) -> float:
-        half = len(cols) // 2
-        return float(metric_fn(*cols[:half])[key]) - float(metric_fn(*cols[half:])[key])
+    return paired_contrast(metric_fn, key, [(1.0, columns_a), (-1.0, columns_b)], resamples=resamples, seed=seed)
 
-    columns = list(columns_a) + list(columns_b)
-    n = len(columns[0])
-    value = diff(*columns)
+
+def paired_contrast(metric_fn, key: str, groups: Sequence[tuple[float, Sequence[Sequence]]],
+                    resamples: int = 1000, seed: int = 0) -> dict:
+    """sum(weight * metric(columns)) over (weight, columns) groups scored on the same examples, with a 95%
+    paired-bootstrap interval: each resample draws the same examples for every group. With weights (+1, -1) it is
+    a difference of two models; with (+1, -1, -1, +1) the change of a gap between two pairs of models, e.g. how
+    Tag-LLM's gap to its best rival moves from one base to the next (the test examples are shared, so the
+    resamples keep every correlation between the four)."""
+    sizes = {len(columns[0]) for _, columns in groups}
+    if len(sizes) != 1:
+        raise ValueError(f"paired_contrast needs the same examples in every group, got sizes {sorted(sizes)}")
+
+    def contrast(cols: list[list]) -> float:
+        return sum(w * float(metric_fn(*c)[key]) for (w, _), c in zip(groups, cols))
+
+    value = contrast([list(columns) for _, columns in groups])
+    n = sizes.pop()
     if n < 2 or resamples <= 0:
         return {"metric": key, "diff": value, "ci95": None}
-    draws = [diff(*(_take(c, rows) for c in columns)) for rows in _resample_indices(n, resamples, seed)]
+    draws = [contrast([[_take(c, rows) for c in columns] for _, columns in groups])
+             for rows in _resample_indices(n, resamples, seed)]
     return {"metric": key, "diff": value, "ci95": _percentile_interval(draws)}
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from tagscale.metrics import classification_metrics, paired_difference, regression_metrics
+from tagscale.metrics import classification_metrics, paired_contrast, paired_difference, regression_metrics
 
 METHODS = ("tag_llm", "prompt_tuning", "linear_probe", "expert")
 """`expert` uses no LLM: its run folder sits under each base like the others' (expert/<base name>/), its row has 0
@@ -290,8 +290,22 @@ def compare(a: dict, b: dict, metric: str, resamples: int = 1000) -> Optional[di
     cols_a, cols_b = _columns(a), _columns(b)
     if cols_a is None or cols_b is None or cols_a[1] != cols_b[1]:
         return None
-    fn = regression_metrics if metric in ("mse", "mae", "r2") else classification_metrics
-    return paired_difference(fn, metric, cols_a, cols_b, resamples=resamples)
+    return paired_difference(_metric_fn(metric), metric, cols_a, cols_b, resamples=resamples)
+
+
+def _metric_fn(metric: str):
+    return regression_metrics if metric in ("mse", "mae", "r2") else classification_metrics
+
+
+def compare_gaps(ours_first: dict, rival_first: dict, ours_last: dict, rival_last: dict, metric: str,
+                 resamples: int = 1000) -> Optional[dict]:
+    """How a gap moves: (ours_last - rival_last) - (ours_first - rival_first), with its paired 95% interval, when
+    all four hold per-example outputs on the same targets (the same test split at both bases)."""
+    columns = [_columns(m) for m in (ours_last, rival_last, ours_first, rival_first)]
+    if any(c is None or c[1] != columns[0][1] for c in columns):
+        return None
+    return paired_contrast(_metric_fn(metric), metric, list(zip((1.0, -1.0, -1.0, 1.0), columns)),
+                           resamples=resamples)
 
 
 def _verdict(diff: Optional[dict], lower_better: bool) -> str:
@@ -321,6 +335,24 @@ def _tag_llm_against(here: dict, metric: str, lower: bool) -> list[str]:
         parts.append(f"tag_llm kept step {kept['best_step']} of {kept.get('steps', '?')}"
                      + (" (validation never beat its start)" if kept["best_step"] == 0 else ""))
     return parts
+
+
+def _gap_trend(first: tuple, last: tuple, metric: str, bases: int) -> str:
+    """Tag-LLM's gap to its best rival at the smallest and the largest base, and whether it moved beyond the noise
+    of the shared test set (a paired interval on the change of the gap)."""
+    lower = LOWER_IS_BETTER[metric]
+    (base_a, rival_a, gap_a, ours_a, theirs_a), (base_b, rival_b, gap_b, ours_b, theirs_b) = first, last
+    text = (f"Tag-LLM minus the best other method: {base_a} {gap_a['diff']:+.4f} ({rival_a}) -> "
+            f"{base_b} {gap_b['diff']:+.4f} ({rival_b})")
+    change = compare_gaps(ours_a, theirs_a, ours_b, theirs_b, metric)
+    if not change or change.get("ci95") is None:
+        return text + ": no paired interval on the change (the bases' test examples differ)"
+    low, high = change["ci95"]
+    verdict = {"clearly better": "Tag-LLM gains on its rival with size, beyond the noise",
+               "clearly worse": "Tag-LLM falls further behind with size, beyond the noise",
+               "not distinguishable": "the gap does not move beyond the noise"}[_verdict(change, lower)]
+    return (text + f"; change {change['diff']:+.4f} [{low:+.4f}, {high:+.4f}]: {verdict} "
+            f"({bases} bases show a direction, not a law)")
 
 
 def finding(runs: list[dict], formula_tasks: tuple[str, ...] = ()) -> list[str]:
@@ -370,16 +402,10 @@ def finding(runs: list[dict], formula_tasks: tuple[str, ...] = ()) -> list[str]:
                 rival_name, rival = min(others, key=lambda kv: kv[1][metric] if lower else -kv[1][metric])
                 diff = compare(here["tag_llm"], rival, metric)
                 if diff:
-                    gaps.append((parameters, base, rival_name, diff))
+                    gaps.append((base, rival_name, diff, here["tag_llm"], rival))
             lines.append("  - " + "; ".join(parts))
         if len(gaps) > 1:
-            first, last = gaps[0], gaps[-1]
-            lower = LOWER_IS_BETTER[headline(entries[0]["metrics"][task])]
-            better = (lambda d: -d) if lower else (lambda d: d)
-            trend = "grows" if better(last[3]["diff"]) > better(first[3]["diff"]) else "shrinks"
-            lines.append(f"  - Tag-LLM minus the best other method: {first[1]} {first[3]['diff']:+.4f} ({first[2]}) -> "
-                         f"{last[1]} {last[3]['diff']:+.4f} ({last[2]}): Tag-LLM's advantage {trend} with size "
-                         f"over these {len(gaps)} bases (two points show a direction, not a law)")
+            lines.append("  - " + _gap_trend(gaps[0], gaps[-1], headline(entries[0]["metrics"][task]), len(gaps)))
     return lines
 
 

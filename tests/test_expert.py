@@ -298,3 +298,32 @@ def test_expert_rows_in_the_sweep_results_and_finding():
     expert = {**exp, "metrics": {"bbbp": acc([0, 1, 1, 1])}, "initial": {"bbbp": acc([1, 1, 1, 1])}}  # majority
     bars = [r for r in result_rows([probe, expert]) if r["method"] == "mean"]
     assert [(r["metric"], r["value"]) for r in bars] == [("accuracy", 0.75)]  # the majority class, not class 0
+
+
+def test_the_finding_says_whether_tag_llms_gap_moves_with_size_beyond_the_noise():
+    """The trend line: Tag-LLM's gap to its best rival at the smallest and the largest base, and a paired interval
+    on its change (the same test examples at both bases): a move beyond the noise is named, one within is not, and
+    test sets that differ between bases give no interval rather than a verdict."""
+    from tagscale.scaling import finding
+
+    rng = np.random.default_rng(0)
+    targets = rng.normal(size=300).tolist()
+
+    def metrics(noise, targets=targets):
+        outputs = (np.array(targets) + noise * rng.normal(size=len(targets))).tolist()
+        return {"mse": float(np.mean((np.array(outputs) - targets) ** 2)), "ci95": {"mse": [0.0, 9.0]},
+                "outputs": outputs, "targets": targets}
+
+    def run(base, parameters, method, m):
+        return {"base": base, "parameters": parameters, "method": method, "metrics": {"qm9_gap": m}}
+
+    expert = run("small", 0, "expert", metrics(0.3))
+    same_tags = metrics(0.6)
+    moved = finding([expert, run("small", 1e8, "tag_llm", same_tags), run("large", 2e8, "tag_llm", metrics(0.9))])
+    assert "Tag-LLM falls further behind with size, beyond the noise" in moved[-1]
+    still = finding([expert, run("small", 1e8, "tag_llm", same_tags), run("large", 2e8, "tag_llm", same_tags)])
+    assert "change +0.0000 [" in still[-1] and "the gap does not move beyond the noise" in still[-1]
+    other = metrics(0.6, rng.normal(size=300).tolist())
+    apart = finding([run("small", 1e8, "tag_llm", same_tags), run("small", 1e8, "linear_probe", metrics(0.7)),
+                     run("large", 2e8, "tag_llm", other), run("large", 2e8, "linear_probe", other)])
+    assert apart[-1].endswith("no paired interval on the change (the bases' test examples differ)")

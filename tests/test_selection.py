@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from conftest import metrics, tags_of, train, validations
 from tagscale.data import validation_split
-from tagscale.metrics import classification_metrics, paired_difference, regression_metrics, with_intervals
+from tagscale.metrics import (classification_metrics, paired_contrast, paired_difference, regression_metrics,
+                              with_intervals)
 
 DATA = "tests/data/fixture_protein_count.jsonl"
 
@@ -266,6 +267,28 @@ def test_paired_difference_separates_a_better_model_and_not_an_equal_one():
     interval = with_intervals(regression_metrics, good.tolist(), target.tolist(), resamples=300)["ci95"]["mse"]
     assert interval[0] < np.mean((good - target) ** 2) < interval[1]
     assert math.isfinite(interval[0]) and interval[1] - interval[0] < 0.05
+
+
+def test_the_change_of_a_gap_is_one_paired_bootstrap_over_the_four_models():
+    """paired_contrast (+1, -1, -1, +1): (a2 - b2) - (a1 - b1) on shared examples. Its value is the four MSEs by
+    hand; with the same rival at both ends it reduces to a2 - a1, and then its interval is paired_difference's
+    (the same resampled examples)."""
+    rng = np.random.default_rng(1)
+    target = rng.normal(size=200)
+    a1, a2, b1, b2 = (target + s * rng.normal(size=200) for s in (0.5, 0.3, 0.4, 0.4))
+    mse = lambda p: float(np.mean((p - target) ** 2))
+    group = lambda w, p: (w, [p.tolist(), target.tolist()])
+    change = paired_contrast(regression_metrics, "mse", [group(1, a2), group(-1, b2), group(-1, a1), group(1, b1)],
+                             resamples=200)
+    assert change["diff"] == pytest.approx((mse(a2) - mse(b2)) - (mse(a1) - mse(b1)))
+    assert change["ci95"][1] < 0  # a's gap to b narrowed from 0.25 - 0.16 to 0.09 - 0.16, beyond the noise
+    same_rival = paired_contrast(regression_metrics, "mse", [group(1, a2), group(-1, b1), group(-1, a1), group(1, b1)],
+                                 resamples=200)
+    direct = paired_difference(regression_metrics, "mse", [a2, target], [a1, target], resamples=200)
+    assert same_rival["diff"] == pytest.approx(direct["diff"])
+    assert same_rival["ci95"] == pytest.approx(direct["ci95"])
+    with pytest.raises(ValueError, match="same examples"):
+        paired_contrast(regression_metrics, "mse", [group(1, a1), (-1, [a1[:10], target[:10]])])
 
 
 def test_next_token_and_text_tasks_are_validated_by_loss_and_chrf(tmp_path):
