@@ -255,7 +255,9 @@ def result_rows(runs: list[dict]) -> list[dict]:
     task and base (the training-label mean; the majority class for a classification task): {task, base, parameters, method, metric, value, ci_low, ci_high, n_test, seeds, best_step,
     steps, trainable, tokens_per_s}."""
     out, means = [], {}
-    # the expert's own `initial` (the same training-label mean) stands in only where no LLM run gives the mean row
+    # the expert's own `initial` (the same training-label mean, or the majority class) stands in on every base where
+    # no LLM run gives the mean row: like the expert itself it uses no base
+    bases = {(task, r["base"]): r["parameters"] for r in runs if r["method"] != "expert" for task in r.get("metrics", {})}
     for run in sorted(runs, key=lambda r: r["method"] == "expert"):
         for task, metrics in run.get("metrics", {}).items():
             metric = headline(metrics)
@@ -269,13 +271,17 @@ def result_rows(runs: list[dict]) -> list[dict]:
                         "steps": run.get("steps"), "trainable": run.get("trainable"),
                         "tokens_per_s": run.get("tokens_per_s")})
             start = run.get("initial", {}).get(task)
-            if start and gives_bar(run, metric) and (task, run["base"]) not in means:
-                interval = (start.get("ci95") or {}).get(metric) or [None, None]
-                means[(task, run["base"])] = {
-                    "task": task, "base": run["base"], "parameters": run["parameters"], "method": "mean",
+            if not (start and gives_bar(run, metric)):
+                continue
+            interval = (start.get("ci95") or {}).get(metric) or [None, None]
+            on = [(run["base"], run["parameters"])] if run["method"] != "expert" else \
+                [(b, n) for (t, b), n in bases.items() if t == task] or [(run["base"], run["parameters"])]
+            for base, parameters in on:
+                means.setdefault((task, base), {
+                    "task": task, "base": base, "parameters": parameters, "method": "mean",
                     "metric": metric, "value": start[metric], "ci_low": interval[0], "ci_high": interval[1],
                     "n_test": start.get("n"), "seeds": 1, "best_step": None, "steps": 0, "trainable": 0,
-                    "tokens_per_s": None}
+                    "tokens_per_s": None})
     return out + list(means.values())
 
 
@@ -376,8 +382,8 @@ def finding(runs: list[dict], formula_tasks: tuple[str, ...] = ()) -> list[str]:
             metric = headline(next(iter(here.values())))
             if metric is None:
                 continue
-            start = next((r["initial"][task] for r in with_base + experts if r["base"] == base
-                          and task in r.get("initial", {}) and gives_bar(r, metric)), None)
+            start = next((r["initial"][task] for r in [r for r in with_base if r["base"] == base] + experts
+                          if task in r.get("initial", {}) and gives_bar(r, metric)), None)  # the expert's: any base
             lower = LOWER_IS_BETTER[metric]
             if start is not None and start.get(metric) is not None:
                 here = here | {"mean": start}

@@ -298,6 +298,14 @@ def test_expert_rows_in_the_sweep_results_and_finding():
     expert = {**exp, "metrics": {"bbbp": acc([0, 1, 1, 1])}, "initial": {"bbbp": acc([1, 1, 1, 1])}}  # majority
     bars = [r for r in result_rows([probe, expert]) if r["method"] == "mean"]
     assert [(r["metric"], r["value"]) for r in bars] == [("accuracy", 0.75)]  # the majority class, not class 0
+    # the majority-class bar is base-free like the expert: every base with an LLM run gets its mean row, and the
+    # finding compares against it there too
+    larger = {**probe, "base": "gemma3-270m", "parameters": 268_098_176}
+    bars = [r for r in result_rows([probe, larger, expert]) if r["method"] == "mean"]
+    assert sorted((r["base"], r["parameters"], r["value"]) for r in bars) == \
+        [("gemma3-270m", 268_098_176, 0.75), ("smollm2-135m", 134_515_585, 0.75)]
+    text = finding([probe, larger, expert])
+    assert all("vs mean:" in line for line in text if "(135 M)" in line or "(268 M)" in line)
 
 
 def test_the_finding_says_whether_tag_llms_gap_moves_with_size_beyond_the_noise():
