@@ -41,6 +41,14 @@ def _plain_log_ticks(ax, matplotlib) -> None:
 _COLORS = {"tag_llm": "tab:blue", "prompt_tuning": "tab:orange", "linear_probe": "tab:green", "expert": "tab:red"}
 
 
+def plotted_metrics(rows: list[RunRow], task: str) -> tuple[str, ...]:
+    """The metrics metrics.png draws for a task, one panel each: rank correlation, R² and MSE for regression;
+    ROC-AUC and accuracy for classification."""
+    if any(r.metrics.get(task, {}).get("accuracy") is not None for r in rows):
+        return ("roc_auc", "accuracy")
+    return ("spearman", "r2", "mse")
+
+
 def plots(rows: list[RunRow], folder: Path) -> list[str]:
     """metrics.png: each task's metrics against parameter count, one line per method; cost.png: tokens/s, step
     time and peak memory against parameter count (task runs per method, and the random-init cost-curve runs)."""
@@ -53,10 +61,11 @@ def plots(rows: list[RunRow], folder: Path) -> list[str]:
     made = []
     tasks = sorted({t for r in rows for t in r.metrics})
     if tasks:
-        shown = ("spearman", "r2", "mse")
-        fig, axes = plt.subplots(len(shown), len(tasks), figsize=(max(4.5 * len(tasks), 6.5), 3.0 * len(shown)),
-                                 squeeze=False)
+        fig, axes = plt.subplots(3, len(tasks), figsize=(max(4.5 * len(tasks), 6.5), 9.0), squeeze=False)
         for col, task in enumerate(tasks):
+            shown = plotted_metrics(rows, task)
+            for ax in axes[len(shown):, col]:
+                ax.axis("off")
             for row_i, metric in enumerate(shown):
                 ax = axes[row_i][col]
                 shown_methods = sorted({r.method for r in rows}, key=lambda m: METHODS.index(m) if m in METHODS else 9)
@@ -79,6 +88,11 @@ def plots(rows: list[RunRow], folder: Path) -> list[str]:
                 if start:  # before training the head predicts the training mean: the bar every method must beat
                     ax.plot([p[0] for p in start], [p[1] for p in start], "x:", color="grey",
                             label="before training (mean)")
+                majority = [r.initial[task][metric] for r in rows if metric == "accuracy" and r.method == "expert"
+                            and r.initial.get(task, {}).get(metric) is not None]
+                if majority:  # the training majority class (the expert's start): the classification bar
+                    ax.axhline(majority[0], color="grey", linestyle=":", label="majority class")
+                if start or majority:
                     ax.legend(fontsize=7)
                 ax.set_xscale("log")
                 _size_ticks(ax, [r.parameters for r in rows if task in r.metrics and r.parameters > 0], matplotlib)
@@ -86,7 +100,6 @@ def plots(rows: list[RunRow], folder: Path) -> list[str]:
                 ax.grid(alpha=0.3)
                 if row_i == len(shown) - 1:
                     ax.set_xlabel("base parameters")
-        axes[0][0].legend(fontsize=8)
         fig.suptitle("Test-set metrics against base size", fontsize=11)
         fig.tight_layout()
         fig.savefig(folder / "metrics.png", dpi=110)

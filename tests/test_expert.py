@@ -335,3 +335,36 @@ def test_the_finding_says_whether_tag_llms_gap_moves_with_size_beyond_the_noise(
     apart = finding([run("small", 1e8, "tag_llm", same_tags), run("small", 1e8, "linear_probe", metrics(0.7)),
                      run("large", 2e8, "tag_llm", other), run("large", 2e8, "linear_probe", other)])
     assert apart[-1].endswith("no paired interval on the change (the bases' test examples differ)")
+
+
+def test_metrics_plot_draws_a_classification_task_by_roc_auc_and_accuracy(tmp_path, monkeypatch):
+    """metrics.png gives a classification task its own metrics (ROC-AUC, accuracy, and the majority-class bar)
+    rather than the regression panels it has no values for; a regression task keeps rank correlation, R² and MSE."""
+    from tagscale.report import plots, plotted_metrics
+    from tagscale.scaling import RunRow
+
+    def row(method, base, parameters, task, metrics, initial=None):
+        return RunRow(group="g", method=method, base=base, source="", parameters=parameters, random_init=False,
+                      trainable=1, steps=1, tokens_per_s=None, step_s=None, peak_rss_bytes=None,
+                      peak_accel_bytes=None, world_size=1, skipped_too_long={}, metrics={task: metrics},
+                      initial={task: initial or {}})
+
+    rows = [row("expert", "small", 0, "bbbp", {"accuracy": 0.8, "roc_auc": 0.85}, {"accuracy": 0.7}),
+            row("tag_llm", "small", 10**8, "bbbp", {"accuracy": 0.75, "roc_auc": 0.8}),
+            row("tag_llm", "large", 2 * 10**8, "bbbp", {"accuracy": 0.77, "roc_auc": 0.82}),
+            row("tag_llm", "small", 10**8, "qed", {"mse": 0.01, "r2": 0.2, "spearman": 0.4}, {"mse": 0.02})]
+    assert plotted_metrics(rows, "bbbp") == ("roc_auc", "accuracy")
+    assert plotted_metrics(rows, "qed") == ("spearman", "r2", "mse")
+
+    import matplotlib.pyplot as plt
+    drawn = {}
+    save = plt.Figure.savefig
+
+    def capture(fig, path, **kw):  # read the figure's panels as it is saved
+        drawn.update({ax.get_title(): (len(ax.lines), ax.get_legend() is not None) for ax in fig.axes if ax.axison})
+        return save(fig, path, **kw)
+    monkeypatch.setattr(plt.Figure, "savefig", capture)
+    assert "metrics.png" in plots(rows, tmp_path)
+    assert drawn["bbbp: accuracy"][0] >= 3 and drawn["bbbp: accuracy"][1]  # expert, majority bar, tag_llm; legend
+    assert drawn["bbbp: roc_auc"][0] >= 2 and "bbbp: spearman" not in drawn
+    assert drawn["qed: mse (lower is better)"][0] >= 2
