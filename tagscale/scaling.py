@@ -274,9 +274,9 @@ def result_rows(runs: list[dict]) -> list[dict]:
             if not (start and gives_bar(run, metric)):
                 continue
             interval = (start.get("ci95") or {}).get(metric) or [None, None]
-            on = [(run["base"], run["parameters"])] if run["method"] != "expert" else \
+            bar_bases = [(run["base"], run["parameters"])] if run["method"] != "expert" else \
                 [(b, n) for (t, b), n in bases.items() if t == task] or [(run["base"], run["parameters"])]
-            for base, parameters in on:
+            for base, parameters in bar_bases:
                 means.setdefault((task, base), {
                     "task": task, "base": base, "parameters": parameters, "method": "mean",
                     "metric": metric, "value": start[metric], "ci_low": interval[0], "ci_high": interval[1],
