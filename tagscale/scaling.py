@@ -250,14 +250,20 @@ def gives_bar(run: dict, metric: str) -> bool:
     return metric == "mse" or (metric == "accuracy" and run["method"] == "expert")
 
 
+def bar(runs: list[dict], task: str, base: str, metric: str) -> Optional[dict]:
+    """The `initial` metrics that are a task's bar on a base (see `gives_bar`): an LLM run's on that base, else the
+    expert's, which uses no base and so stands on every base."""
+    here = [r for r in runs if r["method"] != "expert" and r["base"] == base]
+    experts = [r for r in runs if r["method"] == "expert"]
+    return next((r["initial"][task] for r in here + experts if task in r.get("initial", {}) and gives_bar(r, metric)),
+                None)
+
+
 def result_rows(runs: list[dict]) -> list[dict]:
     """One row per run and task (its headline metric on the test split, with interval), and one `mean` row per
     task and base (the training-label mean; the majority class for a classification task): {task, base, parameters, method, metric, value, ci_low, ci_high, n_test, seeds, best_step,
     steps, trainable, tokens_per_s}."""
-    out, means = [], {}
-    # the expert's own `initial` (the same training-label mean, or the majority class) stands in on every base where
-    # no LLM run gives the mean row: like the expert itself it uses no base
-    bases = {(task, r["base"]): r["parameters"] for r in runs if r["method"] != "expert" for task in r.get("metrics", {})}
+    out, bases = [], {}  # bases: (task, base) -> (parameters, metric), the expert's own base only for a task alone
     for run in sorted(runs, key=lambda r: r["method"] == "expert"):
         for task, metrics in run.get("metrics", {}).items():
             metric = headline(metrics)
@@ -270,19 +276,18 @@ def result_rows(runs: list[dict]) -> list[dict]:
                         "n_test": metrics.get("n"), "seeds": 1, "best_step": selected.get("best_step"),
                         "steps": run.get("steps"), "trainable": run.get("trainable"),
                         "tokens_per_s": run.get("tokens_per_s")})
-            start = run.get("initial", {}).get(task)
-            if not (start and gives_bar(run, metric)):
-                continue
+            if run["method"] != "expert" or not any(t == task for t, _ in bases):
+                bases.setdefault((task, run["base"]), (run["parameters"], metric))
+    means = []
+    for (task, base), (parameters, metric) in bases.items():
+        start = bar(runs, task, base, metric)
+        if start:
             interval = (start.get("ci95") or {}).get(metric) or [None, None]
-            bar_bases = [(run["base"], run["parameters"])] if run["method"] != "expert" else \
-                [(b, n) for (t, b), n in bases.items() if t == task] or [(run["base"], run["parameters"])]
-            for base, parameters in bar_bases:
-                means.setdefault((task, base), {
-                    "task": task, "base": base, "parameters": parameters, "method": "mean",
-                    "metric": metric, "value": start[metric], "ci_low": interval[0], "ci_high": interval[1],
-                    "n_test": start.get("n"), "seeds": 1, "best_step": None, "steps": 0, "trainable": 0,
-                    "tokens_per_s": None})
-    return out + list(means.values())
+            means.append({"task": task, "base": base, "parameters": parameters, "method": "mean",
+                          "metric": metric, "value": start[metric], "ci_low": interval[0], "ci_high": interval[1],
+                          "n_test": start.get("n"), "seeds": 1, "best_step": None, "steps": 0, "trainable": 0,
+                          "tokens_per_s": None})
+    return out + means
 
 
 def _columns(metrics: dict) -> Optional[list]:
@@ -382,8 +387,7 @@ def finding(runs: list[dict], formula_tasks: tuple[str, ...] = ()) -> list[str]:
             metric = headline(next(iter(here.values())))
             if metric is None:
                 continue
-            start = next((r["initial"][task] for r in [r for r in with_base if r["base"] == base] + experts
-                          if task in r.get("initial", {}) and gives_bar(r, metric)), None)  # the expert's: any base
+            start = bar(entries, task, base, metric)
             lower = LOWER_IS_BETTER[metric]
             if start is not None and start.get(metric) is not None:
                 here = here | {"mean": start}
