@@ -93,9 +93,67 @@ def overshooting(tmp_path_factory) -> Path:
     return run
 
 
-def test_beyond_noise_keeps_a_step_only_when_its_validation_gain_is_beyond_its_interval(tmp_path):
-    """The default rule on the overshooting run: a step replaces the start only when its score's paired-bootstrap
-    interval lies above 0; here step 1 scores far above the start on 4 validation examples, but within noise."""
+def constructed_selector(monkeypatch, selection: str, errors_by_step: dict[int, np.ndarray], targets: np.ndarray):
+    """A Selector over one regression validation set whose predictions at each step are targets + errors_by_step[step]
+    (`evaluate` returns them; the engine holds one trainable whose value is the step, so the kept step can be read
+    back from what `restore_best` puts there)."""
+    from types import SimpleNamespace
+
+    from tagscale import selection as selection_module
+    from tagscale.config import RunConfig, TaskConfig, TrainConfig
+
+    task = TaskConfig(name="t", template="x <H>", head="<H>", label="y")
+    cfg = RunConfig(stage=2, tasks=[task], train=TrainConfig(steps=max(errors_by_step), selection=selection))
+    model = SimpleNamespace(heads=[SimpleNamespace(spec=SimpleNamespace(type="regression"))], head_names=["<H>"])
+    examples = [SimpleNamespace(head_target=[float(y)]) for y in targets]
+    current = {"step": 0}
+
+    def fake_evaluate(cfg, model, encoder, tokenizer, sets, resamples=0):
+        outputs = targets + errors_by_step[current["step"]]
+        return {"t": {"outputs": outputs.tolist(), "mse": float(np.mean((outputs - targets) ** 2))}}
+
+    monkeypatch.setattr(selection_module, "evaluate", fake_evaluate)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    engine = SimpleNamespace(module=SimpleNamespace(named_parameters=lambda: [("w", weight)]))
+    selector = selection_module.Selector(cfg, model, None, None, [SimpleNamespace(task=task, index=0, examples=examples)])
+    records = []
+    for step in sorted(errors_by_step):
+        current["step"] = step
+        with torch.no_grad():
+            weight.fill_(step)
+        records.append(selector.consider(step, engine))
+    selector.restore_best(engine)
+    return records, int(weight.item())
+
+
+def test_beyond_noise_keeps_a_step_only_when_its_validation_gain_is_beyond_its_interval(monkeypatch):
+    """A constructed validation set whose answer is known without the rule. 60 examples; at the start 59 predictions
+    are off by 0.1 and one by 10. Step 1 shrinks every error by 10 %: every resample of the examples gains exactly
+    19 %, so its interval is [19 %, 19 %] and it must replace the start. Step 2 fixes only the one outlier: its mean
+    gain is higher (99 %), but the resamples that miss that example ((59/60)^60 = 37 % of them) gain exactly 0, so the
+    interval's lower end is 0 and it must not be kept. Step 3 is worse than the start everywhere. `best` keeps step 2."""
+    targets = np.linspace(-1.0, 1.0, 60)
+    start = np.full(60, 0.1)
+    start[17] = 10.0
+    fixed_outlier = start.copy()
+    fixed_outlier[17] = 0.1
+    errors = {0: start, 1: 0.9 * start, 2: fixed_outlier, 3: 1.5 * start}
+    records, kept = constructed_selector(monkeypatch, "beyond_noise", errors, targets)
+    assert [r["step"] for r in records] == [0, 1, 2, 3] and records[0]["val_score_ci95"] is None
+    assert records[1]["val_score"] == pytest.approx(0.19) and records[1]["val_score_ci95"] == pytest.approx([0.19, 0.19])
+    assert records[2]["val_score"] > 0.99 and records[2]["val_score_ci95"][0] == 0.0  # higher, but not beyond noise
+    assert records[3]["val_score"] < 0
+    assert kept == 1 and records[-1]["best_step"] == 1
+    records, kept = constructed_selector(monkeypatch, "best", errors, targets)
+    assert kept == 2 and records[-1]["best_step"] == 2
+    # only the start is ever beyond nothing: when no step is beyond the noise, the start stays
+    records, kept = constructed_selector(monkeypatch, "beyond_noise", {0: start, 1: fixed_outlier, 2: 1.5 * start}, targets)
+    assert kept == 0 and records[-1]["best_step"] == 0
+
+
+def test_a_real_run_records_every_validation_interval(tmp_path):
+    """The rule runs inside the trainer: every scored step after the start records its interval, which contains its
+    score, and run.json names the rule."""
     run = tmp_path / "run"
     train("tests/recipes/tiny_head.yaml", f"output.dir={run}", "train.eval_every=1", "train.lr=0.03",
           "evaluation.enabled=true", f"tasks.0.eval.path={DATA}")
@@ -103,12 +161,9 @@ def test_beyond_noise_keeps_a_step_only_when_its_validation_gain_is_beyond_its_i
     assert [r["step"] for r in scores] == list(range(9)) and scores[0]["val_score_ci95"] is None
     assert all(len(r["val_score_ci95"]) == 2 and r["val_score_ci95"][0] <= r["val_score"] <= r["val_score_ci95"][1]
                for r in scores[1:])
-    eligible = [r for r in scores if r["step"] == 0 or r["val_score_ci95"][0] > 0]
-    expected = max(eligible, key=lambda r: (r["val_score"], -r["step"]))["step"]
-    assert any(r["val_score"] > 0 and r["val_score_ci95"][0] <= 0 for r in scores[1:]), "no step the rule refuses"
     selection = json.loads((run / "run.json").read_text())["selection"]
-    assert selection["best_step"] == expected == scores[-1]["best_step"] and selection["selection"] == "beyond_noise"
-    assert max(scores, key=lambda r: r["val_score"])["step"] != expected  # the plain best-score rule differs here
+    assert selection["best_step"] == scores[-1]["best_step"] and selection["selection"] == "beyond_noise"
+    assert selection["best_step"] == 0 or scores[selection["best_step"]]["val_score_ci95"][0] > 0
 
 
 def test_gain_interval_is_the_paired_bootstrap_of_the_mean_relative_gain():
