@@ -174,8 +174,11 @@ def broadcast_object(obj: Any) -> Any:
 
 
 def shutdown() -> None:
+    """Leave the process group `init` joined or made, and remove this rank's shared-memory buffer (for a caller
+    that goes on living after its world: a test that built an engine in its own process)."""
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+        _remove_shared_memory_buffer()
 
 
 # ---------------------------------------------------------------------------------------------

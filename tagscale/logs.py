@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import resource
 import sys
 import time
@@ -23,11 +24,25 @@ def numel(param: torch.nn.Parameter) -> int:
 # ---------------------------------------------------------------------------------------------
 # Peak memory, for the planner's measured-vs-predicted check and the scaling report (tools/plan.py, tools/sweep.py).
 
+def resident_peak() -> int:
+    """This process's resident-set high-water mark in bytes.
+
+    On Linux it is /proc/self/status's VmHWM, not getrusage's ru_maxrss: at exec the kernel folds the spawning
+    process's high-water mark into ru_maxrss (measured: a child of a 1.5 GiB parent reports 1,513 MiB from getrusage
+    and 13 MiB from VmHWM), so a trainer started by a large process (a test runner that built models) would
+    report the parent's memory as its own. VmHWM belongs to this process's own address space."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) * 1024
+    except (OSError, AttributeError):
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(maxrss if sys.platform == "darwin" else maxrss * 1024)  # Linux reports KiB, macOS bytes
+
+
 def peak_memory() -> dict[str, int]:
     """This process's peak memory since the last `start_training_peak()`: resident set (host RAM) and, on a GPU,
     allocated device bytes."""
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peaks = {"rss": int(maxrss if sys.platform == "darwin" else maxrss * 1024)}  # Linux reports KiB, macOS bytes
+    peaks = {"rss": resident_peak()}
     if torch.cuda.is_available():
         peaks["accel"] = int(torch.cuda.max_memory_allocated())
     return peaks
@@ -38,7 +53,7 @@ def start_training_peak() -> dict[str, int]:
 
     Why: the loading transient (a checkpoint's memory-mapped pages next to the weights being partitioned) depends
     on page-cache timing and can exceed the steady training peak; tools/plan.py predicts the training peak. Linux
-    resets the resident high-water mark (which getrusage reports) on writing 5 to /proc/self/clear_refs; where
+    resets the resident high-water mark (VmHWM, which `resident_peak` reads) on writing 5 to /proc/self/clear_refs; where
     that is refused the training peak stays the whole-process peak, which is then an upper bound.
     """
     loading = peak_memory()

@@ -41,6 +41,34 @@ def tiny_base():
     return base
 
 
+@pytest.fixture(scope="session")
+def process_world():
+    """`dist.init()` inside the pytest process, once for the session (a world of one, for tests that drive the engine
+    directly), left at the session's end with the launcher variables it set restored. One world, not one per test:
+    DeepSpeed caches its process groups in module globals, so a world made again after a teardown meets stale ones."""
+    from tagscale import dist
+    from tagscale.launch import LAUNCH_VARS
+
+    saved = {name: os.environ.get(name) for name in LAUNCH_VARS}
+    dist.init()
+    yield dist
+    dist.shutdown()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture
+def in_process_world(process_world):
+    """The session's in-process world for one test, with torch's linear (which ZeRO-3's engine patches while it
+    builds) put back afterwards, so later tests run the plain one."""
+    linear = torch.nn.functional.linear
+    yield process_world
+    torch.nn.functional.linear = linear
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -7,7 +7,7 @@ import torch
 from conftest import train
 
 
-def test_only_tags_and_heads_change_base_bitwise_equal(tmp_path):
+def test_only_tags_and_heads_change_base_bitwise_equal(tmp_path, in_process_world):
     from tagscale import dist
     from tagscale.config import load_config
     from tagscale.train import build, train_steps
@@ -16,7 +16,6 @@ def test_only_tags_and_heads_change_base_bitwise_equal(tmp_path):
     train("tests/recipes/tiny_stage1.yaml", f"output.dir={stage1}", "train.steps=2")
     cfg = load_config("tests/recipes/tiny_stage2.yaml", [f"output.dir={tmp_path / 's2'}", f"from_runs=[{stage1}]",
                                                          "train.steps=4"])
-    dist.init()
     session = build(cfg, "ds_configs/zero3_cpu.json")
     named = list(session.model.named_parameters())
     with dist.gathered([p for _, p in named]):
@@ -36,7 +35,7 @@ def test_only_tags_and_heads_change_base_bitwise_equal(tmp_path):
     assert sum(1 for n in before if n.startswith("base.")) > 10
 
 
-def test_generation_with_the_whole_base_gathered_matches_per_layer_gathers(tmp_path):
+def test_generation_with_the_whole_base_gathered_matches_per_layer_gathers(tmp_path, in_process_world):
     """Greedy decoding with the base gathered once == ZeRO-3's per-layer gathers; afterwards ZeRO-3 is as it was."""
     from tagscale import dist, evaluate
     from tagscale.config import load_config
@@ -44,7 +43,6 @@ def test_generation_with_the_whole_base_gathered_matches_per_layer_gathers(tmp_p
     from tagscale.train import build
 
     cfg = load_config("tests/recipes/tiny_stage1.yaml", [f"output.dir={tmp_path / 's1'}", "train.steps=1"])
-    dist.init()
     session = build(cfg, "ds_configs/zero3_cpu.json")
     model, offload = session.model, session.engine.optimizer.parameter_offload
     examples = [e for task in session.data.examples for e in task][:6]

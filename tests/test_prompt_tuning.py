@@ -11,7 +11,7 @@ import torch
 DATA = "tests/data/fixture_protein_count.jsonl"
 
 
-def test_prompt_tuning_trains_only_the_prompt_and_heads_at_the_start_of_the_input(tmp_path):
+def test_prompt_tuning_trains_only_the_prompt_and_heads_at_the_start_of_the_input(tmp_path, in_process_world):
     from tagscale import dist, evaluate
     from tagscale.config import load_config
     from tagscale.methods import PROMPT
@@ -21,7 +21,6 @@ def test_prompt_tuning_trains_only_the_prompt_and_heads_at_the_start_of_the_inpu
     cfg = load_config("tests/recipes/tiny_head.yaml", ["method=prompt_tuning", f"output.dir={out}", "train.steps=2",
                                                        "evaluation.enabled=true", "evaluation.baselines=false",
                                                        f"tasks.0.eval={{path: {DATA}, limit: 8}}"])
-    dist.init()
     session = build(cfg, "ds_configs/zero3_cpu.json")
     model = session.model
     # one prompt as long as the recipe's tags together (<Count>: p 4); <Count> is kept only as its head's name

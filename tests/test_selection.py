@@ -228,7 +228,7 @@ def test_selection_survives_a_resume(tmp_path):
     assert [r["step"] for r in validations(resumed)] == list(range(9))  # step 5 once, not twice
 
 
-def test_grad_clip_matches_clip_grad_norm_by_hand(tmp_path):
+def test_grad_clip_matches_clip_grad_norm_by_hand(tmp_path, in_process_world):
     """Two steps of the real engine with train.grad_clip equal plain PyTorch: loss.backward(),
     torch.nn.utils.clip_grad_norm_, AdamW, on a copy of the same model and batches; and differ from no clipping."""
     from tagscale import dist
@@ -243,7 +243,6 @@ def test_grad_clip_matches_clip_grad_norm_by_hand(tmp_path):
                                                            "train.val_fraction=0", "evaluation.enabled=false"])
         return build(cfg, "ds_configs/zero3_cpu.json")
 
-    dist.init()
     clipped = session(1e-3)
     model = clipped.model
     named = [(n, p) for n, p in model.named_parameters()]

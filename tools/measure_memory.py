@@ -9,7 +9,7 @@
 
 Each case is a real run: `python -m tagscale.train` (1 rank) or `deepspeed --num_gpus 2 tagscale/train.py` on
 tagscale/recipes/scaling_memory.yaml with a random-init shape preset, a few steps on fixed-length examples. The
-trainer records every rank's peak RSS (getrusage ru_maxrss) in run.json, for the whole run and for training alone
+trainer records every rank's peak RSS (VmHWM, logs.resident_peak) in run.json, for the whole run and for training alone
 (after loading); the planner predicts the same run's per-rank training peak ("CPU" device, the same ZeRO bucket
 sizes). With --out, adds or replaces these cases' rows in measured.json and measured.md there.
 """
