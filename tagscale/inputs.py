@@ -8,16 +8,18 @@ nothing is written. The training code reuses the same readers, so each rule live
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from pathlib import Path
 from typing import Optional
 
+from tagscale.cache import cache_dir
 from tagscale.config import TAG_NAME, DataConfig, RunConfig, TaskConfig
 from tagscale.dsconfig import read_ds_config
 from tagscale.errors import UserError, nearest, read_json
-from tagscale.records import read_records, record_where
+from tagscale.records import RecordSet, read_records, record_where
 from tagscale.runfolder import check_finished_run, check_output_folder
 # the built-in sources' own rules for numbers, SMILES and proteins, so a user's file meets the same ones
 from tagscale.sources import BUILTINS, _check_protein, _parse_smiles, _to_float, resolve_options
@@ -50,7 +52,7 @@ def label_value(record: dict, task: TaskConfig) -> float:
     return _to_float(record.get(task.label), f"{record_where(record)}: field {task.label!r}")
 
 
-def check_records(cfg: RunConfig, task: TaskConfig, records: list[dict]) -> None:
+def check_records(cfg: RunConfig, task: TaskConfig, records: RecordSet) -> None:
     """Every field the templates name is there, labels are numbers (class indices for classification), and the
     fields named in the task's `validate` are valid SMILES or protein sequences."""
     texts = [task.template] + ([task.target] if task.target is not None else [])
@@ -58,6 +60,9 @@ def check_records(cfg: RunConfig, task: TaskConfig, records: list[dict]) -> None
     classes = None
     if task.head and cfg.tag(task.head) is not None and cfg.tag(task.head).head.type == "classification":
         classes = cfg.tag(task.head).head.outputs
+    passed = checked_marker(records, [names, task.label if task.head else None, classes, sorted(task.validate.items())])
+    if passed.is_file():  # these rows passed these checks before: a warm start reads none of them
+        return
     for record in records:
         for name in names + list(task.validate):
             if name not in record:
@@ -73,6 +78,19 @@ def check_records(cfg: RunConfig, task: TaskConfig, records: list[dict]) -> None
                 _parse_smiles(str(record[name]), where)
             else:
                 _check_protein(str(record[name]), where)
+    passed.parent.mkdir(parents=True, exist_ok=True)
+    passed.touch()
+
+
+RECORD_CHECKS_VERSION = 1
+"""Bump when `check_records`' rules change: the markers of rows that passed the earlier rules are then not trusted."""
+
+
+def checked_marker(records: RecordSet, checks: list) -> Path:
+    """The file whose presence says that these rows (their table's fingerprint, which changes with any row, file
+    size or mtime) passed these checks."""
+    key = json.dumps([RECORD_CHECKS_VERSION, records.fingerprint, checks], default=str)
+    return cache_dir() / "checked" / hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 # ---------------------------------------------------------------------------------------------

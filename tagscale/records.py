@@ -210,6 +210,29 @@ def _jsonl_by_python(path: Path, folder: Path):
     raise UserError(f"{path}: the records' fields cannot be read as columns ({message})")
 
 
+def _line_index(path: Path, kind: str, folder: Path) -> tuple[bool, Optional[np.ndarray]]:
+    """Whether a JSONL or CSV file holds any record, and each record's line where rows and lines differ (None where
+    they agree). One pass over the file the first time; the answer is kept beside the file's Arrow cache (whose key
+    holds the file's size and mtime), so opening a prepared file again reads none of its rows."""
+    saved = folder / "lines.npz"
+    if saved.is_file():
+        with np.load(saved) as kept:
+            return bool(kept["any"]), kept["lines"] if bool(kept["shifted"]) else None
+    if kind == "json":  # the file is read once here, for both its record count and its records' lines
+        count, lines = _jsonl_lines(path)
+        any_rows = count > 0
+    else:
+        any_rows = _has_lines(path, 2)  # a header and no row holds none
+        lines = _csv_lines(path) if any_rows else None  # the rows' true lines where blank or multi-line rows shift them
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".lines-{os.getpid()}.npz"  # ranks may race here: each writes whole, the last rename wins
+    with tmp.open("wb") as handle:
+        np.savez(handle, any=any_rows, shifted=lines is not None,
+                 lines=lines if lines is not None else np.zeros(0, dtype=np.int64))
+    os.replace(tmp, saved)
+    return any_rows, lines
+
+
 def _read_file(path: Path, start: int):
     """One file as an Arrow table (memory-mapped from the cache) and its Part; (None, None) when it holds no
     records."""
@@ -217,14 +240,10 @@ def _read_file(path: Path, start: int):
     kind = SUFFIXES[path.suffix]
     folder = cache_dir() / "records" / _key(path)
     lines = None
-    if kind == "json":  # the file is read once here, for both its record count and its records' lines
-        count, lines = _jsonl_lines(path)
-        if count == 0:
+    if kind in ("json", "csv"):
+        any_rows, lines = _line_index(path, kind, folder)
+        if not any_rows:
             return None, None
-    elif kind == "csv":
-        if not _has_lines(path, 2):  # a header and no row
-            return None, None
-        lines = _csv_lines(path)  # the rows' true lines where blank or multi-line rows shift them
     options: dict[str, Any] = {}
     if kind == "csv":  # every field as text, as written ('007' stays '007'); a BOM and CRLF line ends are fine
         with path.open(encoding="utf-8-sig", newline="") as handle:

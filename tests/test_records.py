@@ -78,6 +78,43 @@ def test_a_bad_row_in_a_large_file_is_reported_by_its_line(tmp_path):
     assert again.table.cache_files and again.table.cache_files[0]["filename"] == records.table.cache_files[0]["filename"]
 
 
+def test_a_prepared_file_opens_and_passes_its_checks_again_without_reading_a_row(tmp_path, monkeypatch):
+    """The warm path: the second open of a prepared JSONL or CSV file takes its line index from the cache and the
+    second check of the same rows under the same rules reads no record; a changed file is read and checked again."""
+    from tagscale import inputs, records as records_module
+    from tagscale.records import RecordSet
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"seq": "MKT", "y": 1}\n\n{"seq": "MKV", "y": 2}\n')
+    csv_path = tmp_path / "rows.csv"
+    csv_path.write_text('seq,y\nMKT,1\n\nMKV,2\n')
+    task = TaskConfig(name="t", template="{seq} <Y>", head="<Y>", label="y")
+    cfg = RunConfig.__new__(RunConfig)
+    cfg.tags = []
+    first, first_csv = read(path), read(csv_path)
+    check_records(cfg, task, first)
+    check_records(cfg, task, first_csv)
+
+    def no_row_read(*args, **kwargs):
+        raise AssertionError("a prepared file was read row by row")
+
+    with monkeypatch.context() as patch:
+        for name in ("_jsonl_lines", "_csv_lines", "_has_lines"):
+            patch.setattr(records_module, name, no_row_read)
+        patch.setattr(RecordSet, "__iter__", no_row_read)
+        again, again_csv = read(path), read(csv_path)
+        assert [again[i]["_line"] for i in range(2)] == [1, 3] and [again_csv[i]["_line"] for i in range(2)] == [2, 4]
+        check_records(cfg, task, again)
+        check_records(cfg, task, again_csv)
+        other = TaskConfig(name="t", template="{seq} <Y>", head="<Y>", label="seq")  # another rule: not passed yet
+        with pytest.raises(AssertionError, match="row by row"):
+            check_records(cfg, other, again)
+    path.write_text('{"seq": "MKT", "y": 1}\n{"seq": "MKV", "y": "high"}\n')  # changed: read and checked afresh
+    with pytest.raises(UserError, match=r"rows.jsonl: line 2: field 'y'.*expected a number"):
+        check_records(cfg, task, read(path))
+    assert inputs.RECORD_CHECKS_VERSION >= 1
+
+
 def test_a_bad_csv_row_after_a_blank_line_and_a_multiline_field_is_reported_by_its_line(tmp_path):
     """Line numbers of CSV rows count the header, blank lines and quoted fields that span lines."""
     path = tmp_path / "rows.csv"
