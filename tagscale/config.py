@@ -161,7 +161,8 @@ class TrainConfig:
     """An example longer than max_length: skip and count it, stop with an error, or (next-token tasks only;
     others are skipped) cut it to max_length."""
     padding_side: Literal["right", "left"] = "right"
-    """Where padding goes (positions are computed from the attention mask, so both are exact)."""
+    """Where padding goes (positions are computed from the attention mask, so both are exact). With the prefix
+    split on, prefixes are padded on the left and the rest on the right, so `left` needs prefix_split: off."""
     prefix_split: Literal["auto", "on", "off"] = "auto"
     """Run the frozen prefix before the first trainable tag once without autograd (exact; auto: on in stages 2-3)."""
     log_every: int = 1
@@ -268,7 +269,10 @@ class RunConfig:
 
     @property
     def use_prefix_split(self) -> bool:
-        """The exact prefix split is on where asked, or by default where everything before the function tag is frozen."""
+        """The exact prefix split is on where asked, or by default where everything before the function tag is frozen;
+        never under activation checkpointing (which recomputes the whole forward in backward: nothing to save)."""
+        if self.base.activation_checkpointing != "none":
+            return False
         if self.train.prefix_split == "auto":
             return self.stage >= 2 and not self.enrich
         return self.train.prefix_split == "on"
@@ -316,6 +320,8 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
         return _convert(value, args[0], where, source)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads an unquoted on/off as true/false
         if value in choices and type(value) is type(choices[choices.index(value)]):
             return value
         raise bad
@@ -542,6 +548,10 @@ def validate(cfg: RunConfig) -> None:
     trained = sum(task.train is not None for task in cfg.tasks)
     if trained > t.global_batch:
         raise UserError(f"{src}: train.global_batch ({t.global_batch}) must hold at least one example of each of the {trained} trained tasks")
+    if t.padding_side == "left" and cfg.use_prefix_split:
+        raise UserError(f"{src}: train.padding_side: left is not honoured while the prefix split is on (train.prefix_split: "
+                        f"{t.prefix_split}, stage {cfg.stage}): it pads each prefix on the left and the rest on the right; "
+                        f"set train.prefix_split: off to pad on the left")
 
 
 def grad_accumulation(cfg: RunConfig, world_size: int) -> int:

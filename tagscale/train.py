@@ -145,7 +145,7 @@ def train_steps(s: Session, start: int, stop: StopFlag | None = None) -> bool:
     """The loop, from step `start` to the end; False when it stopped early on a signal (after a checkpoint)."""
     cfg, engine, rank, world = s.cfg, s.engine, dist.rank(), dist.world_size()
     target_width = max([h.spec.outputs for h in s.model.heads] + [1])
-    split = cfg.use_prefix_split and cfg.base.activation_checkpointing == "none"
+    split = cfg.use_prefix_split
     for step in range(start, cfg.train.steps):
         started, losses, parts, tokens, lr = time.perf_counter(), [], [], 0, engine.get_lr()
         for examples in s.data.rank_micro_batches(step, cfg.train.micro_batch, rank, world):

@@ -106,6 +106,22 @@ def test_enrichment_keeps_earlier_domain_tags_trainable():
     assert not load_config("tests/recipes/tiny_stage2.yaml", ["enrich=true"]).use_prefix_split
 
 
+def test_left_padding_is_refused_where_the_prefix_split_would_ignore_it():
+    """The split layout pads prefixes on the left and the rest on the right whatever train.padding_side says, so
+    `left` with the split on is one line naming the fix; with the split off (or under checkpointing) it is honoured."""
+    from tagscale.errors import UserError
+
+    with pytest.raises(UserError, match=r"train.padding_side: left is not honoured.*prefix_split: off"):
+        load_config("tests/recipes/tiny_stage2.yaml", ["train.padding_side=left"])
+    assert load_config("tests/recipes/tiny_stage2.yaml", ["train.padding_side=left", "train.prefix_split=off"])
+    assert not load_config("tests/recipes/tiny_stage2.yaml",
+                           ["train.padding_side=left", "base.activation_checkpointing=reentrant"]).use_prefix_split
+    assert load_config("tests/recipes/tiny_stage2.yaml").use_prefix_split
+    # `off` and `on` unquoted are YAML booleans; the documented values still mean what they say
+    assert load_config("tests/recipes/tiny_stage2.yaml", ["train.prefix_split=off"]).train.prefix_split == "off"
+    assert load_config("tests/recipes/tiny_stage1.yaml", ["train.prefix_split=on"]).use_prefix_split
+
+
 @pytest.mark.parametrize("mode", ["reentrant", "nonreentrant"])
 def test_activation_checkpointing_gives_the_same_gradients(mode):
     """The hooks under transformers' checkpointing (which forces the embedding output to require grad)."""
