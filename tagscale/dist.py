@@ -285,11 +285,6 @@ def is_partitioned(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "ds_id")
 
 
-def full_shape(param: torch.nn.Parameter) -> torch.Size:
-    """The unpartitioned shape (ZeRO-3 leaves shape [0] on the local tensor)."""
-    return torch.Size(param.ds_shape) if is_partitioned(param) else param.shape
-
-
 @contextlib.contextmanager
 def gathered(params: Iterable[torch.nn.Parameter], modify: bool = False) -> Iterator[None]:
     """Gather ZeRO-3 partitioned parameters whole on every rank (a no-op when nothing is partitioned).
