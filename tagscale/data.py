@@ -28,8 +28,7 @@ from tagscale.cache import cache_dir
 from tagscale.inputs import FIELD, label_value
 from tagscale.records import RecordSet, _datasets, read_records
 from tagscale.records import record_where as _record_where
-
-IGNORE = -100
+from tagscale.model import IGNORE
 ENCODING_VERSION = 2
 """Bump when the encoding changes: the encoded caches of older versions are then not reused. 2: text after a tag
 gets no dummy prefix with SentencePiece tokenizers that add one (SmolLM2's and Gemma's ids unchanged)."""

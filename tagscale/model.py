@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tagscale.tags import TagBank, TagSplice
 
 IGNORE = -100
+"""An lm_targets entry with no token to predict (torch's cross-entropy ignore_index); the encoder writes it."""
 
 
 @dataclass(frozen=True)
