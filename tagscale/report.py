@@ -174,7 +174,7 @@ def trend_plot(drawn: list, folder: Path, name: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(drawn), figsize=(max(4.6 * len(drawn), 6.0), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(drawn), figsize=(max(4.6 * len(drawn), 8.0), 4.2), squeeze=False)
     for ax, (title, axis, metric, trends) in zip(axes[0], drawn):
         for i, (rival, t) in enumerate(trends.items()):
             shift = 0.01 * (i - 1)  # side by side in log10 x: the intervals overlap
@@ -200,8 +200,8 @@ def trend_plot(drawn: list, folder: Path, name: str) -> list[str]:
         ax.set_title(f"{title} ({better})", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    fig.suptitle("Tag-LLM's gaps against log " + drawn[0][1].name + " (paired 95% intervals; lines: least squares)",
-                 fontsize=11)
+    fig.suptitle(f"Tag-LLM's gaps against log {drawn[0][1].name} (95% paired intervals; lines: least squares)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(folder / name, dpi=110)
     plt.close(fig)

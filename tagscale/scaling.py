@@ -616,7 +616,7 @@ def finding(runs: list[dict], formula_tasks: tuple[str, ...] = (), drawn: Option
             start = bar(entries, task, base, metric)
             if start is not None and start.get(metric) is not None:
                 here = here | {"mean": start}
-            size = f"{parameters / 1e6:.0f} M" if parameters else "no LLM"
+            size = SIZE_AXIS.size(math.log10(parameters)) if parameters else "no LLM"
             parts, best_name = _point_parts(f"{base} ({size})", here, metric, LOWER_IS_BETTER[metric])
             lines.append("  - " + "; ".join(parts))
             if parameters:
@@ -641,7 +641,7 @@ def data_finding(runs: list[dict], drawn: Optional[list] = None) -> list[str]:
             sizes = sorted({trained_on(r, task) for r in mine if r["method"] == "tag_llm"})
             if len(sizes) < 2:
                 continue
-            lines.append(f"- **{task}** on {base} ({parameters / 1e6:.0f} M), against training examples:")
+            lines.append(f"- **{task}** on {base} ({SIZE_AXIS.size(math.log10(parameters))}), against training examples:")
             points, best, metric = [], [], None
             for n in sizes:
                 at = [r for r in mine + experts if trained_on(r, task) == n]

@@ -5,6 +5,7 @@ plan and trainer commands (the library under the command line) against lists wri
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,7 +62,7 @@ def test_sweep_runs_every_method_and_reports(tmp_path):
     mean = next(r for r in results if r["method"] == "mean")
     initial = json.loads((out / "scaling_tiny" / "tag_llm" / "tiny" / "stage2" / "eval.json").read_text())["count"]
     assert mean["value"] == initial["initial"]["mse"]  # the training-label mean's test MSE
-    assert "## Finding" in text and "- **count**:" in text and "tiny (0 M): best " in text
+    assert "## Finding" in text and "- **count**:" in text and re.search(r"tiny \(\d[\d.]* M\): best ", text)
     assert "tag_llm vs linear_probe " in text and "tag_llm kept step " in text  # every rival, and the kept step
     curves = {r["method"]: r["validation"] for r in data["runs"]}  # the learning curve's points: steps 0 and 2
     assert all([v["step"] for v in curves[m]] == [0, 2] and "val/count/mse" in curves[m][0] for m in curves)
