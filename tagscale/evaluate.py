@@ -27,8 +27,9 @@ from tagscale import dist
 from tagscale.config import RunConfig, TaskConfig
 from tagscale.data import IGNORE, Encoder, Example, collate, encode_task, fill, task_records
 from tagscale.records import read_records
-from tagscale.metrics import (PRIMARY, classification_metrics, next_token_metrics, paired_difference,
-                              regression_metrics, to_json, translation_from_stats, translation_stats, with_intervals)
+from tagscale.metrics import (PRIMARY, PROBE_START, classification_metrics, next_token_metrics, paired_difference,
+                              regression_metrics, start_row, to_json, translation_from_stats, translation_stats,
+                              with_intervals)
 from tagscale.model import TaggedModel
 
 
@@ -431,7 +432,7 @@ def start_heads_from_probe(cfg: RunConfig, model: TaggedModel, encoder: Encoder,
     sets = [s for s in eval_sets(cfg, encoder) if s.task.head in names]
     out = {task: dict(models) for task, models in before.items()}
     for task, metrics in evaluate(cfg, model, encoder, tokenizer, sets).items():
-        out.setdefault(task, {})["linear probe (start)"] = metrics
+        out.setdefault(task, {})[PROBE_START] = metrics
     save_baselines(cfg, out)
     return out
 
@@ -526,12 +527,6 @@ def baselines(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer) -
             out.setdefault(task, {})["linear probe"] = metrics
     save_baselines(cfg, out)
     return out
-
-
-def start_row(by_model: dict) -> Optional[str]:
-    """The baseline row that scored the run's starting state (step 0): the probe start where the head began
-    there, else the initial tags (a zero head: the training-label mean)."""
-    return next((name for name in ("linear probe (start)", "initial") if name in by_model), None)
 
 
 def compare_with_start(model: TaggedModel, item: EvalSet, trained: dict, by_model: dict, resamples: int) -> Optional[dict]:

@@ -124,6 +124,16 @@ PRIMARY = {"regression": ("mse", False), "classification": ("accuracy", True), "
            "lm": ("loss", False)}
 """The metric that selects a step and compares models, per kind of task: (name, higher is better)."""
 
+PROBE_START = "linear probe (start)"
+"""The evaluation row (eval.json, eval_baselines.json) of a run's probe start: its heads' closed-form ridge fit at
+step 0, before any tag or head moved."""
+
+
+def start_row(by_model: dict) -> str | None:
+    """The baseline row that scored the run's starting state (step 0): the probe start where the head began
+    there, else the initial tags (a zero head: the training-label mean)."""
+    return next((name for name in (PROBE_START, "initial") if name in by_model), None)
+
 
 def relative_gain(value: float, start: float, higher_is_better: bool) -> float:
     """How much better `value` is than `start`, as a fraction of |start| (0 when equal; negative when worse).
@@ -185,16 +195,80 @@ def paired_contrast(metric_fn, key: str, groups: Sequence[tuple[float, Sequence[
     if len(sizes) != 1:
         raise ValueError(f"paired_contrast needs the same examples in every group, got sizes {sorted(sizes)}")
 
-    def contrast(cols: list[list]) -> float:
-        return sum(w * float(metric_fn(*c)[key]) for (w, _), c in zip(groups, cols))
-
-    value = contrast([list(columns) for _, columns in groups])
+    value = sum(w * float(metric_fn(*columns)[key]) for w, columns in groups)
     n = sizes.pop()
     if n < 2 or resamples <= 0:
         return {"metric": key, "diff": value, "ci95": None}
-    draws = [contrast([[_take(c, rows) for c in columns] for _, columns in groups])
-             for rows in _resample_indices(n, resamples, seed)]
-    return {"metric": key, "diff": value, "ci95": _percentile_interval(draws)}
+    rows = _resample_indices(n, resamples, seed)
+    draws = sum(w * _metric_on_draws(metric_fn, columns, key, rows) for w, columns in groups)
+    return {"metric": key, "diff": value, "ci95": _percentile_interval(draws.tolist())}
+
+
+def _line(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares slope and intercept of y (the last axis: one line per leading row) on x."""
+    dx = x - x.mean(-1, keepdims=True)
+    slope = (dx * (y - y.mean(-1, keepdims=True))).sum(-1) / (dx**2).sum(-1)
+    return slope, y.mean(-1) - slope * x.mean(-1)
+
+
+def fitted_slope(metric_fn, key: str, x: Sequence[float],
+                 points: Sequence[Sequence[tuple[float, Sequence[Sequence]]]], resamples: int = 1000,
+                 seed: int = 0) -> dict:
+    """The least-squares line y = intercept + slope * x through points (x_i, y_i), where y_i is point i's contrast
+    sum(weight * metric(columns)) over its (weight, columns) groups scored on the same examples (as in
+    `paired_contrast`: e.g. Tag-LLM minus a rival at one base), with 95% percentile-bootstrap intervals:
+
+    - ``ci95``, over the test examples: each resample draws examples with replacement within each point, the same
+      draw for every group of the point and for every point whose examples are the same (equal last columns: the
+      targets), so that every pairing is kept; x stays as it is. The slope is sum_i w_i y_i with the least-squares
+      weights w_i = (x_i - mean x) / sum (x - mean x)^2, so for two points it is `paired_contrast` of the four
+      groups with weights (+-1) divided by x_2 - x_1, draw for draw (the same seed gives the same examples).
+    - ``ci95_points``, over the test examples and the points (a two-level bootstrap): each resample also draws the
+      points with replacement (again while fewer than 2 distinct x are drawn) and fits the line through them, so
+      that the points' scatter about the line widens the interval. Only with 3 or more distinct x (None below:
+      two points are a pair, and resampling them says nothing).
+
+    ``crossing``: the x where the line reaches y = 0 (-intercept / slope), with ``crossing_ci95`` from the draws of
+    the widest interval available; None where that interval of the slope holds 0 (a flat line crosses nowhere
+    that the data can name). ``shared``: whether every point scored the same examples."""
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) != len(points) or len(set(x.tolist())) < 2:
+        raise ValueError(f"fitted_slope needs one x per point and at least 2 distinct x, got {x.tolist()}")
+    test_sets: dict[tuple, int] = {}
+    for groups in points:
+        sizes = {len(columns[0]) for _, columns in groups}
+        if len(sizes) != 1:
+            raise ValueError(f"fitted_slope needs the same examples in every group of a point, got sizes {sorted(sizes)}")
+        test_sets.setdefault(tuple(groups[0][1][-1]), len(test_sets))
+    y = np.array([sum(w * float(metric_fn(*columns)[key]) for w, columns in groups) for groups in points])
+    slope, intercept = (float(v) for v in _line(x, y))
+    out = {"metric": key, "slope": slope, "intercept": intercept, "points": len(points),
+           "shared": len(test_sets) == 1, "ci95": None, "ci95_points": None, "crossing": None, "crossing_ci95": None}
+    n = min(len(groups[0][1][0]) for groups in points)
+    if n < 2 or resamples <= 0:
+        return out
+    # one draw of examples per distinct test set (the first set's is paired_contrast's: the same seed)
+    draws = {k: _resample_indices(len(t), resamples, seed + k) for t, k in test_sets.items()}
+    y_draws = np.stack([sum(w * _metric_on_draws(metric_fn, columns, key, draws[test_sets[tuple(groups[0][1][-1])]])
+                            for w, columns in groups) for groups in points], axis=1)  # resamples x points
+    slopes, intercepts = _line(x, y_draws)
+    out["ci95"] = _percentile_interval(slopes.tolist())
+    if len(set(x.tolist())) >= 3:
+        rng = np.random.default_rng(seed + len(test_sets))
+        chosen = []
+        while len(chosen) < resamples:
+            pick = rng.integers(0, len(x), len(x))
+            if len(set(x[pick].tolist())) >= 2:  # a line needs two distinct x
+                chosen.append(pick)
+        pick = np.asarray(chosen)
+        slopes, intercepts = _line(x[pick], np.take_along_axis(y_draws, pick, axis=1))
+        out["ci95_points"] = _percentile_interval(slopes.tolist())
+    interval = out["ci95_points"] or out["ci95"]
+    if interval is not None and slope != 0 and (interval[0] > 0 or interval[1] < 0):
+        out["crossing"] = -intercept / slope
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["crossing_ci95"] = _percentile_interval((-intercepts / slopes).tolist())
+    return out
 
 
 def gain_interval(start: Sequence[tuple], now: Sequence[tuple], resamples: int = 1000, seed: int = 0) -> list[float] | None:

@@ -401,6 +401,15 @@ def plan(shape: Shape, setup: Setup) -> Plan:
         cross_node_bytes_first_step_hpz=first_hpz, notes=notes)
 
 
+def scoring_seconds(shape: Shape, setup: Setup, tokens: float) -> float:
+    """Compute-bound seconds to score `tokens` with a forward pass only (probe features, validation and test
+    scoring): 2 FLOPs per matmul parameter and the attention products' forward (2*L*seq*q_width per token, the
+    forward third of `plan`'s 6*L*seq*q_width), at the setup's MFU. No all-gather or offload traffic is modelled."""
+    device = DEVICES[setup.gpu]
+    flops_per_token = 2 * shape.matmul_params + 2 * shape.layers * setup.seq * shape.q_width
+    return tokens * flops_per_token / (device.peak_tflops * 1e12 * setup.mfu)
+
+
 def _tokens_to_hide_comm(shape: Shape, setup: Setup, flops_per_token: float) -> int:
     device = DEVICES[setup.gpu]
     bandwidth = device.intra_node_gbs if setup.nodes == 1 else device.inter_node_gbs

@@ -12,8 +12,10 @@ from pathlib import Path
 
 from tagscale.errors import UserError
 from tagscale.metrics import to_json
-from tagscale.scaling import (COST_GROUP, FORMULA_TASKS, GIB, METHODS, RunRow, choose_settings, curve_lines, curves,
-                              finding, gather, headline, result_rows, shown, table, without_outputs)
+from tagscale.scaling import (COST_GROUP, FORECAST_GPU, FORMULA_TASKS, LOWER_IS_BETTER, METHODS, RIVALS, RunRow,
+                              choose_settings, cost_points, curve_lines, curves, data_finding, finding, forecast,
+                              gather, grid_tokens, headline, read_timings, result_rows, shown, sized_runs, table,
+                              without_outputs)
 
 
 def _size_ticks(ax, sizes: list[int], matplotlib) -> None:
@@ -105,38 +107,105 @@ def plots(rows: list[RunRow], folder: Path) -> list[str]:
         fig.savefig(folder / "metrics.png", dpi=110)
         plt.close(fig)
         made.append("metrics.png")
-    measured = [r for r in rows if r.tokens_per_s]
-    if measured:
-        fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-        series = [(f"{m} (task runs)", colors[m], "o-", [r for r in measured if r.method == m and r.group != COST_GROUP])
-                  for m in METHODS if m != "expert"]
-        series.append(("tag_llm, random-init shapes (cost runs)", "black", "s--",
-                       [r for r in measured if r.group == COST_GROUP]))
-        for ax, (title, value) in zip(axes, [("tokens/s", lambda r: r.tokens_per_s),
-                                             ("step time (s)", lambda r: r.step_s),
-                                             ("peak RSS per rank (GiB)", lambda r: (r.peak_rss_bytes or 0) / GIB)]):
-            for label, color, style, members in series:
-                by_base: dict[int, list[float]] = {}
-                for r in members:  # several tasks per base: average their runs
-                    by_base.setdefault(r.parameters, []).append(value(r))
-                points = sorted((p, statistics.mean(v)) for p, v in by_base.items())
-                if points:
-                    ax.plot([p[0] for p in points], [p[1] for p in points], style, color=color, label=label)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            _size_ticks(ax, [r.parameters for r in measured], matplotlib)
-            _plain_log_ticks(ax, matplotlib)
-            ax.set_title(title, fontsize=10)
-            ax.set_xlabel("base parameters")
-            ax.grid(alpha=0.3, which="both")
-        axes[0].legend(fontsize=8)
-        fig.suptitle("Cost against base size on this machine (CPU ranks; medians over the steps after the first)",
-                     fontsize=11)
-        fig.tight_layout()
-        fig.savefig(folder / "cost.png", dpi=110)
-        plt.close(fig)
-        made.append("cost.png")
+    made += cost_plot(rows, folder)
     return made
+
+
+def cost_plot(rows: list[RunRow], folder: Path) -> list[str]:
+    """cost.png: each LLM method's recorded cost per training example against base parameters (scaling.cost_points:
+    the run's trainer clock and its median training step, each per example, and peak memory per micro-batch
+    example; several tasks per base averaged), with the planner's forecast for the same grid on one GPU
+    (scaling.forecast) beside it as stars."""
+    points = cost_points(rows)
+    if not points:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    predicted = forecast(rows)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.4))
+    panels = [("run_s", "run seconds per training example\n(trainer clock at its last step / training set)"),
+              ("step_s", "training-step seconds per example\n(median step / examples per step)"),
+              ("bytes", "peak bytes per micro-batch example\n(largest rank's peak memory / micro-batch)")]
+    for ax, (key, title) in zip(axes, panels):
+        for method in METHODS:
+            by_base: dict[int, list[float]] = {}
+            for c in points:
+                if c["method"] == method and c[key]:
+                    by_base.setdefault(c["parameters"], []).append(c[key])
+            line = sorted((p, statistics.mean(v)) for p, v in by_base.items())
+            if line:
+                ax.plot([p[0] for p in line], [p[1] for p in line], "o-", color=_COLORS[method],
+                        label=f"{method} (measured, CPU)")
+        for f in predicted:
+            ax.plot([f["parameters"]], [f[key]], "*", ms=13, color="black", mec="white")
+            ax.annotate(f"{f['base']}: {f[key]:.3g}", (f["parameters"], f[key]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _size_ticks(ax, [c["parameters"] for c in points] + [f["parameters"] for f in predicted], matplotlib)
+        _plain_log_ticks(ax, matplotlib)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("base parameters")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].plot([], [], "*", color="black", label=f"planner, one {FORECAST_GPU} (compute-bound)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Cost per training example against base size: runs on this CPU machine, the planner's GPU forecast",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(folder / "cost.png", dpi=110)
+    plt.close(fig)
+    return ["cost.png"]
+
+
+_RIVAL_COLORS = {"start": "tab:purple", "linear_probe": "tab:green", "expert": "tab:red"}
+
+
+def trend_plot(drawn: list, folder: Path, name: str) -> list[str]:
+    """`name` (trend.png or data_trend.png): per task (or task and base), Tag-LLM's gap to its start, the linear
+    probe and the expert at each point with its paired 95% interval, the fitted least-squares line through them
+    (scaling.gap_trend) and zero (parity); x is log parameters or log training examples."""
+    if not drawn:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(drawn), figsize=(max(4.6 * len(drawn), 8.0), 4.2), squeeze=False)
+    for ax, (title, axis, metric, trends) in zip(axes[0], drawn):
+        for i, (rival, t) in enumerate(trends.items()):
+            shift = 0.01 * (i - 1)  # side by side in log10 x: the intervals overlap
+            xs = [10 ** (x + shift) for x in t["x"]]
+            ys = [g["diff"] if g else math.nan for g in t["gaps"]]
+            errors = [[g["diff"] - g["ci95"][0] if g and g.get("ci95") else 0 for g in t["gaps"]],
+                      [g["ci95"][1] - g["diff"] if g and g.get("ci95") else 0 for g in t["gaps"]]]
+            interval = t["ci95_points"] or t["ci95"]
+            label = f"vs {RIVALS[rival]}: slope {t['slope']:+.3g}" + \
+                (f" [{interval[0]:+.3g}, {interval[1]:+.3g}]" if interval else "") + " /10x"
+            color = _RIVAL_COLORS.get(rival, "black")
+            ax.errorbar(xs, ys, yerr=errors, fmt="o", capsize=3, color=color, label=label)
+            line_x = [min(t["x"]), max(t["x"])]
+            ax.plot([10**x for x in line_x], [t["intercept"] + t["slope"] * x for x in line_x], "-", color=color,
+                    alpha=0.6)
+        ax.axhline(0, color="grey", linestyle=":")
+        ax.set_xscale("log")
+        if axis.unit == "parameters":
+            _size_ticks(ax, [10**x for t in trends.values() for x in t["x"]], matplotlib)
+        ax.set_xlabel(axis.unit)
+        better = "below 0: Tag-LLM better" if LOWER_IS_BETTER[metric] else "above 0: Tag-LLM better"
+        ax.set_ylabel(f"Tag-LLM minus rival, test {metric}")
+        ax.set_title(f"{title} ({better})", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"Tag-LLM's gaps against log {drawn[0][1].name} (95% paired intervals; lines: least squares)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(folder / name, dpi=110)
+    plt.close(fig)
+    return [name]
 
 
 def learning_plot(rows: list[RunRow], folder: Path) -> list[str]:
@@ -234,18 +303,25 @@ def write_report(out: Path, report: Path, command: str, curve_outs: tuple[Path, 
     Returns report.md's path."""
     rows, settings = choose_settings([gather(out)] + [gather(folder) for folder in candidate_outs])
     curve_rows = rows + [r for folder in curve_outs for r in gather(folder)]
-    timings_path = out / "timings.json"
-    timings = list(json.loads(timings_path.read_text()).values()) if timings_path.is_file() else []
+    timings = list(read_timings(out).values())
     if not rows:
         raise UserError(f"--out: {out}: no complete run folders (run.json with status complete) to report")
     report.mkdir(parents=True, exist_ok=True)
-    images = plots(rows, report) + learning_plot(rows, report) + data_plot(curve_rows, report)
     runs = [asdict(r) for r in rows]
+    task_runs = [r for r in runs if r["group"] != COST_GROUP]
+    sized = sized_runs(curve_rows)  # one run per task, method, base and training-set size
+    every = sized + [r for r in rows if r.group != COST_GROUP and all(r is not s for s in sized)]
+    by_size_drawn, by_data_drawn = [], []
+    size_lines = finding(task_runs, FORMULA_TASKS, by_size_drawn)
+    data_lines = data_finding([asdict(r) for r in sized], by_data_drawn)
+    images = plots(rows, report) + trend_plot(by_size_drawn, report, "trend.png") \
+        + trend_plot(by_data_drawn, report, "data_trend.png") + learning_plot(rows, report) \
+        + data_plot(curve_rows, report)
     data = {"command": command, "runs": [without_outputs(r) for r in runs]}
     if timings:
         data["timings"] = timings
     (report / "runs.json").write_text(to_json(data, indent=2) + "\n")
-    results = result_rows([r for r in runs if r["group"] != COST_GROUP])
+    results = result_rows([asdict(r) for r in every])
     (report / "results.json").write_text(to_json(results, indent=2) + "\n")
     lines = ["# Scaling report: Tag-LLM vs prompt tuning vs linear probe across base sizes", "",
              "Made by:", "", "```", command, "```", "",
@@ -254,10 +330,23 @@ def write_report(out: Path, report: Path, command: str, curve_outs: tuple[Path, 
              "predicts the training-label mean: the bar to beat); `kept step` is the step validation selected; tokens/s and step time are medians over the steps "
              "after the first (`ZeRO`: the run's ZeRO stage, which sets its speed and memory, not its numbers; `–`: not recorded); peak RSS is the largest rank's getrusage peak. Rows in group `cost` are random-init "
              "shapes run only for the cost curve (evaluation off). Every metric is `value [95% interval]` (bootstrap over the test "
-             "examples); `results.json` holds each run's headline metric with its interval and a `mean` row per task and base.",
+             f"examples); `results.json` holds every run ({len(results)} rows: these and those at other training-set "
+             "sizes) with its headline metric and interval, the base's parameter count, the training-set size, the "
+             "wall time (where the sweep recorded it), the trainer's clock and peak memory, and a `mean` row per task, "
+             "base and training-set size.",
              "", "## Finding", "", "Computed from the runs (paired bootstrap over the same test examples; a method "
-             "is `clearly better` only when the 95% interval of the difference excludes zero):", "",
-             *finding([r for r in runs if r["group"] != COST_GROUP], FORMULA_TASKS), "", "## Runs", "", table(rows), ""]
+             "is `clearly better` only when the 95% interval of the difference excludes zero). Along each axis, "
+             "Tag-LLM's gap (its test metric minus the rival's) to its own start (the probe start its run trained "
+             "from), to linear_probe and to the expert gets a least-squares line against log10 of the size; its "
+             "slope is given per tenfold size with a 95% bootstrap interval that says what it resamples: the test "
+             "examples (paired wherever the points share them), and with 3 or more points also the points "
+             "themselves (a two-level bootstrap); with 2 points the slope is the pair's change over log10 of their "
+             "ratio (metrics.fitted_slope). Where that interval excludes zero, the size at which the line would "
+             "reach zero is given with its interval (an extrapolation that assumes a straight line in log size).", "",
+             "### Against base size", "", *size_lines, ""]
+    if data_lines:
+        lines += ["### Against training examples", "", *data_lines, ""]
+    lines += cost_lines(rows) + ["## Runs", "", table(rows), ""]
     if settings:
         lines += ["## Settings chosen on validation", "",
                   "Each recipe, method and base run under several settings (sweep roots " + ", ".join(
@@ -271,9 +360,56 @@ def write_report(out: Path, report: Path, command: str, curve_outs: tuple[Path, 
                   "validation carve-out; the runs at other sizes from " + ", ".join(f"`{shown(f)}`" for f in curve_outs)
                   + "); `largest vs smallest`: the test metric's paired difference over the same test examples.", "",
                   *curve, ""]
-    lines += [f"![{name}]({name})" for name in images]
+    order = ("metrics.png", "trend.png", "cost.png", "data.png", "data_trend.png", "learning.png")
+    images = sorted(images, key=lambda name: order.index(name) if name in order else len(order))
+    lines += ["## Plots", "", "Quality (`metrics.png`: each method's test metrics; `trend.png`: Tag-LLM's gaps and "
+              "their fitted lines) beside cost (`cost.png`) against base size; then the same against training "
+              "examples, and validation against the step.", "", *[f"![{name}]({name})" for name in images]]
     if timings:
         lines += ["", "Wall time of each run (this machine, shared with other jobs; `skipped` runs were complete):", "", "| run | status | seconds |",
                   "|---|---|---:|"] + [f"| {t['run']} | {t['status']} | {t['seconds']} |" for t in timings]
     (report / "report.md").write_text("\n".join(lines) + "\n")
     return report / "report.md"
+
+
+def cost_lines(rows: list[RunRow]) -> list[str]:
+    """The report's cost section: what the runs recorded per training example against base size, and the
+    planner's forecast of the same grid on one GPU for 7B and 70B bases."""
+    points = [c for c in cost_points(rows) if c["run_s"] or c["step_s"] or c["bytes"]]
+    if not points:
+        return []
+    lines = ["## Cost against base size", "",
+             "Measured on this machine (2 shared CPU cores; fp32; one rank): the trainer's clock at its last "
+             "training step (loading the base, the probe start's forward pass over the training set, the steps and "
+             "their validation; not the final test scoring) per training example, the median training step per "
+             "example, and the largest rank's peak memory per micro-batch example, each the mean over the tasks "
+             "run on a base. Timings on a shared machine can be off by 2x.", "",
+             "| method | base | parameters | runs | run s / example | step s / example | peak bytes / example |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    groups: dict[tuple, list[dict]] = {}
+    for c in points:
+        groups.setdefault((c["method"], c["parameters"], c["base"]), []).append(c)
+    mean = lambda values: statistics.mean(values) if values else None
+    for (method, parameters, base), members in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        values = [mean([c[k] for c in members if c[k]]) for k in ("run_s", "step_s", "bytes")]
+        lines.append(f"| {method} | {base} | {parameters / 1e6:,.0f} M | {len(members)} | "
+                     + " | ".join("–" if v is None else f"{v:.3g}" for v in values) + " |")
+    predicted = forecast(rows)
+    if predicted:
+        grid = grid_tokens(rows)
+        lines += ["", f"The planner's forecast (tagscale.planner) for the same grid ({len(grid)} runs: every recipe "
+                  f"x LLM method above, at the tokens they recorded: {sum(c['train_tokens'] for c in grid):,.0f} "
+                  f"training tokens and {sum(c['scored_tokens'] for c in grid):,.0f} scored in forward passes) on "
+                  f"one {FORECAST_GPU}-SXM 80GB (989 TFLOP/s dense bf16, at the planner's 45% MFU), one run after "
+                  "another, bf16, with the layout the planner recommends:", "",
+                  "| base | parameters | layout | grid seconds | run s / example | step s / example | "
+                  "peak GPU bytes / example |", "|---|---:|---|---:|---:|---:|---:|"]
+        for f in predicted:
+            lines.append(f"| {f['base']} | {f['parameters'] / 1e9:.2f} B | {'; '.join(f['layouts'])} | "
+                         f"{f['seconds']:,.0f} | {f['run_s']:.3g} | {f['step_s']:.3g} | {f['bytes']:.3g} |")
+        lines += ["", "This is compute-bound arithmetic: loading the base (minutes for 70B), Python and launch "
+                  "overhead, and, for 70B, the parameter offload's host-to-GPU traffic (its 128.5 GiB of bf16 "
+                  "weights cross PCIe for every forward and every recomputed layer) are not in it, so treat these "
+                  "seconds as a lower bound; at 40-300 tokens per example a GPU rarely reaches 45% MFU. "
+                  "Peak GPU bytes for 70B exclude the offloaded weights, which sit in host memory.", ""]
+    return lines

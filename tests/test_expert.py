@@ -308,35 +308,6 @@ def test_expert_rows_in_the_sweep_results_and_finding():
     assert all("vs mean:" in line for line in text if "(135 M)" in line or "(268 M)" in line)
 
 
-def test_the_finding_says_whether_tag_llms_gap_moves_with_size_beyond_the_noise():
-    """The trend line: Tag-LLM's gap to its best rival at the smallest and the largest base, and a paired interval
-    on its change (the same test examples at both bases): a move beyond the noise is named, one within is not, and
-    test sets that differ between bases give no interval rather than a verdict."""
-    from tagscale.scaling import finding
-
-    rng = np.random.default_rng(0)
-    targets = rng.normal(size=300).tolist()
-
-    def metrics(noise, targets=targets):
-        outputs = (np.array(targets) + noise * rng.normal(size=len(targets))).tolist()
-        return {"mse": float(np.mean((np.array(outputs) - targets) ** 2)), "ci95": {"mse": [0.0, 9.0]},
-                "outputs": outputs, "targets": targets}
-
-    def run(base, parameters, method, m):
-        return {"base": base, "parameters": parameters, "method": method, "metrics": {"qm9_gap": m}}
-
-    expert = run("small", 0, "expert", metrics(0.3))
-    same_tags = metrics(0.6)
-    moved = finding([expert, run("small", 1e8, "tag_llm", same_tags), run("large", 2e8, "tag_llm", metrics(0.9))])
-    assert "Tag-LLM falls further behind with size, beyond the noise" in moved[-1]
-    still = finding([expert, run("small", 1e8, "tag_llm", same_tags), run("large", 2e8, "tag_llm", same_tags)])
-    assert "change +0.0000 [" in still[-1] and "the gap does not move beyond the noise" in still[-1]
-    other = metrics(0.6, rng.normal(size=300).tolist())
-    apart = finding([run("small", 1e8, "tag_llm", same_tags), run("small", 1e8, "linear_probe", metrics(0.7)),
-                     run("large", 2e8, "tag_llm", other), run("large", 2e8, "linear_probe", other)])
-    assert apart[-1].endswith("no paired interval on the change (the bases' test examples differ)")
-
-
 def test_metrics_plot_draws_a_classification_task_by_roc_auc_and_accuracy(tmp_path, monkeypatch):
     """metrics.png gives a classification task its own metrics (ROC-AUC, accuracy, and the majority-class bar)
     rather than the regression panels it has no values for; a regression task keeps rank correlation, R² and MSE."""

@@ -5,6 +5,7 @@ plan and trainer commands (the library under the command line) against lists wri
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,16 +48,21 @@ def test_sweep_runs_every_method_and_reports(tmp_path):
     assert sorted(r["trainable"] for r in data["runs"]) == [65, 8 * 64 + 65]
 
     results = json.loads((report / "results.json").read_text())  # strict JSON: the parser would take NaN
-    keys = {"task", "base", "parameters", "method", "metric", "value", "ci_low", "ci_high", "n_test", "seeds",
-            "best_step", "steps", "trainable", "tokens_per_s"}
-    assert all(set(r) == keys for r in results)
+    from tagscale.scaling import RESULT_KEYS
+
+    assert all(list(r) == list(RESULT_KEYS) for r in results)
     assert sorted(r["method"] for r in results) == ["linear_probe", "mean", "tag_llm"]
+    timings = json.loads((out / "timings.json").read_text())
     for r in results:
         assert r["metric"] == "mse" and r["n_test"] == 16 and r["ci_low"] <= r["value"] <= r["ci_high"]
+        if r["method"] != "mean":  # the wall time the sweep recorded, the trainer's clock, peak memory, the data
+            run = json.loads((out / "scaling_tiny" / r["method"] / "tiny" / "stage2" / "run.json").read_text())
+            assert r["wall_s"] == timings[f"scaling_tiny/{r['method']}/tiny"]["seconds"] > r["elapsed_s"] > 0
+            assert r["peak_rss_bytes"] == run["peak_rss_bytes"] and r["train_examples"] == run["examples"]["count"]["train"]
     mean = next(r for r in results if r["method"] == "mean")
     initial = json.loads((out / "scaling_tiny" / "tag_llm" / "tiny" / "stage2" / "eval.json").read_text())["count"]
     assert mean["value"] == initial["initial"]["mse"]  # the training-label mean's test MSE
-    assert "## Finding" in text and "- **count**:" in text and "tiny (0 M): best " in text
+    assert "## Finding" in text and "- **count**:" in text and re.search(r"tiny \(\d[\d.]* M\): best ", text)
     assert "tag_llm vs linear_probe " in text and "tag_llm kept step " in text  # every rival, and the kept step
     curves = {r["method"]: r["validation"] for r in data["runs"]}  # the learning curve's points: steps 0 and 2
     assert all([v["step"] for v in curves[m]] == [0, 2] and "val/count/mse" in curves[m][0] for m in curves)

@@ -13,8 +13,10 @@ first recipe with method tag_llm and evaluation off (train.steps=5 unless overri
 nothing, their tokens/s, step time and peak memory give the cost curve. --slurm submits one slurm/sweep.sh job
 array over the bases per recipe x method instead of running here.
 
-The report (<report>/report.md, runs.json, metrics.png, cost.png) reads only the run folders: run.json (base
-identity, method, peak memory), metrics.jsonl (tokens/s, step time) and eval.json (per-task metrics).
+The report (<report>/report.md, runs.json, results.json, metrics.png, trend.png, cost.png, and data.png,
+data_trend.png with --curve) reads only the run folders: run.json (base identity, method, peak memory),
+metrics.jsonl (tokens/s, step time, the trainer's clock), eval.json (per-task metrics, the probe start) and each
+sweep root's timings.json (wall time). --curve takes sweep roots or folders of them (docs/scaling/curve).
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
     rep.add_argument("--command", dest="command_line", help="the command to print at the top (default: this one)")
     rep.add_argument("--candidates", default="", help="sweep roots of the same recipes under other settings "
                      "(comma-separated; e.g. another train.lr): per recipe, method and base the run validation scored best")
-    rep.add_argument("--curve", default="", help="sweep roots of the same recipes at other training-set sizes "
-                                                 "(comma-separated): the learning curve against training examples")
+    rep.add_argument("--curve", default="", help="sweep roots of the same recipes at other training-set sizes, "
+                     "or folders of such roots (comma-separated): the finding against training examples")
     return parser.parse_args(argv), overrides
 
 
