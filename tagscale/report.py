@@ -328,7 +328,7 @@ def write_report(out: Path, report: Path, command: str, curve_outs: tuple[Path, 
              f"{len(rows)} complete runs read from `{shown(out)}` (run.json, metrics.jsonl, eval.json). Task metrics are on "
              "each task's held-out test split, in label units; `mean predictor mse` is the untrained head's (it "
              "predicts the training-label mean: the bar to beat); `kept step` is the step validation selected; tokens/s and step time are medians over the steps "
-             "after the first (`ZeRO`: the run's ZeRO stage, which sets its speed and memory, not its numbers; `–`: not recorded); peak RSS is the largest rank's getrusage peak. Rows in group `cost` are random-init "
+             "after the first (`ZeRO`: the run's ZeRO stage, which sets its speed and memory, not its numbers; `–`: not recorded); peak RSS is the largest rank's resident high-water mark (VmHWM since 2026-12-03; before, getrusage's, which also counts the spawning process's peak: an upper bound). Rows in group `cost` are random-init "
              "shapes run only for the cost curve (evaluation off). Every metric is `value [95% interval]` (bootstrap over the test "
              f"examples); `results.json` holds every run ({len(results)} rows: these and those at other training-set "
              "sizes) with its headline metric and interval, the base's parameter count, the training-set size, the "
