@@ -69,7 +69,11 @@ class TagBank(nn.Module):
 
 
 class TagSplice:
-    """The two hooks on the base's input-embedding module that put tag vectors at placeholder positions."""
+    """The two hooks on the base's input-embedding module that put tag vectors at placeholder positions.
+
+    No host sync: placeholders are mapped to row 0 before the lookup and, after it, one clamped gather from the tag
+    table and one `torch.where` over the whole batch put the vectors in (boolean-mask indexing would hide a
+    `nonzero`, which waits for the device, on every forward and every generated token)."""
 
     def __init__(self, embedding: nn.Module, bank: TagBank):
         self.bank = bank
@@ -80,21 +84,16 @@ class TagSplice:
     def _before(self, module: nn.Module, args: tuple):
         input_ids = args[0]
         is_tag = input_ids >= self.bank.first_id
-        self._pending = (is_tag, input_ids - self.bank.first_id)
+        # clamped: a token position gathers tag row 0 too, and `where` drops it (its gradient is zero)
+        self._pending = (is_tag, (input_ids - self.bank.first_id).clamp(min=0))
         return (input_ids.masked_fill(is_tag, 0),) + tuple(args[1:])
 
     def _after(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         is_tag, tag_index = self._pending
         self._pending = None
         # The bank is called on every forward, tags or not, so every ZeRO-3 rank makes the same module calls.
-        vectors = self.bank(tag_index[is_tag]).to(output.dtype)
-        # In place: the lookup's output is a fresh tensor of a frozen table, so no copy of (B, S, d) is needed.
-        # transformers' checkpointing hook may have made it a leaf that requires grad: write into a detached view.
-        forced_leaf = output.requires_grad and output.grad_fn is None
-        if forced_leaf:
-            output = output.detach()
-        output[is_tag] = vectors
-        return output.requires_grad_() if forced_leaf and not output.requires_grad else output
+        vectors = self.bank(tag_index).to(output.dtype)
+        return torch.where(is_tag.unsqueeze(-1), vectors, output)
 
     def remove(self) -> None:
         for handle in self._handles:
