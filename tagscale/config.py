@@ -384,7 +384,6 @@ class Range:
 
 
 POSITIVE_INT = Range(1, what="a positive integer")
-POSITIVE = Range(0, low_open=True, what="a positive number")
 NON_NEGATIVE = Range()
 FRACTION = Range(0, high=1, what="a value in [0, 1)")
 RANGES: dict[tuple[str, str], Range] = {
