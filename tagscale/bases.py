@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 from tagscale.cache import cache_dir
 from tagscale.config import BaseConfig
+from tagscale.inputs import base_fingerprint
 from tagscale.errors import UserError, nearest
 from tagscale.planner import resolve_shape
 from tagscale.shapes import SHAPES
@@ -172,6 +173,7 @@ def load_base(cfg: BaseConfig) -> LoadedBase:
         "num_layers": int(model.config.num_hidden_layers),
         "embedding_rows": int(getattr(embedding, "num_embeddings", model.config.vocab_size)),
         "num_parameters": int(sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())),
+        "fingerprint": base_fingerprint(cfg),  # which weights: tags trained on one base are refused on another
     }
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -249,6 +250,9 @@ class RunConfig:
     """Tags trained by this run (tags of earlier runs come from from_runs)."""
     from_runs: list[str] = field(default_factory=list)
     """Earlier run folders whose tags this run uses (later folders win)."""
+    transfer_tags: bool = False
+    """Use from_runs' tags on a base other than the one they were trained on (same hidden size): a deliberate
+    transfer, said in the log. Off: such a base is refused (run.json's base identity is compared in full)."""
     tasks: list[TaskConfig] = field(default_factory=list)
     """The task mixture."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -346,14 +350,17 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
             return int(value)
         raise bad
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 (PyYAML) reads `1e-5` (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 (PyYAML) reads `1e-5` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise bad
+        if number is not None and math.isfinite(number):  # NaN or inf would train on and end in a NaN loss
+            return number
+        raise UserError(f"{source}: {where}: expected a finite number, got {value!r}") if number is not None else bad
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -365,8 +372,65 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
     raise bad
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take. Every float is also finite (`_convert` owns that)."""
+
+    low: float = 0.0
+    low_open: bool = False
+    """`low` itself is excluded."""
+    high: float = math.inf
+    what: str = "0 or more"
+    """What the message says was expected."""
+
+    def check(self, value: float, where: str, source: str) -> None:
+        """One line naming the field when `value` is outside the range."""
+        if not ((value > self.low if self.low_open else value >= self.low) and value < self.high):
+            raise UserError(f"{source}: {where}: expected {self.what}, got {value}")
+
+
+POSITIVE_INT = Range(1, what="a positive integer")
+NON_NEGATIVE = Range()
+FRACTION = Range(0, high=1, what="a value in [0, 1)")
+RANGES: dict[tuple[str, str], Range] = {
+    ("BaseConfig", "seed"): NON_NEGATIVE,  # numpy's seeds are non-negative
+    ("TagConfig", "p"): Range(1, what="a positive number of vectors"),
+    ("HeadConfig", "outputs"): POSITIVE_INT,
+    ("DataConfig", "limit"): POSITIVE_INT,
+    ("TaskConfig", "weight"): Range(0, low_open=True, what="a positive weight"),
+    **{("TrainConfig", name): POSITIVE_INT for name in ("steps", "micro_batch", "global_batch", "max_length",
+                                                         "log_every", "val_limit")},
+    ("TrainConfig", "lr"): Range(0, low_open=True, what="a positive learning rate"),
+    ("TrainConfig", "head_lr"): Range(0, low_open=True, what="a positive learning rate"),
+    ("TrainConfig", "grad_clip"): Range(what="0 (off) or a positive norm"),
+    ("TrainConfig", "warmup_ratio"): FRACTION,
+    ("TrainConfig", "val_fraction"): FRACTION,
+    **{("EvalConfig", name): POSITIVE_INT for name in ("micro_batch", "max_new_tokens", "limit")},
+}
+"""The range of each numeric setting, checked wherever a config is built (a recipe, an override, a run.json).
+A numeric setting not listed here is 0 or more (NON_NEGATIVE), which is what most counts, rates and sizes mean."""
+
+
+def check_range(cls: type, key: str, value: Any, where: str, source: str) -> None:
+    """A numeric setting's value is in its range (RANGES); one line naming the field otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        RANGES.get((cls.__name__, key), NON_NEGATIVE).check(value, where, source)
+
+
+def check_option(value: Any, tp: Any, where: str) -> Any:
+    """A built-in source's option (typed by its signature) as that type, finite and 0 or more where a number; a
+    message without the file, which the caller puts in front."""
+    try:
+        value = _convert(value, tp, where, "")
+        check_range(type(None), where, value, where, "")
+    except UserError as err:
+        raise UserError(str(err).removeprefix(": ")) from None
+    return value
+
+
 def build(cls: type, data: dict, source: str = "<config>", prefix: str = "") -> Any:
-    """Make dataclass `cls` from a mapping; unknown keys and wrong types are UserErrors naming the field."""
+    """Make dataclass `cls` from a mapping; unknown keys, wrong types and values out of their range are
+    UserErrors naming the field."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -375,6 +439,7 @@ def build(cls: type, data: dict, source: str = "<config>", prefix: str = "") -> 
         if key not in names or key == "source":
             raise UserError(f"{source}: {where}: unknown key{nearest(str(key), names)}")
         kwargs[key] = _convert(value, hints[key], where, source)
+        check_range(cls, key, kwargs[key], where, source)
     return cls(**kwargs)
 
 
@@ -431,15 +496,22 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise UserError(f"{path}:{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of config keys at the top level")
-    for text in overrides:
-        _apply_override(data, text)
-    stage = data.get("stage", 1)
-    if stage not in STAGE_PRESETS:
-        raise UserError(f"{path}: stage: expected 1, 2 or 3, got {stage!r}")
-    cfg = build(RunConfig, _merge(STAGE_PRESETS[stage], data), str(path))
+    if overrides:  # the recipe alone first: a key or value that fails only after the overrides is theirs
+        build_recipe(data, str(path))
+        for text in overrides:
+            _apply_override(data, text)
+    cfg = build_recipe(data, "command line" if overrides else str(path))
     cfg.source = str(path)
     validate(cfg)
     return cfg
+
+
+def build_recipe(data: dict, source: str) -> RunConfig:
+    """A recipe's mapping over its stage's preset, typed; `source` names who wrote it (a file, the command line)."""
+    stage = data.get("stage", 1)
+    if stage not in STAGE_PRESETS:
+        raise UserError(f"{source}: stage: expected 1, 2 or 3, got {stage!r}")
+    return build(RunConfig, _merge(STAGE_PRESETS[stage], data), source)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -455,12 +527,8 @@ def validate(cfg: RunConfig) -> None:
         if tag.name in seen:
             raise UserError(f"{where}.name: {tag.name} is defined twice")
         seen.add(tag.name)
-        if tag.p < 1:
-            raise UserError(f"{where}.p: expected a positive number of vectors, got {tag.p}")
         if tag.head and tag.kind != "function":
             raise UserError(f"{where}.head: only function tags carry heads; {tag.name} is a {tag.kind} tag")
-        if tag.head and tag.head.outputs < 1:
-            raise UserError(f"{where}.head.outputs: expected a positive number, got {tag.head.outputs}")
         if tag.head and tag.head.type == "regression" and tag.head.outputs != 1:
             # a record carries one number in `label`; more outputs would train on collation's zero padding
             raise UserError(f"{where}.head.outputs: a regression head predicts one number (the task's label "
@@ -507,8 +575,6 @@ def validate(cfg: RunConfig) -> None:
                 raise UserError(f"{where}.template: a head task must contain its function tag {task.head}")
             if not task.label:
                 raise UserError(f"{where}.label: a head task needs the field that holds its label")
-        if task.weight <= 0:
-            raise UserError(f"{where}.weight: expected a positive weight, got {task.weight}")
         for name, kind in task.validate.items():
             if kind not in FIELD_KINDS:
                 raise UserError(f"{where}.validate.{name}: expected {' or '.join(FIELD_KINDS)}, got {kind!r}")
@@ -525,22 +591,6 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"{where}.val: expected a path (a .jsonl/.csv file); a built-in source's validation "
                             f"is carved from its training split by train.val_fraction")
     t = cfg.train
-    for name in ("steps", "micro_batch", "global_batch", "max_length", "log_every"):
-        if getattr(t, name) < 1:
-            raise UserError(f"{src}: train.{name}: expected a positive integer, got {getattr(t, name)}")
-    if not 0 <= t.val_fraction < 1:
-        raise UserError(f"{src}: train.val_fraction: expected a value in [0, 1), got {t.val_fraction}")
-    if t.val_limit < 1:
-        raise UserError(f"{src}: train.val_limit: expected a positive integer, got {t.val_limit}")
-    if t.grad_clip < 0:
-        raise UserError(f"{src}: train.grad_clip: expected 0 (off) or a positive norm, got {t.grad_clip}")
-    for name in ("eval_every", "save_every", "keep_checkpoints"):
-        if getattr(t, name) < 0:
-            raise UserError(f"{src}: train.{name}: expected 0 or more, got {getattr(t, name)}")
-    if t.lr <= 0 or (t.head_lr is not None and t.head_lr <= 0):
-        raise UserError(f"{src}: train.lr: expected a positive learning rate")
-    if not 0 <= t.warmup_ratio < 1:
-        raise UserError(f"{src}: train.warmup_ratio: expected a value in [0, 1), got {t.warmup_ratio}")
     if t.global_batch % t.micro_batch:
         raise UserError(f"{src}: train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch})")
     if not any(task.train is not None for task in cfg.tasks):

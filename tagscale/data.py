@@ -25,7 +25,7 @@ from tagscale.errors import UserError
 # The readers live in tagscale.records, the checks in tagscale.inputs (neither imports torch: the command line
 # checks files before loading it).
 from tagscale.cache import cache_dir
-from tagscale.inputs import FIELD, label_value
+from tagscale.inputs import FIELD, field_text, label_value
 from tagscale.records import RecordSet, _datasets, read_records
 from tagscale.records import record_where as _record_where
 from tagscale.model import IGNORE
@@ -41,13 +41,7 @@ Mistral, which merges with nothing, so dropping its tokens leaves the text's tok
 # templates and encoding
 
 def fill(template: str, record: dict) -> str:
-    def field_value(match: re.Match) -> str:
-        name = match.group(1)
-        if name not in record:
-            raise UserError(f"{_record_where(record)}: field {name!r} (named by the template) is missing")
-        return str(record[name])
-
-    return FIELD.sub(field_value, template)
+    return FIELD.sub(lambda match: field_text(record, match.group(1)), template)
 
 
 @dataclass
@@ -196,6 +190,13 @@ def _too_long(record: dict, length: int, max_length: int) -> UserError:
                      f"raise it or set train.too_long: skip")
 
 
+def _all_too_long(where: str, count: int, shortest: int, longest: int, max_length: int) -> UserError:
+    """Every example of a task is longer than max_length: how many, and what the shortest and longest need."""
+    return UserError(f"{where}: all {count} examples are longer than train.max_length ({max_length}); the "
+                     f"shortest needs {shortest} tokens, the longest {longest}: raise train.max_length or "
+                     f"lower the tags' p")
+
+
 def encode_task(encoder: Encoder, task: TaskConfig, task_index: int, records, too_long: str, where: str,
                 with_target: bool = True) -> tuple:
     """Encode every record; returns the examples and how many were skipped as too long.
@@ -205,9 +206,10 @@ def encode_task(encoder: Encoder, task: TaskConfig, task_index: int, records, to
     """
     if isinstance(records, RecordSet):
         return EncodedSet.build(encoder, task, task_index, records, too_long, where, with_target)
-    examples, skipped = [], 0
+    examples, skipped, lengths = [], 0, []
     for example in encoder.encode_batch(task, task_index, list(records), with_target):
         example = _fit(example, encoder.max_length, too_long, task)
+        lengths.append(len(example.ids))
         if len(example.ids) > encoder.max_length:
             if too_long == "error":
                 raise _too_long(example.record, len(example.ids), encoder.max_length)
@@ -215,7 +217,7 @@ def encode_task(encoder: Encoder, task: TaskConfig, task_index: int, records, to
             continue
         examples.append(example)
     if not examples:
-        raise UserError(f"{where}: every example is longer than train.max_length ({encoder.max_length})")
+        raise _all_too_long(where, len(lengths), min(lengths), max(lengths), encoder.max_length)
     return examples, skipped
 
 
@@ -268,15 +270,16 @@ class EncodedSet:
         folder = cache_dir() / "encoded" / hashlib.sha256(key.encode()).hexdigest()[:20]
         folder.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(folder) + ".lock"):
-            if not (folder / "skipped.json").is_file():
+            summary = folder / "skipped.json"  # a cache from before `lengths` was recorded is written again
+            if not summary.is_file() or "lengths" not in json.loads(summary.read_text()):
                 _encode_into(folder, encoder, task, task_index, records, too_long, with_target, datasets)
         skipped = json.loads((folder / "skipped.json").read_text())
         if skipped.get("error"):  # cached too: the same records fail the same way, at once
             row, length = skipped["error"]
             raise _too_long(records[row], length, encoder.max_length)
+        if skipped["skipped"] == len(records):  # nothing left to load (datasets cannot open an empty table)
+            raise _all_too_long(where, len(records), *skipped["lengths"], encoder.max_length)
         table = datasets.load_from_disk(str(folder / "table"))
-        if len(table) == 0:
-            raise UserError(f"{where}: every example is longer than train.max_length ({encoder.max_length})")
         return cls(table, records, task_index), skipped["skipped"]
 
 
@@ -318,7 +321,7 @@ def _encode_into(folder, encoder: Encoder, task: TaskConfig, task_index: int, re
                                   cache_file_name=str(scratch / "encoded.arrow"))
         lengths = _arrow_column(table, "length").to_numpy()
         long = np.nonzero(lengths > encoder.max_length)[0]
-        summary: dict = {"skipped": int(len(long))}
+        summary: dict = {"skipped": int(len(long)), "lengths": [int(lengths.min()), int(lengths.max())] if len(lengths) else [0, 0]}
         if len(long) and too_long == "error":
             summary["error"] = [int(table[int(long[0])]["source"]), int(lengths[long[0]])]
             table = table.select([])

@@ -22,7 +22,7 @@ import torch
 
 from tagscale.config import RunConfig
 from tagscale.errors import UserError
-from tagscale.dsconfig import read_ds_config
+from tagscale.dsconfig import check_device_precision, read_ds_config
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -187,6 +187,9 @@ def shutdown() -> None:
 def load_ds_config(path: str | Path, cfg: RunConfig) -> dict:
     """Read a DeepSpeed JSON and write the batch sizes into it: the recipe is their one source."""
     ds = read_ds_config(path, cfg, world_size())
+    accelerator = deepspeed.accelerator.get_accelerator()
+    check_device_precision(path, ds, device().type.upper() if device().type == "cuda" else "CPU",
+                           {"bf16": bool(accelerator.is_bf16_supported()), "fp16": bool(accelerator.is_fp16_supported())})
     ds.setdefault("zero_optimization", {})
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)

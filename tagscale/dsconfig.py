@@ -11,6 +11,40 @@ from tagscale.config import RunConfig, grad_accumulation
 from tagscale.errors import UserError, read_json
 
 
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def check_read_keys(path: Path, ds: dict) -> None:
+    """What tagscale itself reads of a DeepSpeed JSON (the ZeRO stage, the precision, gradient clipping) has the
+    type and value DeepSpeed expects; one line naming the file and key otherwise. The rest is DeepSpeed's own."""
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise UserError(f"{path}: zero_optimization: expected a JSON object, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in ZERO_STAGES:
+        raise UserError(f"{path}: zero_optimization.stage: expected 0, 1, 2 or 3, got {stage!r}")
+    enabled = []
+    for key in ("bf16", "fp16"):
+        section = ds.get(key, {})
+        if not isinstance(section, dict) or not isinstance(section.get("enabled", False), bool):
+            raise UserError(f"{path}: {key}: expected {{\"enabled\": true or false}}, got {section!r}")
+        if section.get("enabled"):
+            enabled.append(key)
+    if len(enabled) > 1:
+        raise UserError(f"{path}: bf16 and fp16 are both enabled; expected at most one")
+    clip = ds.get("gradient_clipping", 0.0)
+    if clip != "auto" and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 <= clip < float("inf")):
+        raise UserError(f"{path}: gradient_clipping: expected 0 or a positive number, got {clip!r}")
+
+
+def check_device_precision(path: str | Path, ds: dict, device: str, supported: dict[str, bool]) -> None:
+    """The precision a DeepSpeed JSON enables is one the device computes in (`supported`: precision -> bool)."""
+    for key in ("bf16", "fp16"):
+        if ds.get(key, {}).get("enabled") and not supported.get(key, False):
+            raise UserError(f"{path}: {key}.enabled: {key} is not supported on this {device}; expected a DeepSpeed "
+                            f"config for it (e.g. ds_configs/zero3_cpu.json on a CPU)")
+
+
 def read_ds_config(path: str | Path, cfg: RunConfig, world_size: int) -> dict:
     """A DeepSpeed JSON with the recipe's batch sizes written in: the recipe is their one source."""
     path = Path(path)
@@ -21,6 +55,7 @@ def read_ds_config(path: str | Path, cfg: RunConfig, world_size: int) -> dict:
     ds = read_json(path)
     if not isinstance(ds, dict):
         raise UserError(f"{path}: expected a JSON object")
+    check_read_keys(path, ds)
     wanted = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
               "train_batch_size": micro * accumulation * world_size}
     recipe_keys = {"train_micro_batch_size_per_gpu": "train.micro_batch",

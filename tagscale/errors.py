@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, NoReturn
@@ -37,8 +38,10 @@ def read_json(path: Path) -> Any:
 
 
 def fail(message: str, exit_code: int = UserError.exit_code) -> NoReturn:
-    """Print one line to stderr and exit (2 unless told otherwise)."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    """Print one line to stderr and exit (2 unless told otherwise). Under a launcher only rank 0 prints it: every
+    rank reads the same inputs and meets the same error, which the user needs once, not once per rank."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
     sys.exit(exit_code)
 
 

@@ -6,7 +6,7 @@ of greedy `generate` output with the tags in the prompt. Next-token tasks (stage
 Beside each task can stand its baselines: the run's starting point (initial tags, untrained heads) and a
 closed-form ridge probe on the frozen base's last prompt token (no tags), fitted on the training set.
 
-    python -m tagscale.evaluate --run runs/stage3 [--limit N] [--json]   # one process; the recipe is the run's own
+    python -m tagscale.evaluate --run runs/stage3 [--limit N] [--json] [--base FOLDER [--transfer]]   # one process; the recipe is the run's own
 """
 
 from __future__ import annotations
@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     """Evaluate a finished run's tags and heads on its tasks' held-out sets (one process)."""
     import argparse
 
-    from tagscale.config import RunConfig, build
+    from tagscale.config import BaseConfig, EvalConfig, RunConfig, build, check_range
     from tagscale.methods import apply_method
     from tagscale.runfolder import read_run_json
     from tagscale.runs import load_for_inference
@@ -595,14 +595,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, help="a complete run folder")
     parser.add_argument("--limit", type=int, help="at most this many examples per task")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    parser.add_argument("--base", help="base folder (default: the one the run was trained on, where it was then)")
+    parser.add_argument("--transfer", action="store_true",
+                        help="evaluate the run's tags on a base other than the one they were trained on")
     args = parser.parse_args(argv)
     folder = Path(args.run)
     meta = read_run_json(folder, "--run")
     recipe = build(RunConfig, {k: v for k, v in meta["config"].items() if k != "source"}, str(folder / "run.json"))
     recipe.source = str(folder / "run.json")
+    if args.limit is not None:
+        check_range(EvalConfig, "limit", args.limit, "--limit", "command line")  # the recipe's range for it
     recipe.evaluation.limit = args.limit or recipe.evaluation.limit
     cfg = apply_method(recipe, {name: info["p"] for name, info in meta["tags"].items()})
-    model, base = load_for_inference([folder])
+    model, base = load_for_inference([folder], BaseConfig(path=args.base) if args.base else None, args.transfer)
     encoder = Encoder(base.tokenizer, {s.name: model.bank.placeholder_ids(s.name) for s in model.bank.specs}, set(),
                       model.head_names, cfg.train.max_length)
     results = {task: {"trained": metrics} for task, metrics in evaluate(cfg, model, encoder, base.tokenizer).items()}

@@ -12,19 +12,25 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Optional
 
 from tagscale.cache import cache_dir
-from tagscale.config import TAG_NAME, DataConfig, RunConfig, TaskConfig
+from tagscale.config import TAG_NAME, BaseConfig, DataConfig, RunConfig, TaskConfig
 from tagscale.dsconfig import read_ds_config
 from tagscale.errors import UserError, nearest, read_json
 from tagscale.records import RecordSet, read_records, record_where
-from tagscale.runfolder import check_finished_run, check_output_folder
+from tagscale.runfolder import (check_finished_run, check_not_in_use, check_output_folder, check_resume_point,
+                                check_same_base, read_run_json)
 # the built-in sources' own rules for numbers, SMILES and proteins, so a user's file meets the same ones
 from tagscale.sources import BUILTINS, _check_protein, _parse_smiles, _to_float, resolve_options
 
 FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+BRACED = re.compile(r"\{[^{}\n]*\}|[{}]")
+"""Every brace of a template and what it holds: each must be a whole {field}."""
+TAG_START = re.compile(r"<[A-Za-z][A-Za-z0-9_\-]*")
+"""The start of a tag name: it must close with `>`."""
 # The files transformers loads a model's weights from (one file, or the index of a sharded checkpoint).
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _checked: set[str] = set()  # check_inputs runs once per process for a given config (the CLI calls it early)
@@ -47,8 +53,41 @@ def tags_in_tasks(cfg: RunConfig) -> list[str]:
     return list(seen)
 
 
+def check_template(text: str, where: str) -> list[str]:
+    """The fields a template names. A brace that is not a whole {field}, a tag name that does not close with `>`,
+    or no field at all (every example would be the same text) is one line naming the template."""
+    for match in BRACED.finditer(text):
+        if not FIELD.fullmatch(match.group()):
+            shown = match.group() if len(match.group()) > 1 else text[match.start():match.start() + 20]
+            raise UserError(f"{where}: {shown!r} at character {match.start() + 1}: expected {{field}}, a field "
+                            f"name of letters, digits and _ in braces (e.g. {{seq}})")
+    for match in TAG_START.finditer(text):
+        if not text.startswith(">", match.end()):
+            raise UserError(f"{where}: {match.group()!r} at character {match.start() + 1}: a tag name must close with "
+                            f"> (e.g. <Protein>)")
+    fields = FIELD.findall(text)
+    if not fields:
+        raise UserError(f"{where}: names no {{field}}, so every example would be the same text; expected at least "
+                        f"one field of the data (e.g. {{seq}})")
+    return fields
+
+
+def field_text(record: dict, name: str) -> str:
+    """A record's field as the text a template shows: a string, a number or a boolean; a missing field, a list or
+    an object is one line naming the record's line and the field."""
+    if name not in record:
+        raise UserError(f"{record_where(record)}: field {name!r} (named by the template) is missing")
+    value = record[name]
+    if isinstance(value, (list, dict)):
+        raise UserError(f"{record_where(record)}: field {name!r}: expected text or a number, got a "
+                        f"{'list' if isinstance(value, list) else 'JSON object'}")
+    return str(value)
+
+
 def label_value(record: dict, task: TaskConfig) -> float:
-    """A head task's label as a finite number."""
+    """A head task's label as a finite number; a missing label field is named."""
+    if task.label not in record:
+        raise UserError(f"{record_where(record)}: field {task.label!r} (the label of task {task.name!r}) is missing")
     return _to_float(record.get(task.label), f"{record_where(record)}: field {task.label!r}")
 
 
@@ -64,9 +103,11 @@ def check_records(cfg: RunConfig, task: TaskConfig, records: RecordSet) -> None:
     if passed.is_file():  # these rows passed these checks before: a warm start reads none of them
         return
     for record in records:
-        for name in names + list(task.validate):
+        for name in list(task.validate):
             if name not in record:
                 raise UserError(f"{record_where(record)}: field {name!r} (named by task {task.name!r}) is missing")
+        for name in names:
+            field_text(record, name)
         if task.head:
             number = label_value(record, task)
             if classes is not None and (not number.is_integer() or not 0 <= number < classes):
@@ -82,8 +123,9 @@ def check_records(cfg: RunConfig, task: TaskConfig, records: RecordSet) -> None:
     passed.touch()
 
 
-RECORD_CHECKS_VERSION = 1
-"""Bump when `check_records`' rules change: the markers of rows that passed the earlier rules are then not trusted."""
+RECORD_CHECKS_VERSION = 2
+"""Bump when `check_records`' rules change: the markers of rows that passed the earlier rules are then not trusted.
+2: a list or object in a text field is refused."""
 
 
 def checked_marker(records: RecordSet, checks: list) -> Path:
@@ -96,14 +138,39 @@ def checked_marker(records: RecordSet, checks: list) -> Path:
 # ---------------------------------------------------------------------------------------------
 # run folders
 
-def check_earlier_runs(cfg: RunConfig, hidden_size: Optional[int]) -> dict[str, str]:
+def check_earlier_runs(cfg: RunConfig, hidden_size: Optional[int], identity: Optional[dict] = None) -> dict[str, str]:
     """Each tag the runs in from_runs provide, mapped to its run folder (later runs win): the runs finished,
-    their tag files are whole, and each tag is as wide as the base's hidden size (where already known)."""
+    their tag files are whole and finite, each tag is as wide as the base's hidden size (where already known), and
+    they were trained on this base (`identity`: what is known of it; a transfer only where cfg.transfer_tags)."""
     found: dict[str, str] = {}
     for i, path in enumerate(cfg.from_runs):
-        meta = check_finished_run(Path(path), f"{cfg.source}: from_runs[{i}]", hidden_size)
+        where = f"{cfg.source}: from_runs[{i}]"
+        meta = check_finished_run(Path(path), where, hidden_size)
+        transferred = check_same_base(meta, identity or {"fingerprint": base_fingerprint(cfg.base)},
+                                      f"{where}: {path}", cfg.transfer_tags)
+        if transferred and identity is None and os.environ.get("RANK", "0") == "0":  # said once, before torch
+            print(f"note: {where}: {path}: its tags were trained on another base "
+                  f"({(meta.get('base') or {}).get('source')}); transferred to this one (transfer_tags: true)",
+                  file=sys.stderr, flush=True)
         found.update({name: str(path) for name in meta["tags"]})
     return found
+
+
+def check_tags_fit(cfg: RunConfig) -> None:
+    """Each task's tags leave room in train.max_length: a template whose tags alone fill it has no example that
+    fits, which would otherwise be found only after the base and the data load."""
+    widths = {tag.name: tag.p for tag in cfg.tags}
+    for path in cfg.from_runs:
+        meta = read_run_json(Path(path), f"{cfg.source}: from_runs")
+        widths.update({name: info.get("p", 0) for name, info in meta["tags"].items() if name not in widths})
+    for i, task in enumerate(cfg.tasks):
+        used = template_tags(task.template) + template_tags(task.target or "")
+        total = sum(widths.get(name, 0) for name in used)
+        if used and total >= cfg.train.max_length:
+            parts = ", ".join(f"{name} p={widths.get(name, 0)}" for name in used)
+            raise UserError(f"{cfg.source}: tasks[{i}].template: its tags alone take {total} positions ({parts}), "
+                            f"train.max_length is {cfg.train.max_length}: no example can fit; raise train.max_length "
+                            f"or lower the tags' p")
 
 
 def check_tag_sources(cfg: RunConfig, inherited: dict[str, str]) -> None:
@@ -156,6 +223,27 @@ def base_hidden_size(cfg: RunConfig) -> Optional[int]:
     return hidden if isinstance(hidden, int) else None
 
 
+def base_fingerprint(base: BaseConfig) -> str:
+    """What the base's weights are, read without loading them: a preset by its name and seed (its random init is a
+    function of them), an embedded base by its name, a folder by a hash of its config.json and of each weight
+    file's size, first and last MiB. Two folders of the same shape but other weights (another seed, another
+    training) differ; the same folder moved elsewhere does not."""
+    if base.preset is not None:
+        return f"preset:{base.preset}:seed:{base.seed}"
+    if base.path.startswith("embedded:"):
+        return base.path
+    folder = Path(base.path).expanduser()
+    digest = hashlib.sha256((folder / "config.json").read_bytes() if (folder / "config.json").is_file() else b"")
+    for file in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")) if folder.is_dir() else []:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as handle:
+            digest.update(handle.read(1 << 20))
+            handle.seek(max(0, size - (1 << 20)))
+            digest.update(handle.read(1 << 20))
+    return "sha256:" + digest.hexdigest()[:32]
+
+
 def launched_world_size() -> int:
     """The number of ranks a launcher started (one for a plain process, as `dist.init` decides)."""
     return int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
@@ -171,13 +259,16 @@ def check_inputs(cfg: RunConfig, ds_config: str | Path | None) -> None:
         return
     if ds_config is not None:  # None only for method: expert, which starts no DeepSpeed engine
         read_ds_config(ds_config, cfg, launched_world_size())
+    for i, task in enumerate(cfg.tasks):
+        check_template(task.template, f"{cfg.source}: tasks[{i}].template")
+        if task.target is not None:
+            check_template(task.target, f"{cfg.source}: tasks[{i}].target")
     hidden_size = base_hidden_size(cfg)
     check_output_folder(cfg)
-    resume = cfg.train.resume
-    if resume not in ("auto", "never") and not (Path(resume) / "COMPLETE").is_file():
-        raise UserError(f"{cfg.source}: train.resume: {resume}: not a complete tagscale checkpoint (no COMPLETE "
-                        f"marker); expected auto, never or a checkpoints/step-N folder")
+    check_not_in_use(cfg)
+    check_resume_point(cfg)
     check_tag_sources(cfg, check_earlier_runs(cfg, hidden_size))
+    check_tags_fit(cfg)
     for i, task in enumerate(cfg.tasks):
         for part, data in (("train", task.train), ("eval", task.eval), ("val", task.val)):
             where = f"{cfg.source}: tasks[{i}].{part}"

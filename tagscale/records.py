@@ -10,6 +10,7 @@ a 10 M-row file is still reported by its line. No torch: the command line checks
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import itertools
@@ -19,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, BinaryIO, Iterator, Optional
 
 import numpy as np
 
@@ -167,19 +168,31 @@ def _has_lines(path: Path, n: int) -> bool:
         return sum(1 for _ in itertools.islice((raw for raw in handle if raw.strip()), n)) >= n
 
 
-def _first_bad_json_line(path: Path) -> Optional[str]:
-    """The first line of a JSONL file that is not a JSON object, as a message (None when every line is one)."""
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                return f"{path}: line {number}: not valid JSON ({err.msg})"
-            if not isinstance(value, dict):
-                return f"{path}: line {number}: expected a JSON object of fields"
-    return None
+def json_lines(handle: BinaryIO, origin: str, plain_field: Optional[str] = None) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each non-blank line of JSONL bytes: the one reader of JSON lines in Python, for the
+    trainer's files (where Arrow's reader refuses them) and predict's inputs alike. UTF-8 with or without a
+    byte-order mark, Unix or Windows line ends. A line that is not a JSON object is one line naming it; with
+    `plain_field`, that line's text is that field instead (predict's plain-text inputs)."""
+    for number, raw in enumerate(handle, 1):
+        if number == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as err:
+            raise UserError(f"{origin}: line {number}: not UTF-8 text (byte {err.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            if plain_field is None:
+                raise UserError(f"{origin}: line {number}: not valid JSON ({err.msg})") from None
+            value = None
+        if not isinstance(value, dict):
+            if plain_field is None:
+                raise UserError(f"{origin}: line {number}: expected a JSON object of fields")
+            value = {plain_field: line}
+        yield number, value
 
 
 def _as_text(value: Any) -> Any:
@@ -196,11 +209,9 @@ def _jsonl_by_python(path: Path, folder: Path):
     ds = _datasets()
 
     def rows(as_text: bool):
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    record = json.loads(line)
-                    yield {k: _as_text(v) for k, v in record.items()} if as_text else record
+        with path.open("rb") as handle:
+            for _, record in json_lines(handle, str(path)):
+                yield {k: _as_text(v) for k, v in record.items()} if as_text else record
 
     for as_text in (False, True):
         try:
@@ -255,9 +266,9 @@ def _read_file(path: Path, start: int):
     except Exception as err:  # the fast reader refused: find the line, or fall back to Python's parser
         if kind != "json":
             raise UserError(f"{path}: not readable as {kind} ({str(err).strip().splitlines()[-1][:200]})") from None
-        bad = _first_bad_json_line(path)
-        if bad:
-            raise UserError(bad) from None
+        with path.open("rb") as handle:  # the first line that is not a JSON object, named
+            for _ in json_lines(handle, str(path)):
+                pass
         table = _jsonl_by_python(path, folder)
     if kind == "csv" and lines is not None and len(lines) != len(table):
         lines = None  # the two readers disagree on what is a row: fall back to header + row number

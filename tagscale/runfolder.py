@@ -7,6 +7,7 @@ code (tagscale.runs, tagscale.train) uses the same functions, so each rule lives
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import fcntl
 import json
@@ -15,6 +16,8 @@ import socket
 import struct
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 from tagscale.config import RunConfig
 from tagscale.errors import UserError, read_json
@@ -26,6 +29,11 @@ RESUMABLE_KEYS = {("train", "steps"), ("train", "resume"), ("train", "save_every
                   ("train", "keep_checkpoints"), ("output", "dir"), ("wandb",), ("source",)}
 LOCK_NAME = ".lock"
 """The run-folder lock file, held (flock) by a live run's rank 0."""
+BEFORE_RUN_JSON = {LOCK_NAME, "wandb", ".wandb_id"}
+"""What a run writes in its folder before its run.json (the lock, the tracker's files): a folder holding anything
+else but no run.json is not a tagscale run, whatever its names (a user's own `checkpoints/` or `tags.safetensors`)."""
+IDENTITY_KEYS = ("model_type", "hidden_size", "num_layers", "embedding_rows", "num_parameters", "fingerprint")
+"""What a base is (not where it lies: a moved base is the same base), as run.json's `base` records it."""
 
 
 def read_run_json(folder: Path, where: str) -> dict:
@@ -66,9 +74,26 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
     return shapes
 
 
+def check_finite_tensors(path: Path) -> None:
+    """Every value in a safetensors file is finite (read with numpy, no torch): a NaN tag would train on to a NaN
+    loss, or predict NaN."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            for name in handle.keys():
+                values = handle.get_tensor(name)
+                if values.dtype.kind == "f" and not np.isfinite(values).all():
+                    bad = int((~np.isfinite(values)).sum())
+                    raise UserError(f"{path}: tag or head {name} holds {bad} non-finite values (NaN or inf); expected "
+                                    f"finite numbers (the run that wrote it diverged: retrain it)")
+    except (TypeError, ValueError, OSError):  # a dtype numpy lacks (bf16): such a file is not checked here
+        return
+
+
 def check_finished_run(folder: Path, where: str, hidden_size: Optional[int]) -> dict:
-    """A run folder whose tags can be used: it finished, its tag file is whole, and each tag is as wide as the
-    base's hidden size (where already known). Returns its run.json."""
+    """A run folder whose tags can be used: it finished, its tag file is whole and finite, and each tag is as wide
+    as the base's hidden size (where already known). Returns its run.json."""
     meta = read_run_json(folder, where)
     if meta.get("status") != "complete":
         raise UserError(f"{folder}/run.json: status is {meta.get('status')!r}; the run did not finish "
@@ -76,7 +101,25 @@ def check_finished_run(folder: Path, where: str, hidden_size: Optional[int]) -> 
     shapes = safetensors_shapes(folder / "tags.safetensors")
     for name in meta["tags"]:
         check_tag_width(folder / "tags.safetensors", name, shapes.get(name), hidden_size)
+    check_finite_tensors(folder / "tags.safetensors")
+    if meta.get("heads") and (folder / "heads.safetensors").is_file():
+        safetensors_shapes(folder / "heads.safetensors")
+        check_finite_tensors(folder / "heads.safetensors")
     return meta
+
+
+def check_same_base(meta: dict, identity: dict, where: str, transfer: bool) -> bool:
+    """The base a run's tags were trained on (its run.json's `base`) is this one: every identity key both record
+    agrees. Another base of the same width is refused unless `transfer` asks for it. Returns whether the bases
+    differ (a transfer the caller says in its log)."""
+    recorded = meta.get("base") or {}
+    differ = [key for key in IDENTITY_KEYS if key in recorded and key in identity and recorded[key] != identity[key]]
+    if differ and not transfer:
+        details = ", ".join(f"{key} {recorded[key]} here {identity[key]}" for key in differ)
+        raise UserError(f"{where}: the tags were trained on another base ({recorded.get('source', '?')}; differs in "
+                        f"{details}); expected the same base, or ask for a transfer to this one explicitly "
+                        f"(transfer_tags: true; predict/evaluate --transfer)")
+    return bool(differ)
 
 
 def check_tag_width(path: Path, name: str, shape: Optional[list[int]], hidden_size: Optional[int]) -> None:
@@ -88,15 +131,34 @@ def check_tag_width(path: Path, name: str, shape: Optional[list[int]], hidden_si
                         f"(the base's hidden size: tags only work with the base they were trained on)")
 
 
+def _with_defaults(config: dict, defaults: dict) -> dict:
+    """`config` with the settings it lacks at their defaults (a run.json written before a setting existed)."""
+    out = dict(config)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_defaults(out[key], value)
+    return out
+
+
 def comparable(config: dict) -> dict:
-    """A run's resolved config without the settings a resumed run may change."""
-    out = json.loads(json.dumps(config, default=str))
+    """A run's resolved config without the settings a resumed run may change; a setting added since the run was
+    written counts at its default."""
+    out = json.loads(json.dumps(_with_defaults(config, dataclasses.asdict(RunConfig())), default=str))
     for key in RESUMABLE_KEYS:
         node = out
         for part in key[:-1]:
             node = node.get(part, {})
         node.pop(key[-1], None)
     return out
+
+
+def config_difference(meta: dict, cfg: RunConfig) -> list[str]:
+    """The top-level settings in which a run.json's config differs from `cfg` (those a resumed run may change
+    aside): empty when the run is one of this config."""
+    theirs, mine = comparable(meta.get("config", {})), comparable(cfg.to_dict())
+    return sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
 
 
 def check_output_folder(cfg: RunConfig) -> Optional[dict]:
@@ -108,21 +170,74 @@ def check_output_folder(cfg: RunConfig) -> Optional[dict]:
         what = "is" if existing == folder else f"lies inside {existing}, which is"
         raise UserError(f"{cfg.source}: output.dir: {folder} {what} a file, not a folder; expected a new or "
                         f"empty folder (nothing was written)")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{cfg.source}: output.dir: {folder}: cannot write in {existing} (read-only file system, "
+                        f"an immutable folder or no permission); expected a folder this user can write in")
     meta_path = folder / "run.json"
-    if not meta_path.is_file():
-        if folder.is_dir() and any(p.name not in {"checkpoints", "wandb", "PREEMPTED", LOCK_NAME}
-                                   for p in folder.iterdir()):
-            if not (folder / "checkpoints").is_dir():
-                raise UserError(f"{cfg.source}: output.dir: {folder} holds files that are not a tagscale run; "
-                                f"expected an empty or new folder")
+    if not meta_path.is_file():  # only a run.json makes a folder a run: anything of the user's there is refused
+        theirs = sorted(p.name for p in folder.iterdir() if p.name not in BEFORE_RUN_JSON
+                        and not p.name.startswith(".run.json.tmp")) if folder.is_dir() else []
+        if theirs:
+            raise UserError(f"{cfg.source}: output.dir: {folder} holds {folder / theirs[0]}"
+                            f"{f' and {len(theirs) - 1} more' if len(theirs) > 1 else ''} but no run.json: not a "
+                            f"tagscale run; expected an empty or new folder (nothing there was changed)")
         return None
     meta = read_run_json(folder, f"{cfg.source}: output.dir")
-    theirs, mine = comparable(meta.get("config", {})), comparable(cfg.to_dict())
-    if theirs != mine:
-        diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+    diff = config_difference(meta, cfg)
+    if diff:
         raise UserError(f"{cfg.source}: output.dir: {folder} holds a run of another config (differs in: "
                         f"{', '.join(diff)}); expected a new output.dir (nothing there was changed)")
     return meta
+
+
+def checkpoint_dirs(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a checkpoint is complete once its COMPLETE marker exists)."""
+    root = folder / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / "COMPLETE").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def find_resume_point(cfg: RunConfig) -> Optional[Path]:
+    """The checkpoint to resume from: none, the newest complete one (auto), or a given path."""
+    if cfg.train.resume == "never":
+        return None
+    if cfg.train.resume != "auto":
+        path = Path(cfg.train.resume)
+        if not (path / "COMPLETE").is_file():
+            raise UserError(f"{cfg.source}: train.resume: {path}: not a complete tagscale checkpoint (no COMPLETE "
+                            f"marker); expected auto, never or a checkpoints/step-N folder")
+        return path
+    found = checkpoint_dirs(Path(cfg.output.dir))
+    return found[-1] if found else None
+
+
+def check_resume_point(cfg: RunConfig) -> None:
+    """The checkpoint a run would resume from fits it: written by a run of this config (the same rule as the output
+    folder's: a changed tag p, head or base cannot be loaded into this run's trainables), and with steps left to
+    run; a checkpoint at exactly train.steps is resumed only by the run that wrote it (killed after its last
+    checkpoint, before its outputs), whose run.json names those steps."""
+    point = find_resume_point(cfg)
+    if point is None:
+        return
+    where = f"{cfg.source}: train.resume" if cfg.train.resume != "auto" else f"{cfg.source}: output.dir"
+    folder = point.parent.parent
+    meta = read_run_json(folder, f"{where}: {point}")
+    diff = config_difference(meta, cfg)
+    if diff:
+        raise UserError(f"{where}: {point} was written by a run of another config (differs in: {', '.join(diff)}); "
+                        f"expected a checkpoint of this config, or train.resume: never")
+    try:
+        step = int((point / "COMPLETE").read_text().strip() or point.name.split("-")[1])
+    except (ValueError, IndexError):
+        raise UserError(f"{where}: {point}/COMPLETE: expected the checkpoint's step") from None
+    steps = cfg.train.steps
+    own_last = step == steps and folder.resolve() == Path(cfg.output.dir).resolve() \
+        and meta.get("config", {}).get("train", {}).get("steps") == steps
+    if step > steps or (step == steps and not own_last):
+        raise UserError(f"{cfg.source}: train.steps: {steps}, but the checkpoint {point} is at step {step}, so no "
+                        f"step would run; expected more steps than the checkpoint's (or train.resume: never)")
 
 
 class FolderLock:
@@ -154,21 +269,49 @@ class FolderLock:
                 break
 
 
+def _in_use(cfg: RunConfig, folder: Path, fd: int) -> UserError:
+    holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process that has not yet named itself"
+    return UserError(f"{cfg.source}: output.dir: {folder} is in use by a live run ({holder}); wait for it to "
+                     f"end or choose another output.dir")
+
+
+def check_not_in_use(cfg: RunConfig) -> None:
+    """Refuse at once (before torch loads) a folder a live run holds; creates and writes nothing."""
+    path = Path(cfg.output.dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # no lock file: nobody holds the folder
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use(cfg, Path(cfg.output.dir), fd) from None
+    finally:
+        os.close(fd)
+
+
 def lock_output_folder(cfg: RunConfig) -> FolderLock:
     """Hold `output.dir` for this run; a folder held by a live run is one line naming it and its holder."""
     folder = Path(cfg.output.dir)
     created = [p for p in (folder, *folder.parents) if not p.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{cfg.source}: output.dir: {folder}: cannot be made ({err.strerror}); expected a folder "
+                        f"this user can write in") from None
     path = folder / LOCK_NAME
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"{cfg.source}: output.dir: {folder}: cannot write in it ({err.strerror}); expected a "
+                            f"folder this user can write in") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process that has not yet named itself"
+            error = _in_use(cfg, folder, fd)
             os.close(fd)
-            raise UserError(f"{cfg.source}: output.dir: {folder} is in use by a live run ({holder}); wait for it to "
-                            f"end or choose another output.dir") from None
+            raise error from None
         try:  # a holder that ended between our open and our flock removed the file: lock the one there now
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

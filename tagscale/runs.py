@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from tagscale.config import RunConfig
 from tagscale.errors import UserError
 from tagscale.metrics import to_json
 from tagscale.inputs import check_earlier_runs, check_tag_sources, tags_in_tasks
-from tagscale.runfolder import FORMAT, check_finished_run, read_run_json
+from tagscale.runfolder import FORMAT, check_finished_run, check_same_base, checkpoint_dirs, find_resume_point, read_run_json  # noqa: F401  (re-exported)
 from tagscale.model import HeadSpec, TaggedModel
 from tagscale.tags import TagBank, TagSpec, init_bank
 
@@ -67,9 +68,10 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: truncated or corrupt safetensors file ({str(err).splitlines()[0][:120]})") from None
 
 
-def load_earlier_runs(cfg: RunConfig, hidden_size: int) -> dict[str, InheritedTag]:
-    """Tags of the runs in from_runs (later runs win), checked against the base's hidden size."""
-    check_earlier_runs(cfg, hidden_size)  # folders, status, whole files, widths: one line for each problem
+def load_earlier_runs(cfg: RunConfig, hidden_size: int, identity: Optional[dict] = None) -> dict[str, InheritedTag]:
+    """Tags of the runs in from_runs (later runs win), checked against the base (its hidden size; its whole
+    identity where given)."""
+    check_earlier_runs(cfg, hidden_size, identity)  # folders, status, whole files, widths, base: one line each
     found: dict[str, InheritedTag] = {}
     for i, path in enumerate(cfg.from_runs):
         folder = Path(path)
@@ -170,15 +172,6 @@ def save_outputs(folder: Path, tag_values: dict[str, torch.Tensor], head_values:
 # ---------------------------------------------------------------------------------------------
 # resumable checkpoints
 
-def checkpoint_dirs(folder: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a checkpoint is complete once its COMPLETE marker exists)."""
-    root = folder / "checkpoints"
-    if not root.is_dir():
-        return []
-    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / "COMPLETE").is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
-
-
 def write_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
     """Write atomically: a temporary folder, then a rename; keep the newest `keep` checkpoints.
 
@@ -205,9 +198,13 @@ def write_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
     return final
 
 
-def trim_metrics(folder: Path, step: int) -> None:
+def trim_metrics(folder: Path, step: Optional[int]) -> None:
     """Drop metrics.jsonl records after `step` (a resumed run repeats those steps and logs them again), and a
-    last line torn by a kill."""
+    last line torn by a kill; every record when `step` is None (a run that starts again from step 0)."""
+    if step is None:
+        (folder / "metrics.jsonl").unlink(missing_ok=True)
+        return
+
     def step_of(line: str) -> float:
         try:
             return json.loads(line).get("step", 0)
@@ -224,19 +221,6 @@ def trim_metrics(folder: Path, step: int) -> None:
             tmp.replace(path)
 
 
-def find_resume_point(cfg: RunConfig) -> Optional[Path]:
-    """The checkpoint to resume from: none, the newest complete one (auto), or a given path."""
-    if cfg.train.resume == "never":
-        return None
-    if cfg.train.resume != "auto":
-        path = Path(cfg.train.resume)
-        if not (path / "COMPLETE").is_file():
-            raise UserError(f"train.resume: {path}: not a complete tagscale checkpoint (no COMPLETE marker)")
-        return path
-    found = checkpoint_dirs(Path(cfg.output.dir))
-    return found[-1] if found else None
-
-
 def read_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
@@ -247,19 +231,37 @@ def read_checkpoint(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # trained runs for inference (prediction, evaluation of a finished run)
 
-def load_for_inference(folders: list[Path], base_cfg=None):
+def inference_base(folders: list[Path], base_cfg=None, transfer: bool = False):
+    """The runs' run.json files and the base to load (the first run's unless `base_cfg` says otherwise), checked
+    without torch or the base's weights: every run finished, whole and finite, trained on this base (or
+    `transfer`)."""
+    from tagscale.config import BaseConfig, build
+    from tagscale.inputs import base_fingerprint
+
+    metas = [check_finished_run(f, "--runs", None) for f in folders]
+    base_cfg = base_cfg or build(BaseConfig, metas[0]["config"]["base"], str(folders[0] / "run.json"), "base")
+    for folder, meta in zip(folders, metas):
+        check_same_base(meta, {"fingerprint": base_fingerprint(base_cfg)}, f"--runs: {folder}", transfer)
+    return metas, base_cfg
+
+
+def load_for_inference(folders: list[Path], base_cfg=None, transfer: bool = False):
     """A TaggedModel (one process, no DeepSpeed) with every tag and head of `folders`; earlier folders win.
 
-    The base is the one the first run was trained on unless `base_cfg` says otherwise.
+    The base is the one the first run was trained on unless `base_cfg` says otherwise; a base other than the one
+    a run was trained on is refused unless `transfer`.
     """
     from tagscale.bases import load_base
-    from tagscale.config import BaseConfig, build
 
-    metas = [check_finished_run(f, "--runs", None) for f in folders]  # before the base loads: fail fast
-    base = load_base(base_cfg or build(BaseConfig, metas[0]["config"]["base"], str(folders[0] / "run.json"), "base"))
+    metas, base_cfg = inference_base(folders, base_cfg, transfer)  # before the base loads: fail fast
+    base = load_base(base_cfg)
     hidden = base.identity["hidden_size"]
-    for folder in folders:
+    for folder, meta in zip(folders, metas):
         check_finished_run(folder, "--runs", hidden)
+        if check_same_base(meta, base.identity, f"--runs: {folder}", transfer):
+            print(f"note: --runs: {folder}: its tags were trained on another base "
+                  f"({(meta.get('base') or {}).get('source')}); transferred to {base.identity['source']} (--transfer)",
+                  file=sys.stderr, flush=True)
     tags: dict[str, InheritedTag] = {}
     heads: dict[str, tuple[dict, dict[str, torch.Tensor]]] = {}
     for folder, meta in reversed(list(zip(folders, metas))):  # earlier folders overwrite later ones

@@ -38,6 +38,7 @@ import os
 import random
 import sqlite3
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -500,13 +501,18 @@ def resolve_options(name: str, options: dict[str, Any] | None) -> dict[str, Any]
     """`options` with the builtin's defaults filled in; UserError for an unknown option."""
     params = inspect.signature(BUILTINS[name]).parameters
     known = {k: p.default for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    for key in options or {}:
+    from tagscale.config import check_option  # the config's own types and ranges (finite, 0 or more)
+
+    hints = typing.get_type_hints(BUILTINS[name])
+    given = {}
+    for key, value in (options or {}).items():
         if key not in known:
             raise UserError(
                 f"options.{key}: unknown option for dataset {name!r}{nearest(key, known)}; "
                 f"expected one of {', '.join(known)}"
             )
-    return {**known, **(options or {})}
+        given[key] = check_option(value, hints[key], f"options.{key}")
+    return {**known, **given}
 
 
 def cache_path(name: str, split: str, resolved: dict[str, Any]) -> Path:

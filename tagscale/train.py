@@ -119,7 +119,7 @@ def build(cfg: RunConfig, ds_config: str) -> Session:
         base = load_base(cfg.base)
     if dist.low_precision_on_cpu(base.model):
         dist.use_fast_cpu_low_precision_linear()  # only where torch's slow path is: GPUs and fp32 keep F.linear
-    inherited = runs.load_earlier_runs(cfg, base.identity["hidden_size"])
+    inherited = runs.load_earlier_runs(cfg, base.identity["hidden_size"], base.identity)
     recipe, cfg = cfg, apply_method(cfg, {name: tag.vectors.shape[0] for name, tag in inherited.items()})
     plan = runs.plan_tags(cfg, inherited if cfg.method == "tag_llm" else {})
     model = runs.assemble(cfg, base, plan, dist.gathered)
@@ -158,8 +158,10 @@ def train_steps(s: Session, start: int, stop: StopFlag | None = None) -> bool:
             losses.append(float(loss.detach()))
         mean_loss, part_means, tokens = s.log.reduce_step(losses, parts, tokens)
         if not math.isfinite(mean_loss):
-            raise NonFiniteLoss(f"step {step + 1}: the loss is {mean_loss}; stopped, the last good checkpoint is kept "
-                                f"in {Path(cfg.output.dir) / 'checkpoints'} (lower train.lr or check the data)")
+            kept = runs.checkpoint_dirs(Path(cfg.output.dir))
+            where = f"the last good checkpoint is kept in {kept[-1]}" if kept else "no checkpoint was written before it"
+            raise NonFiniteLoss(f"step {step + 1}: the loss is {mean_loss}; stopped, {where} (lower train.lr or check "
+                                f"the data)")
         s.log.step(step + 1, mean_loss, part_means, lr, tokens, time.perf_counter() - started)
         if s.selector.due(step + 1):
             s.log.write(s.selector.consider(step + 1, engine))
@@ -204,13 +206,15 @@ def run(args: argparse.Namespace, cfg: RunConfig, stop: StopFlag, previous: dict
             print(f"{cfg.output.dir}: this run is already complete (step {previous['step']}); nothing to do")
         return 0
     session = build(cfg, args.ds_config)
-    if dist.is_main() and previous is None:  # inputs are good: mark the folder as this config's run
+    resume_from = runs.find_resume_point(cfg)
+    if dist.is_main():  # inputs are good: mark the folder as this config's run (this attempt's steps)
         runs.mark_running(cfg)
+        if resume_from is None:  # a start from step 0: what an attempt killed before its first checkpoint logged goes
+            runs.trim_metrics(Path(cfg.output.dir), None)
     # the starting point is scored before any checkpoint is loaded (and kept in the folder for a resumed run)
     before = evaluate.baselines(session.cfg, session.model, session.encoder, session.tokenizer) \
         if cfg.evaluation.enabled else {}
     start = 0
-    resume_from = runs.find_resume_point(cfg)
     if resume_from is None:
         before = evaluate.start_heads_from_probe(session.cfg, session.model, session.encoder, session.tokenizer,
                                                  session.data.examples, session.selector.sets, before)

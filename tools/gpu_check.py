@@ -196,7 +196,7 @@ def inference_outputs(run_dir: Path, template: Optional[str], records: list[dict
         (scratch / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         _run([sys.executable, "-m", "tagscale.predict", "--runs", str(run_dir), "--template", template,
               "--input", str(scratch / "inputs.jsonl"), "--output", str(scratch / "predictions.jsonl"),
-              "--max_new_tokens", "8"], env)
+              "--max_new_tokens", "8", "--overwrite"], env)  # a rerun replaces its own scratch file
         result["predict"] = [json.loads(line) for line in (scratch / "predictions.jsonl").read_text().splitlines()]
     return result
 
