@@ -218,8 +218,10 @@ def test_selection_survives_a_resume(tmp_path):
     common = ["train.eval_every=1", "train.lr=0.03", "train.save_every=5", "evaluation.enabled=false"]
     train("tests/recipes/tiny_head.yaml", f"output.dir={resumed}", *common)
     shutil.copytree(resumed, whole)  # the uninterrupted run's outputs, kept before the interruption is staged
-    for name in ("run.json", "tags.safetensors", "heads.safetensors"):  # as if killed after the checkpoint
-        (resumed / name).unlink()
+    for name in ("tags.safetensors", "heads.safetensors"):  # as if killed after the checkpoint: no outputs yet,
+        (resumed / name).unlink()                         # and run.json as the trainer writes it at its start
+    meta = json.loads((resumed / "run.json").read_text())
+    (resumed / "run.json").write_text(json.dumps({**meta, "status": "running"}))
     proc = train("tests/recipes/tiny_head.yaml", f"output.dir={resumed}", *common)
     assert "resumed from" in proc.stdout + proc.stderr
     a, b = (json.loads((d / "run.json").read_text())["selection"] for d in (whole, resumed))
