@@ -69,6 +69,19 @@ def in_process_world(process_world):
     torch.nn.functional.linear = linear
 
 
+def tagged_tiny(tiny_base, specs, heads=(), uses_lm_head: bool = True):
+    """A TaggedModel on the tiny base whose tags hold seeded random vectors (seed 0), on DEVICE."""
+    from tagscale.model import TaggedModel
+    from tagscale.tags import TagBank
+
+    torch.manual_seed(0)
+    bank = TagBank(specs, tiny_base.identity["hidden_size"], tiny_base.identity["embedding_rows"])
+    with torch.no_grad():
+        for spec in specs:
+            bank.param(spec.name).normal_()
+    return TaggedModel(tiny_base.model, bank, list(heads), uses_lm_head=uses_lm_head).to(DEVICE)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -5,23 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, on_device
+from conftest import DEVICE, on_device, tagged_tiny
 from tagscale.data import collate, Example
-from tagscale.model import TaggedModel
-from tagscale.tags import TagBank, TagSpec
+from tagscale.tags import TagSpec
 
 SPECS = [TagSpec("<A>", "domain", 3, False), TagSpec("<B>", "function", 2, True)]
 
 
 @pytest.fixture()
 def tagged(tiny_base):
-    torch.manual_seed(0)
-    rows = tiny_base.identity["embedding_rows"]
-    bank = TagBank(SPECS, tiny_base.identity["hidden_size"], rows)
-    with torch.no_grad():
-        for spec in SPECS:
-            bank.param(spec.name).normal_()
-    model = TaggedModel(tiny_base.model, bank, [], uses_lm_head=True).to(DEVICE)
+    model = tagged_tiny(tiny_base, SPECS)
     yield model
     model.splice.remove()
 

@@ -5,23 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, on_device
+from conftest import DEVICE, on_device, tagged_tiny
 from tagscale.data import Example, collate
-from tagscale.model import HeadSpec, TaggedModel
-from tagscale.tags import TagBank, TagSpec
+from tagscale.model import HeadSpec
+from tagscale.tags import TagSpec
 
 IGNORE = -100
 
 
 def build(tiny_base, text: bool):
-    torch.manual_seed(0)
     specs = [TagSpec("<D>", "domain", 3, False), TagSpec("<F>", "function", 2, True)]
-    bank = TagBank(specs, tiny_base.identity["hidden_size"], tiny_base.identity["embedding_rows"])
-    with torch.no_grad():
-        for s in specs:
-            bank.param(s.name).normal_()
     heads = [] if text else [HeadSpec("<F>", "regression", 1)]
-    model = TaggedModel(tiny_base.model, bank, heads, uses_lm_head=text)
+    model = tagged_tiny(tiny_base, specs, heads, uses_lm_head=text)
     if not text:
         torch.nn.init.normal_(model.heads[0].linear.weight)
     return model.to(DEVICE)

@@ -11,9 +11,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import DEVICE
-from tagscale.model import TaggedModel
-from tagscale.tags import TagBank, TagSpec
+from conftest import DEVICE, tagged_tiny
+from tagscale.tags import TagSpec
 
 aten = torch.ops.aten
 SYNCING = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.item}
@@ -46,13 +45,7 @@ def test_the_counter_sees_the_syncs_it_counts():
 
 @pytest.fixture()
 def tagged(tiny_base):
-    torch.manual_seed(0)
-    specs = [TagSpec("<A>", "domain", 3, False), TagSpec("<B>", "function", 2, True)]
-    bank = TagBank(specs, tiny_base.identity["hidden_size"], tiny_base.identity["embedding_rows"])
-    with torch.no_grad():
-        for spec in specs:
-            bank.param(spec.name).normal_()
-    model = TaggedModel(tiny_base.model, bank, [], uses_lm_head=True).to(DEVICE)
+    model = tagged_tiny(tiny_base, [TagSpec("<A>", "domain", 3, False), TagSpec("<B>", "function", 2, True)])
     yield model
     model.splice.remove()
 
