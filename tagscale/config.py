@@ -122,8 +122,9 @@ class TaskConfig:
     eval: Optional[DataConfig] = None
     """Held-out test examples (default: the test split of a built-in train source), scored once, after training."""
     val: Optional[DataConfig] = None
-    """Validation examples that select the kept step (default: a seeded `train.val_fraction` of the training
-    records, carved out before training; never the test split)."""
+    """Validation examples that select the kept step (default: the val part of a built-in source given
+    `options.n_val`, else a seeded `train.val_fraction` of the training records, carved out before training; never
+    the test split)."""
 
     @property
     def loss(self) -> str:

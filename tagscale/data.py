@@ -8,6 +8,7 @@ number of ranks. No distributed imports: ranks come in as plain integers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -430,13 +431,18 @@ def validation_split(n: int, fraction: float, limit: int, seed: int, task_index:
 
 
 def task_records(cfg: RunConfig, index: int) -> tuple[RecordSet, RecordSet]:
-    """A trained task's training and validation records: its `val` data when given (at most train.val_limit),
-    else a seeded `train.val_fraction` of its training records (never the test split)."""
+    """A trained task's training and validation records: its `val` data when given (at most train.val_limit), else
+    the val part of a built-in source given `options.n_val` (fixed whatever `limit` keeps of the training rows: a
+    learning curve's sizes share it), else a seeded `train.val_fraction` of its training records (never the test
+    split)."""
     task = cfg.tasks[index]
     where = f"{cfg.source}: tasks[{index}].train"
     records = read_records(task.train, where, "train")
     if task.val is not None:
         return records, read_records(task.val, f"{cfg.source}: tasks[{index}].val", "val")[:cfg.train.val_limit]
+    if task.train.builtin is not None and task.train.options.get("n_val"):
+        held = read_records(dataclasses.replace(task.train, limit=None), where, "val")
+        return records, held[:cfg.train.val_limit]
     keep, held = validation_split(len(records), cfg.train.val_fraction, cfg.train.val_limit, cfg.train.seed, index)
     return (records if not len(held) else records.select(keep)), records.select(held)
 

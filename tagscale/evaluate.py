@@ -55,9 +55,10 @@ class EvalSet:
 
 
 def held_out_data(task: TaskConfig):
-    """A task's held-out (test) data: its eval data, else its built-in training source (read as split "test")."""
+    """A task's held-out (test) data: its eval data, else its built-in training source (read as split "test"; the
+    training rows' `limit` is not the test set's: evaluation.limit is)."""
     if task.eval is None and task.train is not None and task.train.builtin is not None:
-        return task.train
+        return dataclasses.replace(task.train, limit=None)
     return task.eval
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from tagscale.errors import UserError, nearest
-from tagscale.shapes import SHAPES
+from tagscale.shapes import EMBEDDED_SHAPES, SHAPES
 
 GIB = 1024**3
 
@@ -110,7 +110,8 @@ class Shape:
     tied_embeddings: bool = False
     norms_per_layer: int = 2  # LLaMA: input + post-attention RMSNorm; Gemma 3: four
     qk_norm: bool = False  # Gemma 3 / Qwen 3: an RMSNorm of head_dim on q and k
-    attention_bias: bool = False
+    attention_bias: bool = False  # q, k and v carry a bias
+    output_bias: bool = False  # o_proj too: LLaMA's attention_bias biases all four, Qwen2's fixed bias only q, k, v
     mlp_bias: bool = False
 
     @property
@@ -127,7 +128,9 @@ class Shape:
         h, i = self.hidden, self.intermediate
         attention = h * self.q_width + 2 * h * self.kv_width + self.q_width * h
         if self.attention_bias:
-            attention += self.q_width + 2 * self.kv_width + h
+            attention += self.q_width + 2 * self.kv_width
+        if self.output_bias:
+            attention += h
         mlp = 3 * h * i + ((2 * i + h) if self.mlp_bias else 0)
         norms = self.norms_per_layer * h + (2 * self.head_dim if self.qk_norm else 0)
         return attention + mlp + norms
@@ -155,6 +158,8 @@ def _shape_from_hf_config(name: str, config: dict) -> Shape:
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         model_type = str(config.get("model_type", ""))
         gemma = model_type.startswith("gemma")
+        qwen2 = model_type.startswith("qwen2")  # Qwen2 (and its MoE) bias q, k, v always, o never
+        qkv_bias = bool(config.get("attention_bias", qwen2)) or qwen2
         return Shape(
             name=name, hidden=hidden, intermediate=int(config["intermediate_size"]),
             layers=int(config["num_hidden_layers"]), heads=heads,
@@ -163,7 +168,7 @@ def _shape_from_hf_config(name: str, config: dict) -> Shape:
             tied_embeddings=bool(config.get("tie_word_embeddings", gemma)),
             norms_per_layer=4 if model_type.startswith(("gemma2", "gemma3")) else 2,
             qk_norm=model_type.startswith(("gemma3", "qwen3")),
-            attention_bias=bool(config.get("attention_bias", model_type.startswith("qwen2"))),
+            attention_bias=qkv_bias, output_bias=qkv_bias and not qwen2,
             mlp_bias=bool(config.get("mlp_bias", False)))
     except KeyError as err:
         raise UserError(f"{name}: config.json lacks {err.args[0]} (expected a decoder-only LM config)") from None
@@ -179,9 +184,11 @@ def resolve_shape(base: str) -> Shape:
                      kv_heads=spec["num_key_value_heads"], head_dim=spec["hidden_size"] // spec["num_attention_heads"],
                      vocab=spec["vocab_size"])
     if base.startswith("embedded:"):
-        from tagscale.bases import resolve_folder
-
-        folder = resolve_folder(base)
+        name = base.split(":", 1)[1]
+        if name not in EMBEDDED_SHAPES:
+            raise UserError(f"base {base!r}: unknown embedded base{nearest(name, EMBEDDED_SHAPES)}; known: "
+                            f"{', '.join(EMBEDDED_SHAPES)}")
+        return _shape_from_hf_config(base, EMBEDDED_SHAPES[name])  # no need to dequantize (7 GB for the 1.5B)
     else:
         folder = Path(base).expanduser()
         if not folder.exists():
@@ -322,7 +329,9 @@ def _layer_tensors(shape: Shape) -> list[int]:
     tensors = [h * shape.q_width, h * shape.kv_width, h * shape.kv_width, shape.q_width * h, h * i, h * i, i * h]
     tensors += [h] * shape.norms_per_layer + ([shape.head_dim, shape.head_dim] if shape.qk_norm else [])
     if shape.attention_bias:
-        tensors += [shape.q_width, shape.kv_width, shape.kv_width, h]
+        tensors += [shape.q_width, shape.kv_width, shape.kv_width]
+    if shape.output_bias:
+        tensors += [h]
     return tensors
 
 

@@ -1,7 +1,7 @@
-"""The random-init shape presets (`base.preset`), torch-free.
+"""The random-init shape presets (`base.preset`) and the embedded pretrained bases' shapes, torch-free.
 
-One table for both readers: tagscale.bases builds a LlamaConfig from it, and the planner (tagscale.planner) does
-its arithmetic on it without importing torch or transformers, so `tools/plan.py` answers at once.
+One table for both readers: tagscale.bases builds a LlamaConfig from SHAPES, and the planner (tagscale.planner) does
+its arithmetic on both tables without importing torch or transformers, so `tools/plan.py` answers at once.
 """
 
 from __future__ import annotations
@@ -27,4 +27,22 @@ SHAPES: dict[str, dict] = {
                       num_key_value_heads=8, vocab_size=32000),
     "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                       num_key_value_heads=8, vocab_size=32000),
+}
+
+# The embedded pretrained bases (tagscale.embedded.EMBEDDED_BASES), as the config.json keys the planner reads: so
+# `tools/plan.py embedded:<name>` answers without dequantizing the base (7 GB of fp32 for the 1.5B).
+# tests/test_embedded.py checks each against the config transformers reads from the base's GGUF header.
+EMBEDDED_SHAPES: dict[str, dict] = {
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                         tie_word_embeddings=True),
+    "gemma3-270m": dict(model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                        num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+                        tie_word_embeddings=True),
+    "qwen2.5-coder-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                               num_attention_heads=14, num_key_value_heads=2, head_dim=64, vocab_size=151936,
+                               tie_word_embeddings=False),
+    "qwen2.5-coder-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                               num_attention_heads=12, num_key_value_heads=2, head_dim=128, vocab_size=151936,
+                               tie_word_embeddings=False),
 }

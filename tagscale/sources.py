@@ -46,7 +46,7 @@ from tagscale.cache import cache_dir
 from tagscale.errors import UserError, nearest
 
 Record = dict[str, Any]  # flat: str -> str | float
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "val")  # "val": only sources with an `n_val` option (check_split)
 
 # Bump when a builtin's output changes for the same options, so old cache files are not reused.
 CACHE_VERSION = 2
@@ -193,22 +193,27 @@ def scaffold_split(smiles: list[str], n_test: int, where: str) -> tuple[list[int
 
 
 def _measured_split(part: str, rows: list[tuple[str, float]], field: str, n_train: int, n_test: int, split: str,
-                    seed: int, where: str) -> list[Record]:
-    """Records `{smiles, <field>}` of one part of `rows` (smiles, label): a seeded pool of n_train + n_test rows
-    (all of them when there are fewer), split by scaffold or at random, the test part cut to `n_test` (seeded)."""
+                    seed: int, where: str, n_val: int = 0) -> list[Record]:
+    """Records `{smiles, <field>}` of one part of `rows` (smiles, label): a seeded pool of n_train + n_val + n_test
+    rows (all of them when there are fewer), split by scaffold or at random, the test part cut to `n_test` (seeded).
+    With `n_val`, the last n_val rows of the training part (in the pool's seeded order) are part "val": a validation
+    set that stays the same when `limit` cuts the training rows from the front (a learning curve's sizes)."""
     if split not in ("scaffold", "random"):
         raise UserError(f"options.split: expected scaffold or random, got {split!r}")
     for name, value in (("n_train", n_train), ("n_test", n_test)):
         if not isinstance(value, int) or value < 1:
             raise UserError(f"options.{name}: expected a positive integer, got {value!r}")
-    pool = _seeded_sample(rows, n_train + n_test, seed)
+    if not isinstance(n_val, int) or n_val < 0 or (part == "val" and n_val == 0):
+        raise UserError(f"options.n_val: expected a positive integer (the val part's size), got {n_val!r}")
+    pool = _seeded_sample(rows, n_train + n_val + n_test, seed)
     n_test = min(n_test, len(pool) - 1)
     if split == "scaffold":
         train, test = scaffold_split([s for s, _ in pool], n_test, where)
         test = sorted(_seeded_sample(test, n_test, seed + 1))  # the fill may put a few more rows in test
     else:
         train, test = list(range(n_test, len(pool))), list(range(n_test))
-    return [{"smiles": pool[i][0], field: pool[i][1]} for i in (train if part == "train" else test)]
+    train, val = train[:len(train) - n_val], train[len(train) - n_val:]
+    return [{"smiles": pool[i][0], field: pool[i][1]} for i in {"train": train, "val": val, "test": test}[part]]
 
 
 def _b3db_table(name: str, columns: list[str]):
@@ -248,9 +253,11 @@ def bbbp(part: str, *, n_train: int = 3000, n_test: int = 500, split: str = "sca
     return _measured_split(part, rows, "bbb", n_train, n_test, split, seed, path.name)
 
 
-def qm9_gap(part: str, *, n_train: int = 3000, n_test: int = 500, split: str = "scaffold", seed: int = 0) -> list[Record]:
+def qm9_gap(part: str, *, n_train: int = 3000, n_test: int = 500, split: str = "scaffold", seed: int = 0,
+            n_val: int = 0) -> list[Record]:
     """QM9 (Ramakrishnan et al. 2014, via `qm9pack`): the DFT (B3LYP/6-31G(2df,p)) HOMO-LUMO gap in eV,
-    (LUMO - HOMO) x 27.2114, of small molecules (at most 9 heavy atoms); a seeded n_train + n_test of the 130,831."""
+    (LUMO - HOMO) x 27.2114, of small molecules (at most 9 heavy atoms); a seeded n_train + n_test of the 130,831
+    (+ n_val: a fixed validation part, see `_measured_split`)."""
     import pandas as pd
 
     folder = package_dir("qm9pack", "qm9pack") / "data"
@@ -263,7 +270,7 @@ def qm9_gap(part: str, *, n_train: int = 3000, n_test: int = 500, split: str = "
     frame = pd.concat(frames, ignore_index=True)
     rows = [(str(s), (float(lumo) - float(homo)) * HARTREE_EV)
             for s, homo, lumo in zip(frame.SMILES, frame.HOMO_au, frame.LUMO_au)]
-    return _measured_split(part, rows, "gap", n_train, n_test, split, seed, "qm9pack qm9_part*.csv")
+    return _measured_split(part, rows, "gap", n_train, n_test, split, seed, "qm9pack qm9_part*.csv", n_val)
 
 
 # ---------------------------------------------------------------------------------------------------- proteins
@@ -564,7 +571,10 @@ def check_split(name: str, split: str) -> None:
         raise UserError(
             f"unknown builtin dataset {name!r}{nearest(name, BUILTINS)}; expected one of {', '.join(BUILTINS)}")
     if split not in SPLITS:
-        raise UserError(f"unknown split {split!r} for dataset {name!r}; expected train or test")
+        raise UserError(f"unknown split {split!r} for dataset {name!r}; expected train, test or val")
+    if split == "val" and "n_val" not in inspect.signature(BUILTINS[name]).parameters:
+        raise UserError(f"dataset {name!r} has no val split (no n_val option); its validation is carved from its "
+                        f"training split by train.val_fraction")
 
 
 def load_builtin(name: str, split: str, options: dict[str, Any] | None = None) -> list[Record]:

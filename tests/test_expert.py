@@ -229,6 +229,44 @@ def test_qm9_gap_is_lumo_minus_homo_in_ev():
     assert not {_scaffold(r["smiles"]) for r in train} & {_scaffold(r["smiles"]) for r in test}
 
 
+def test_qm9_gap_learning_curve_sizes_share_validation_and_test(monkeypatch, tmp_path):
+    """The data axis (issue 25): `options.n_val` gives a fixed val part, and `train.limit` cuts the training rows from
+    the front, so every size trains on a nested, seeded-random subset and validates and tests on the very same
+    molecules, none of them in any size's training set; without n_val the run carves train.val_fraction as before."""
+    from tagscale.config import load_config
+    from tagscale.data import task_records
+    from tagscale.errors import UserError
+    from tagscale.evaluate import held_out_data
+    from tagscale.records import read_records
+
+    monkeypatch.setenv("TAGSCALE_CACHE", str(tmp_path))
+    recipe = Path(__file__).resolve().parents[1] / "tagscale" / "recipes" / "scaling_qm9gap.yaml"
+    options = ["tasks.0.train.options.n_train=600", "tasks.0.train.options.n_val=50", "tasks.0.train.options.n_test=80"]
+
+    def parts(limit: int) -> tuple[list, list, list]:
+        cfg = load_config(recipe, options + [f"tasks.0.train.limit={limit}"])
+        train, val = task_records(cfg, 0)
+        test = read_records(held_out_data(cfg.tasks[0]), "test", "test")
+        return [r["smiles"] for r in train], [r["smiles"] for r in val], [r["smiles"] for r in test]
+
+    tiny, small, large, full = parts(30), parts(150), parts(400), parts(10_000)
+    assert tiny[0] == small[0][:30] and tiny[1:] == small[1:]  # a limit below n_test cuts no test molecule
+    assert len(small[0]) == 150 and len(large[0]) == 400 and len(full[0]) >= 550
+    assert large[0][:150] == small[0] and full[0][:400] == large[0]  # nested: each size extends the smaller one
+    assert small[1] == large[1] == full[1] and len(small[1]) == 50  # the same validation molecules at every size
+    assert small[2] == large[2] == full[2] and len(small[2]) == 80  # and the same test molecules
+    assert not set(full[1]) & set(full[0]) and not set(full[1]) & set(full[2]) and not set(full[0]) & set(full[2])
+    assert not {_scaffold(s) for s in full[0] + full[1]} & {_scaffold(s) for s in full[2]}  # scaffold split kept
+
+    carved = load_config(recipe, ["tasks.0.train.options.n_train=600", "tasks.0.train.options.n_test=80"])
+    train, val = task_records(carved, 0)
+    assert len(val) == round(0.1 * (len(train) + len(val)))  # no n_val: train.val_fraction, as before
+    with pytest.raises(UserError, match="options.n_val: expected a positive integer"):
+        sources.load_builtin("qm9_gap", "val", {"n_train": 600, "n_test": 80})
+    with pytest.raises(UserError, match="dataset 'logbb' has no val split"):
+        sources.load_builtin("logbb", "val")
+
+
 # ---------------------------------------------------------------------------------------------------- #15: classes
 
 def test_classification_head_trains_evaluates_and_predicts_end_to_end(tmp_path):

@@ -75,6 +75,23 @@ def gemma():
     return AutoTokenizer.from_pretrained(embedded.cached_tokenizer_folder("gemma3-270m", embedded.gemma3_gguf))
 
 
+@pytest.fixture(scope="module")
+def qwen_05b():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        embedded.cached_tokenizer_folder("qwen2.5-coder-0.5b-instruct", embedded.qwen_coder_05b_gguf))
+
+
+@pytest.fixture(scope="module")
+def qwen_15b():
+    """The 1.5B base's tokenizer alone (converted from the GGUF header: no weight is dequantized)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        embedded.cached_tokenizer_folder("qwen2.5-coder-1.5b-instruct", embedded.qwen_coder_15b_gguf))
+
+
 def llama(folder: Path, legacy: bool):
     """The SentencePiece model as transformers loads LLaMA's tokenizer.model: legacy (a "▁" after every special
     token) or not; with a BOS, as LLaMA-2 and Mistral add one."""
@@ -83,7 +100,7 @@ def llama(folder: Path, legacy: bool):
     return LlamaTokenizer.from_pretrained(folder, legacy=legacy, add_bos_token=True)
 
 
-@pytest.fixture(scope="module", params=["smollm2", "gemma", "sp-legacy", "sp"])
+@pytest.fixture(scope="module", params=["smollm2", "gemma", "qwen_05b", "qwen_15b", "sp-legacy", "sp"])
 def tokenizer(request, sp_folder):
     if request.param.startswith("sp"):
         return llama(sp_folder, legacy=request.param == "sp-legacy")
@@ -111,6 +128,9 @@ def untagged(template: str) -> str:
     return TAG_NAME.sub("", fill(template, RECORD))
 
 
+# Qwen2's BPE merges ":\n" and ".\n" into one token, so its whole text has no boundary where these templates' tags
+# sit; for it, as for every byte-level BPE, the reference is each piece tokenized alone (the test after the next).
+@pytest.mark.parametrize("tokenizer", ["smollm2", "gemma", "sp-legacy", "sp"], indirect=True)
 @pytest.mark.parametrize("template", BOUNDARY_TEMPLATES)
 def test_text_around_tags_is_the_whole_text_tokenized(tokenizer, template):
     encoder = encoder_for(tokenizer)
@@ -148,10 +168,27 @@ def test_text_target_ends_with_one_eos(tokenizer):
     assert example.lm_targets[prompt_len - 1:-1] == target + [tokenizer.eos_token_id]
 
 
-def test_smollm2_and_gemma_ids_are_the_pieces_tokenized_alone(smollm2, gemma):
-    """Byte-level BPE and Gemma's SentencePiece add no dummy prefix: every piece is tokenized on its own, the
-    encoding before version 2 (the committed runs' ids), computed here piece by piece."""
-    for tokenizer in (smollm2, gemma):
+@pytest.mark.parametrize("name", ["qwen_05b", "qwen_15b"])
+def test_qwen_encoder_adds_no_bos_and_ends_targets_with_im_end(request, name):
+    """Both Qwen2.5-Coder tokenizers (Qwen2Tokenizer from the GGUF): they name a BOS (<|endoftext|>) but never add
+    it, so the Encoder adds none; EOS is the chat end <|im_end|>, which closes a text target once; padding uses
+    <|endoftext|>, not EOS."""
+    tokenizer = request.getfixturevalue(name)
+    assert type(tokenizer).__name__ == "Qwen2Tokenizer" and len(tokenizer) == 151_936
+    assert tokenizer.bos_token == "<|endoftext|>" and tokenizer("a").input_ids == whole(tokenizer, "a")
+    encoder = encoder_for(tokenizer)
+    assert encoder.bos == [] and tokenizer.convert_ids_to_tokens(encoder.eos) == "<|im_end|>"
+    task = TaskConfig(name="t", template="# # Input: <EN> {src}\n# # Output: <FR> <Translate>", target="{tgt}")
+    example = encoder.encode(task, 0, RECORD)
+    assert example.ids[0] == whole(tokenizer, "#")[0]  # the template's own first token, no BOS before it
+    assert example.ids[-1] == encoder.eos and example.ids.count(encoder.eos) == 1
+    assert tokenizer.bos_token_id not in example.ids and tokenizer.pad_token == "<|endoftext|>"
+
+
+def test_smollm2_gemma_and_qwen_ids_are_the_pieces_tokenized_alone(smollm2, gemma, qwen_05b, qwen_15b):
+    """Byte-level BPE (SmolLM2, Qwen2) and Gemma's SentencePiece add no dummy prefix: every piece is tokenized on
+    its own, the encoding before version 2 (the committed runs' ids), computed here piece by piece."""
+    for tokenizer in (smollm2, gemma, qwen_05b, qwen_15b):
         encoder = encoder_for(tokenizer)
         for template, _ in recipe_templates():
             expected = list(encoder.bos)
