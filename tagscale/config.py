@@ -64,6 +64,18 @@ class HeadConfig:
     ridge fit towards least squares, the fit validation rejected. Measured on QED x SmolLM2-135M, 60 steps of 8:
     no effect (that drift is a thousandth of a batch's gradient noise; docs/learning.md); it matters only when runs
     are long enough for the drift to add up. none: plain MSE."""
+    fit: Literal["gradient", "closed_form", "crossfit"] = "gradient"
+    """How the head is fitted while the tags train (init: probe only). gradient: the head is a trainable parameter
+    (head_lr). closed_form (variable projection): no trainable head; every micro-batch solves ridge (the probe's
+    penalty; a classifier: ridge on one-hot classes, as the probe) on a support set of every training record's
+    features, refreshed with the current tags' features as batches pass, and the tags follow the exact
+    leave-one-out residuals e_i / (1 - h_ii) of the batch's rows, gradients flowing through the features and the
+    solve. crossfit: the head for a row is the ridge fit on the support's other `folds` (no gradient through it),
+    so the residual the tags follow is out-of-sample. Both: a scored step uses the ridge fit on the whole support;
+    the saved head is the ridge fit on every training record at the kept step (the start's head if it is step 0).
+    tagscale/ridgehead.py; docs/learning.md says what each did."""
+    folds: int = 5
+    """fit: crossfit only: the number of folds of the training records (at least 2)."""
 
 
 @dataclass
@@ -465,6 +477,14 @@ def validate(cfg: RunConfig) -> None:
             # the classifier start (one-hot ridge scaled on validation) minimises no penalised cross-entropy
             raise UserError(f"{where}.head.penalty: probe keeps a ridge probe's penalty; it needs type: regression "
                             f"and init: probe (got type: {tag.head.type}, init: {tag.head.init})")
+        if tag.head and tag.head.fit != "gradient" and tag.head.init != "probe":
+            raise UserError(f"{where}.head.fit: {tag.head.fit} solves the head from the probe's ridge fit; it needs "
+                            f"init: probe (got init: {tag.head.init})")
+        if tag.head and tag.head.fit != "gradient" and tag.head.penalty != "none":
+            raise UserError(f"{where}.head.penalty: the closed-form head carries the probe's penalty in its solve; "
+                            f"drop penalty: {tag.head.penalty} or set fit: gradient")
+        if tag.head and tag.head.folds < 2:
+            raise UserError(f"{where}.head.folds: expected at least 2 folds, got {tag.head.folds}")
         if tag.init == "text" and not tag.init_text:
             raise UserError(f"{where}.init_text: init: text needs the text whose embeddings start the tag")
         if tag.kind != cfg.trained_kind and not (cfg.enrich and tag.kind == "domain"):
@@ -477,6 +497,9 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"{src}: method: {cfg.method} is a baseline for stages 2-3; stage 1 trains domain tags (tag_llm)")
     if cfg.method == "linear_probe" and any(t.loss != "head" for t in cfg.tasks):
         raise UserError(f"{src}: method: linear_probe trains only heads; every task needs a head (label) task")
+    if cfg.method == "linear_probe" and any(t.head and t.head.fit != "gradient" for t in cfg.tags):
+        raise UserError(f"{src}: method: linear_probe trains only its heads; a closed-form head (head.fit) would leave "
+                        f"it nothing to train: its probe start is already that solution (set head.fit: gradient)")
     if cfg.method == "expert":
         from tagscale.expert import check_expert_tasks  # torch- and sklearn-free: names and field kinds only
 

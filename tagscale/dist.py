@@ -150,6 +150,23 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_reduce_sum_differentiable(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks inside autograd: the backward sums the ranks' gradients (so each rank's input
+    receives the gradient of every rank's loss through the sum). The identity on one process."""
+    if torch_dist.is_initialized() and world_size() > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(values)
+    return values
+
+
+def ridge_collectives():
+    """What a closed-form head's support set needs of the process group (`tagscale.ridgehead.Collectives`)."""
+    from tagscale.ridgehead import Collectives
+
+    return Collectives(rank(), all_gather_objects, all_reduce_sum_differentiable)
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when any rank says so (a step-boundary agreement, e.g. on a signal)."""
     return bool(all_reduce_sum(torch.tensor([1 if flag else 0])).item() > 0)
@@ -446,12 +463,13 @@ def _set_partition(param: torch.nn.Parameter, full: torch.Tensor, key: str | Non
 
 
 def set_trainable(param: torch.nn.Parameter, value: torch.Tensor) -> None:
-    """Set a trainable parameter of a built engine to a whole value (the same on every rank). Collective.
+    """Set a parameter of a built engine to a whole value (the same on every rank). Collective.
 
-    Under ZeRO-3 the optimizer steps its own fp32 master copy and writes it back into the module: setting only
-    the module's copy would be undone by the first step, so both are written.
+    Under ZeRO-3 the optimizer steps its own fp32 master copy of a trainable parameter and writes it back into the
+    module: setting only the module's copy would be undone by the first step, so both are written (a frozen
+    parameter, e.g. a closed-form head, has no master copy).
     """
-    if is_partitioned(param):
+    if is_partitioned(param) and param.requires_grad:
         _set_partition(param, value, None)
     with gathered([param], modify=True), torch.no_grad():
         param.data.copy_(value.to(param.dtype).reshape(param.data.shape))

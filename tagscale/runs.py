@@ -152,7 +152,9 @@ def run_metadata(cfg: RunConfig, model: TaggedModel, plan: RunPlan, identity: di
     for spec in plan.specs:
         tags[spec.name] = {"kind": spec.kind, "p": spec.p, "trained_here": spec.trainable,
                            "from": plan.inherited[spec.name].run if spec.name in plan.inherited else "this run"}
-    heads = {h.spec.tag: {"type": h.spec.type, "outputs": h.spec.outputs, "penalty": h.penalty} for h in model.heads}
+    heads = {h.spec.tag: {"type": h.spec.type, "outputs": h.spec.outputs, "penalty": h.penalty,
+                          "fit": cfg.tag(h.spec.tag).head.fit if cfg.tag(h.spec.tag) else "gradient"}
+             for h in model.heads}
     return {"format": FORMAT, "status": status, "stage": cfg.stage, "step": step, "tags": tags, "heads": heads,
             "hidden_size": identity["hidden_size"], "base": identity, "config": cfg.to_dict(), **extra}
 
