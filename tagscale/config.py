@@ -157,11 +157,24 @@ class TrainConfig:
     head_lr: Optional[float] = None
     """Peak learning rate of the heads (default: lr)."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """Weight decay (AdamW's decoupled decay; SGD's L2 term)."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """The tags' and heads' optimizer. adamw: Adam's normalised steps (betas 0.9, 0.999). sgd: plain SGD with
+    `momentum`: steps proportional to the gradient, where Adam moves every coordinate by about the rate whatever its
+    gradient's size (docs/learning.md: what overshoots at 1e-4); it needs a much larger rate than AdamW."""
+    momentum: float = 0.9
+    """optimizer: sgd only: the momentum."""
     warmup_ratio: float = 0.03
     """Share of steps of linear warm-up."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warm-up."""
+    tag_reparam: Literal["none", "residual_mlp"] = "none"
+    """How trained tags are parameterised. none: each tag's vectors are the parameter. residual_mlp (Residual Prompt
+    Tuning, arXiv 2305.03937): vectors = tag + down(relu(up(tag))), the tag and a per-tag MLP of width
+    `tag_reparam_width` trained together, `down` starting at zero so that training starts at the initial vectors;
+    the MLP is folded into plain vectors when the run saves, so run folders, predict and composition are unchanged."""
+    tag_reparam_width: int = 64
+    """tag_reparam: residual_mlp only: the MLP's hidden width."""
     grad_clip: float = 0.0
     """Clip the global L2 norm of the trainables' gradient to this value before each optimizer step (DeepSpeed's
     ``gradient_clipping``; 0: off)."""
@@ -549,6 +562,10 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"{src}: train.val_fraction: expected a value in [0, 1), got {t.val_fraction}")
     if t.val_limit < 1:
         raise UserError(f"{src}: train.val_limit: expected a positive integer, got {t.val_limit}")
+    if not 0 <= t.momentum < 1:
+        raise UserError(f"{src}: train.momentum: expected a value in [0, 1), got {t.momentum}")
+    if t.tag_reparam_width < 1:
+        raise UserError(f"{src}: train.tag_reparam_width: expected a positive width, got {t.tag_reparam_width}")
     if t.grad_clip < 0:
         raise UserError(f"{src}: train.grad_clip: expected 0 (off) or a positive norm, got {t.grad_clip}")
     for name in ("eval_every", "save_every", "keep_checkpoints"):

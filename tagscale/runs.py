@@ -101,7 +101,8 @@ def assemble(cfg: RunConfig, base, plan: RunPlan, gathered: Callable[[list], Con
     model = base.model
     embedding = model.get_input_embeddings()
     first_id = base.identity["embedding_rows"]
-    bank = TagBank(plan.specs, base.identity["hidden_size"], first_id)
+    width = cfg.train.tag_reparam_width if cfg.train.tag_reparam == "residual_mlp" else 0
+    bank = TagBank(plan.specs, base.identity["hidden_size"], first_id, width, cfg.train.seed)
     for name, tag in plan.inherited.items():
         with torch.no_grad():
             bank.param(name).copy_(tag.vectors)

@@ -138,7 +138,8 @@ def build(cfg: RunConfig, ds_config: str) -> Session:
             head = model.heads[model.head_names.index(task.head)]
             mean, std = data.label_stats(i)
             head.mean.fill_(mean), head.std.fill_(std)
-    engine = dist.build_engine(model, runs.param_groups(model, cfg), ds, runs.lr_lambda(cfg))
+    engine = dist.build_engine(model, runs.param_groups(model, cfg), ds, runs.lr_lambda(cfg), cfg.train.optimizer,
+                               cfg.train.momentum)
     log = RunLog(cfg, model, base.identity, data.skipped, data.counts(cfg.tasks))
     selector = Selector(cfg, model, encoder, base.tokenizer, evaluate.validation_sets(cfg, encoder, data.validation))
     setup = {"config": str(ds_config), "zero_stage": dist.zero_stage(ds),
@@ -268,7 +269,7 @@ def save_checkpoint(s: Session, step: int) -> None:
 def save_outputs(s: Session, step: int) -> Path:
     """Tags and heads as safetensors plus run.json, written by rank 0 (the values gathered on all ranks)."""
     cfg, model, plan = s.cfg, s.model, s.plan
-    tags = {spec.name: dist.full_fp32(model.bank.param(spec.name)) for spec in plan.specs}
+    tags = {spec.name: model.bank.folded(spec.name, dist.full_fp32) for spec in plan.specs}
     heads = {}
     for head in model.heads:
         heads[f"{head.spec.tag}.weight"] = dist.full_fp32(head.linear.weight)
