@@ -377,3 +377,18 @@ def test_bad_lever_settings_are_one_line_exit_2(tmp_path, override, says):
     proc = train("tests/recipes/scaling_tiny.yaml", override, f"output.dir={out}", check=False, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert says in proc.stderr and "Traceback" not in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("lever", [["train.tag_reparam=residual_mlp", "train.tag_reparam_width=8", "train.lr=0.01"],
+                                   ["train.optimizer=sgd", "train.lr=0.05"]], ids=["reparam", "sgd"])
+def test_tag_levers_two_ranks_zero3_equal_one_rank(tmp_path, lever):
+    """The reparameterised tags' MLP and SGD's momentum, partitioned by ZeRO-3 over 2 ranks (2 rows each), train
+    as 1 rank with the 4 rows in one micro-batch: the same losses step by step and the same saved tags."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = [*lever, "train.steps=3", "train.val_fraction=0"]
+    train(RECIPE, f"output.dir={one}", "train.micro_batch=4", *common)
+    train(RECIPE, f"output.dir={two}", "train.micro_batch=2", *common, ranks=2)
+    a, b = [m["loss"] for m in metrics(one)], [m["loss"] for m in metrics(two)]
+    assert len(set(round(v, 5) for v in a)) == 3
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5 * max(a)
+    assert (tags_of(one)["<Count>"] - tags_of(two)["<Count>"]).abs().max().item() <= 1e-5
