@@ -196,11 +196,14 @@ def test_closed_form_run_keeping_step_0_keeps_the_probe_start(tmp_path):
         assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a), name
 
 
-def test_closed_form_two_ranks_zero3_equal_one_rank(tmp_path):
-    """2 ranks under ZeRO-3 (each its own 2 rows, the Gram statistics summed across ranks inside autograd) train as
-    1 rank with the 4 rows in one micro-batch: the same losses step by step and the same tags."""
+@pytest.mark.parametrize("fit", ["closed_form", "crossfit"])
+def test_closed_form_two_ranks_zero3_equal_one_rank(tmp_path, fit):
+    """2 ranks under ZeRO-3 (each its own 2 rows; closed_form: the Gram statistics summed across ranks inside
+    autograd; crossfit: every rank's rows refresh every rank's cache) train as 1 rank with the 4 rows in one
+    micro-batch: the same losses step by step and the same tags."""
     one, two = tmp_path / "one", tmp_path / "two"
-    common = [*CLOSED, "train.lr=0.001", "train.steps=3", "train.val_fraction=0"]  # no validation: the last step
+    common = ["tags.0.head.init=probe", f"tags.0.head.fit={fit}", "train.lr=0.001", "train.steps=3",
+              "train.val_fraction=0"]  # no validation: the last step is kept
     train(RECIPE, f"output.dir={one}", "train.micro_batch=4", *common)
     train(RECIPE, f"output.dir={two}", "train.micro_batch=2", *common, ranks=2)
     a, b = [m["loss"] for m in metrics(one)], [m["loss"] for m in metrics(two)]
