@@ -171,7 +171,8 @@ class TrainConfig:
     tag_reparam: Literal["none", "residual_mlp"] = "none"
     """How trained tags are parameterised. none: each tag's vectors are the parameter. residual_mlp (Residual Prompt
     Tuning, arXiv 2305.03937): vectors = tag + down(relu(up(tag))), the tag and a per-tag MLP of width
-    `tag_reparam_width` trained together, `down` starting at zero so that training starts at the initial vectors;
+    `tag_reparam_width` trained together (an MLP of a fixed init alone could not separate init: mean's p equal
+    vectors), `down` starting at zero so that training starts at the initial vectors;
     the MLP is folded into plain vectors when the run saves, so run folders, predict and composition are unchanged."""
     tag_reparam_width: int = 64
     """tag_reparam: residual_mlp only: the MLP's hidden width."""
