@@ -65,6 +65,18 @@ class HeadConfig:
     ridge fit towards least squares, the fit validation rejected. Measured on QED x SmolLM2-135M, 60 steps of 8:
     no effect (that drift is a thousandth of a batch's gradient noise; docs/learning.md); it matters only when runs
     are long enough for the drift to add up. none: plain MSE."""
+    fit: Literal["gradient", "closed_form", "crossfit"] = "gradient"
+    """How the head is fitted while the tags train (init: probe only). gradient: the head is a trainable parameter
+    (head_lr). closed_form (variable projection): no trainable head; every micro-batch solves ridge (the probe's
+    penalty; a classifier: ridge on one-hot classes, as the probe) on a support set of every training record's
+    features, refreshed with the current tags' features as batches pass, and the tags follow the exact
+    leave-one-out residuals e_i / (1 - h_ii) of the batch's rows, gradients flowing through the features and the
+    solve. crossfit: the head for a row is the ridge fit on the support's other `folds` (no gradient through it),
+    so the residual the tags follow is out-of-sample. Both: a scored step uses the ridge fit on the whole support;
+    the saved head is the ridge fit on every training record at the kept step (the start's head if it is step 0).
+    tagscale/ridgehead.py; docs/learning.md says what each did."""
+    folds: int = 5
+    """fit: crossfit only: the number of folds of the training records (at least 2)."""
 
 
 @dataclass
@@ -147,11 +159,25 @@ class TrainConfig:
     head_lr: Optional[float] = None
     """Peak learning rate of the heads (default: lr)."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """Weight decay (AdamW's decoupled decay; SGD's L2 term)."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """The tags' and heads' optimizer. adamw: Adam's normalised steps (betas 0.9, 0.999). sgd: plain SGD with
+    `momentum`: steps proportional to the gradient, where Adam moves every coordinate by about the rate whatever its
+    gradient's size (docs/learning.md: what overshoots at 1e-4); it needs a much larger rate than AdamW."""
+    momentum: float = 0.9
+    """optimizer: sgd only: the momentum."""
     warmup_ratio: float = 0.03
     """Share of steps of linear warm-up."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warm-up."""
+    tag_reparam: Literal["none", "residual_mlp"] = "none"
+    """How trained tags are parameterised. none: each tag's vectors are the parameter. residual_mlp (Residual Prompt
+    Tuning, arXiv 2305.03937): vectors = tag + down(relu(up(tag))), the tag and a per-tag MLP of width
+    `tag_reparam_width` trained together (an MLP of a fixed init alone could not separate init: mean's p equal
+    vectors), `down` starting at zero so that training starts at the initial vectors;
+    the MLP is folded into plain vectors when the run saves, so run folders, predict and composition are unchanged."""
+    tag_reparam_width: int = 64
+    """tag_reparam: residual_mlp only: the MLP's hidden width."""
     grad_clip: float = 0.0
     """Clip the global L2 norm of the trainables' gradient to this value before each optimizer step (DeepSpeed's
     ``gradient_clipping``; 0: off)."""
@@ -406,6 +432,8 @@ RANGES: dict[tuple[str, str], Range] = {
     ("TrainConfig", "grad_clip"): Range(what="0 (off) or a positive norm"),
     ("TrainConfig", "warmup_ratio"): FRACTION,
     ("TrainConfig", "val_fraction"): FRACTION,
+    ("TrainConfig", "momentum"): FRACTION,
+    ("TrainConfig", "tag_reparam_width"): Range(1, what="a positive width"),
     **{("EvalConfig", name): POSITIVE_INT for name in ("micro_batch", "max_new_tokens", "limit")},
 }
 """The range of each numeric setting, checked wherever a config is built (a recipe, an override, a run.json).
@@ -540,6 +568,14 @@ def validate(cfg: RunConfig) -> None:
             # the classifier start (one-hot ridge scaled on validation) minimises no penalised cross-entropy
             raise UserError(f"{where}.head.penalty: probe keeps a ridge probe's penalty; it needs type: regression "
                             f"and init: probe (got type: {tag.head.type}, init: {tag.head.init})")
+        if tag.head and tag.head.fit != "gradient" and tag.head.init != "probe":
+            raise UserError(f"{where}.head.fit: {tag.head.fit} solves the head from the probe's ridge fit; it needs "
+                            f"init: probe (got init: {tag.head.init})")
+        if tag.head and tag.head.fit != "gradient" and tag.head.penalty != "none":
+            raise UserError(f"{where}.head.penalty: the closed-form head carries the probe's penalty in its solve; "
+                            f"drop penalty: {tag.head.penalty} or set fit: gradient")
+        if tag.head and tag.head.folds < 2:
+            raise UserError(f"{where}.head.folds: expected at least 2 folds, got {tag.head.folds}")
         if tag.init == "text" and not tag.init_text:
             raise UserError(f"{where}.init_text: init: text needs the text whose embeddings start the tag")
         if tag.kind != cfg.trained_kind and not (cfg.enrich and tag.kind == "domain"):
@@ -552,6 +588,9 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"{src}: method: {cfg.method} is a baseline for stages 2-3; stage 1 trains domain tags (tag_llm)")
     if cfg.method == "linear_probe" and any(t.loss != "head" for t in cfg.tasks):
         raise UserError(f"{src}: method: linear_probe trains only heads; every task needs a head (label) task")
+    if cfg.method == "linear_probe" and any(t.head and t.head.fit != "gradient" for t in cfg.tags):
+        raise UserError(f"{src}: method: linear_probe trains only its heads; a closed-form head (head.fit) would leave "
+                        f"it nothing to train: its probe start is already that solution (set head.fit: gradient)")
     if cfg.method == "expert":
         from tagscale.expert import check_expert_tasks  # torch- and sklearn-free: names and field kinds only
 

@@ -59,6 +59,9 @@ class Example:
     split: int = 0
     """First position whose computation depends on a trainable parameter (the exact prefix split point)."""
     record: Optional[dict] = None
+    row: int = -1
+    """Its index among its task's training examples (-1: not a training example): a closed-form head's support
+    row (tagscale.ridgehead)."""
 
 
 class Encoder:
@@ -216,6 +219,7 @@ def encode_task(encoder: Encoder, task: TaskConfig, task_index: int, records, to
                 raise _too_long(example.record, len(example.ids), encoder.max_length)
             skipped += 1
             continue
+        example.row = len(examples)
         examples.append(example)
     if not examples:
         raise _all_too_long(where, len(lengths), min(lengths), max(lengths), encoder.max_length)
@@ -248,7 +252,7 @@ class EncodedSet:
         row = self.table[index]
         return Example(row["ids"], row["lm_targets"], self.task_index, head_index=row["head_index"],
                        head_pos=row["head_pos"], head_target=row["head_target"], split=row["split"],
-                       record=self.records[row["source"]])
+                       record=self.records[row["source"]], row=index)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -414,7 +418,9 @@ def collate(examples: list[Example], pad_id: int, padding_side: str = "right", s
             head_target[i, :len(e.head_target)] = torch.tensor(e.head_target)
     batch = {"input_ids": input_ids, "attention_mask": attention,
              "position_ids": (attention.cumsum(1) - 1).clamp(min=0), "lm_targets": lm_targets,
-             "head_pos": head_pos, "head_index": head_index, "head_target": head_target}
+             "head_pos": head_pos, "head_index": head_index, "head_target": head_target,
+             "example_task": torch.tensor([e.task for e in examples], dtype=torch.long),
+             "example_row": torch.tensor([e.row for e in examples], dtype=torch.long)}
     if split_layout:
         batch["prefix_len"] = torch.tensor(max(e.split for e in examples))
     return batch

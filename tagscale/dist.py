@@ -37,6 +37,8 @@ from deepspeed.utils import (  # noqa: E402
 )
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
+OPTIMIZER_STATES = {"adamw": ADAM_STATES, "sgd": ("momentum_buffer",)}
+"""What each optimizer (train.optimizer) keeps per parameter, which a resumable checkpoint holds."""
 # How long a collective waits for a missing rank before it fails (the job then exits non-zero instead of hanging).
 # A dead peer usually fails gloo/NCCL at once; this bounds the cases where it does not (a frozen or stopped rank).
 TIMEOUT_ENV = "TAGSCALE_DIST_TIMEOUT_S"
@@ -148,6 +150,23 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if torch_dist.is_initialized() and world_size() > 1:
         torch_dist.all_reduce(out)
     return out
+
+
+def all_reduce_sum_differentiable(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks inside autograd: the backward sums the ranks' gradients (so each rank's input
+    receives the gradient of every rank's loss through the sum). The identity on one process."""
+    if torch_dist.is_initialized() and world_size() > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(values)
+    return values
+
+
+def ridge_collectives():
+    """What a closed-form head's support set needs of the process group (`tagscale.ridgehead.Collectives`)."""
+    from tagscale.ridgehead import Collectives
+
+    return Collectives(rank(), all_gather_objects, all_reduce_sum_differentiable)
 
 
 def any_rank(flag: bool) -> bool:
@@ -309,8 +328,10 @@ _ENGINE_OF: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyD
 """The engine built over each module, for the helpers that need ZeRO's hooks (`whole_base_for_inference`)."""
 
 
-def build_engine(model: torch.nn.Module, param_groups: list[dict], ds: dict, lr_lambda) -> Any:
-    """The DeepSpeed engine over `model`; only the parameters in `param_groups` reach the optimizer.
+def build_engine(model: torch.nn.Module, param_groups: list[dict], ds: dict, lr_lambda, optimizer_name: str = "adamw",
+                 momentum: float = 0.9) -> Any:
+    """The DeepSpeed engine over `model`; only the parameters in `param_groups` reach the optimizer (AdamW, or SGD
+    with momentum: train.optimizer).
 
     Tags and heads are tiny: the persistence threshold keeps them whole on every rank (no gathers).
     """
@@ -320,7 +341,12 @@ def build_engine(model: torch.nn.Module, param_groups: list[dict], ds: dict, lr_
         zero["stage3_param_persistence_threshold"] = max(int(zero.get("stage3_param_persistence_threshold", 0)),
                                                          largest + 1)
     fused = settings(device().type).fused_adamw
-    optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    if optimizer_name == "sgd":
+        # ZeRO steps any torch optimizer on its flat fp32 partitions; it only asks to be told for one off its list
+        ds["zero_allow_untested_optimizer"] = True
+        optimizer = torch.optim.SGD(param_groups, momentum=momentum)
+    else:
+        optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     _ENGINE_OF[model] = engine
@@ -387,11 +413,13 @@ def _inner_optimizer(engine: Any) -> torch.optim.Optimizer:
 
 
 def portable_state(engine: Any) -> dict:
-    """Trainable weights, Adam moments and step count, learning rates, world-size independent. Collective."""
-    state: dict = {"params": {}, "exp_avg": {}, "exp_avg_sq": {}}
+    """Trainable weights, the optimizer's moments (Adam's, or SGD's momentum) and step count, learning rates,
+    world-size independent. Collective."""
+    keys = _state_keys(engine)
+    state: dict = {"params": {}, **{key: {} for key in keys}}
     for name, param in trainable_named_params(engine):
         state["params"][name] = full_fp32(param)
-        for key in ADAM_STATES:
+        for key in keys:
             value = safe_get_full_optimizer_state(param, key) if is_partitioned(param) else \
                 _inner_optimizer(engine).state.get(param, {}).get(key)
             state[key][name] = None if value is None else value.detach().float().cpu().clone()
@@ -401,6 +429,11 @@ def portable_state(engine: Any) -> dict:
     state["lrs"] = [float(group["lr"]) for group in _inner_optimizer(engine).param_groups]
     state["global_steps"] = int(engine.global_steps)
     return state
+
+
+def _state_keys(engine: Any) -> tuple[str, ...]:
+    """The per-parameter state the engine's optimizer keeps (`OPTIMIZER_STATES`)."""
+    return OPTIMIZER_STATES["sgd" if isinstance(_inner_optimizer(engine), torch.optim.SGD) else "adamw"]
 
 
 def _optimized_tensors(engine: Any) -> list[tuple[torch.Tensor, dict]]:
@@ -413,17 +446,19 @@ def _optimized_tensors(engine: Any) -> list[tuple[torch.Tensor, dict]]:
 
 
 def _create_adam_state(engine: Any) -> None:
-    """Give every optimized tensor the (zero) state AdamW creates lazily at its first step.
+    """Give every optimized tensor the (zero) state AdamW (or SGD's momentum) creates lazily at its first step.
 
     A freshly built engine has none yet, and ZeRO-3 can only write moments into state that exists.
     """
     optimizer = _inner_optimizer(engine)
+    keys = _state_keys(engine)
     for tensor, group in _optimized_tensors(engine):
         state = optimizer.state[tensor]
         if not state:
-            on_device = group.get("fused") or group.get("capturable")  # where AdamW itself keeps `step`
-            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=tensor.device if on_device else "cpu")
-            for key in ADAM_STATES:
+            if keys == ADAM_STATES:
+                on_device = group.get("fused") or group.get("capturable")  # where AdamW itself keeps `step`
+                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=tensor.device if on_device else "cpu")
+            for key in keys:
                 state[key] = torch.zeros_like(tensor, memory_format=torch.preserve_format)
 
 
@@ -447,12 +482,13 @@ def _set_partition(param: torch.nn.Parameter, full: torch.Tensor, key: str | Non
 
 
 def set_trainable(param: torch.nn.Parameter, value: torch.Tensor) -> None:
-    """Set a trainable parameter of a built engine to a whole value (the same on every rank). Collective.
+    """Set a parameter of a built engine to a whole value (the same on every rank). Collective.
 
-    Under ZeRO-3 the optimizer steps its own fp32 master copy and writes it back into the module: setting only
-    the module's copy would be undone by the first step, so both are written.
+    Under ZeRO-3 the optimizer steps its own fp32 master copy of a trainable parameter and writes it back into the
+    module: setting only the module's copy would be undone by the first step, so both are written (a frozen
+    parameter, e.g. a closed-form head, has no master copy).
     """
-    if is_partitioned(param):
+    if is_partitioned(param) and param.requires_grad:
         _set_partition(param, value, None)
     with gathered([param], modify=True), torch.no_grad():
         param.data.copy_(value.to(param.dtype).reshape(param.data.shape))
@@ -461,14 +497,15 @@ def set_trainable(param: torch.nn.Parameter, value: torch.Tensor) -> None:
 def load_portable_state(engine: Any, state: dict) -> None:
     """Restore what `portable_state` wrote, whatever the number of ranks then and now."""
     optimizer = _inner_optimizer(engine)
-    if state["adam_step"] > 0:
+    keys = _state_keys(engine)
+    if state["adam_step"] > 0 or any(v is not None for key in keys for v in state.get(key, {}).values()):
         _create_adam_state(engine)
     for name, param in trainable_named_params(engine):
         if name not in state["params"]:
             raise UserError(f"checkpoint lacks the trainable parameter {name}")
         set_trainable(param, state["params"][name])
-        for key in ADAM_STATES:
-            value = state[key].get(name)
+        for key in keys:
+            value = state.get(key, {}).get(name)
             if value is None:
                 continue
             if is_partitioned(param):

@@ -31,6 +31,7 @@ from tagscale.metrics import (PRIMARY, PROBE_START, classification_metrics, next
                               regression_metrics, start_row, to_json, translation_from_stats, translation_stats,
                               with_intervals)
 from tagscale.model import TaggedModel
+from tagscale.ridgehead import SupportSet, support_targets
 
 
 @contextlib.contextmanager
@@ -285,12 +286,12 @@ def _ridge_solve(x: np.ndarray, target: np.ndarray, rows: np.ndarray, penalty: f
 
 
 class RidgeFit(NamedTuple):
-    """A regression probe: predictions x @ w + b; `penalty` is its lambda in mean-squared-error units, i.e. the fit
+    """A ridge probe: predictions x @ w + b; `penalty` is its lambda in mean-squared-error units, i.e. the fit
     minimises mean((x @ w + b - y)^2) + penalty * ||w||^2 over its training rows (the same lambda holds for labels
-    standardised by their std, with w divided by it)."""
+    standardised by their std, with w divided by it). A classifier's (one-hot targets): w (d, k), b (k,)."""
 
     w: np.ndarray
-    b: float
+    b: "float | np.ndarray"
     penalty: float
 
 
@@ -324,11 +325,12 @@ def ridge_fit(features: np.ndarray, target: np.ndarray, val_features: Optional[n
 
 def ridge_classifier_fit(features: np.ndarray, labels: np.ndarray, classes: int,
                          val_features: Optional[np.ndarray] = None, val_labels: Optional[np.ndarray] = None,
-                         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                         seed: int = 0) -> RidgeFit:
     """The classification probe: ridge on one-hot class targets (`_ridge_solve`, the regression probe's solver),
     predicting the class of the largest score; the penalty chosen from `PENALTIES` by validation accuracy (ties:
-    the larger penalty, the smoother fit), then refit on every training row. Returns (W (d, k), b (k,)); the
-    scores x @ W + b of a binary task rank examples for ROC-AUC by their class-1 column."""
+    the larger penalty, the smoother fit), then refit on every training row. Returns (W (d, k), b (k,), penalty in
+    mean-squared-error units, as `ridge_fit`'s); the scores x @ W + b of a binary task rank examples for ROC-AUC by
+    their class-1 column."""
     x = np.asarray(features, dtype=np.float64)
     onehot = np.eye(classes)[np.asarray(labels, dtype=int)]
     fit_rows, x_val, y_val = _probe_rows(x, onehot, val_features,
@@ -336,7 +338,8 @@ def ridge_classifier_fit(features: np.ndarray, labels: np.ndarray, classes: int,
                                          seed)
     accuracy = lambda w, b: float(np.mean((x_val @ w + b).argmax(1) == y_val.argmax(1)))
     best = max((accuracy(*_ridge_solve(x, onehot, fit_rows, p)), p) for p in PENALTIES)
-    return _ridge_solve(x, onehot, np.arange(len(x)), best[1])
+    w, b = _ridge_solve(x, onehot, np.arange(len(x)), best[1])
+    return RidgeFit(w, b, best[1] * _penalty_scale(x - x.mean(0)) / len(x))
 
 
 TEMPERATURES = 2.0 ** np.arange(0, 7)
@@ -344,13 +347,22 @@ TEMPERATURES = 2.0 ** np.arange(0, 7)
 become logits t * scores, t chosen by validation cross-entropy."""
 
 
+class ClassifierStart(NamedTuple):
+    """A classification head's probe start: logits x @ w + b = temperature * the one-hot ridge scores."""
+
+    w: np.ndarray
+    b: np.ndarray
+    penalty: float
+    temperature: float
+
+
 def classifier_start(features: np.ndarray, labels: np.ndarray, classes: int, val_features: Optional[np.ndarray],
-                     val_labels: Optional[np.ndarray], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                     val_labels: Optional[np.ndarray], seed: int = 0) -> ClassifierStart:
     """A classification head's `init: probe`: the one-hot ridge probe (`ridge_classifier_fit`) as logits, scaled by
     the temperature of `TEMPERATURES` with the lowest cross-entropy on the validation rows (without them: on the
     training rows; ties: the smaller scale). The argmax is the probe's; cross-entropy training starts from
-    probabilities as confident as validation supports. Returns (W (d, k), b (k,))."""
-    w, b = ridge_classifier_fit(features, labels, classes, val_features, val_labels, seed)
+    probabilities as confident as validation supports. Returns (W (d, k), b (k,), the ridge penalty, the scale)."""
+    w, b, penalty = ridge_classifier_fit(features, labels, classes, val_features, val_labels, seed)
     held = val_features is not None and len(val_features) > 0
     x = np.asarray(val_features if held else features, dtype=np.float64)
     y = np.asarray(val_labels if held else labels, dtype=int)
@@ -361,8 +373,8 @@ def classifier_start(features: np.ndarray, labels: np.ndarray, classes: int, val
         logits = logits - logits.max(1, keepdims=True)
         return float(np.mean(np.log(np.exp(logits).sum(1)) - logits[np.arange(len(y)), y]))
 
-    t = min(TEMPERATURES, key=cross_entropy)
-    return t * w, t * b
+    t = float(min(TEMPERATURES, key=cross_entropy))
+    return ClassifierStart(t * w, t * b, penalty, t)
 
 
 def head_labels(examples: list[Example]) -> np.ndarray:
@@ -385,7 +397,7 @@ def probe_metrics(cfg: RunConfig, probe_model: TaggedModel, train_sets: list[Eva
         labels, val_labels = head_labels(train_set.examples), head_labels(val_set.examples) if val_set else None
         head = probe_model.heads[probe_model.head_names.index(test_set.task.head)].spec
         if head.type == "classification":  # one-hot ridge, argmax: accuracy (and ROC-AUC), not a regression on indices
-            w, b = ridge_classifier_fit(x_train, labels, head.outputs, x_val, val_labels)
+            w, b, _ = ridge_classifier_fit(x_train, labels, head.outputs, x_val, val_labels)
             scores = x_test @ w + b
             results[test_set.task.name] = scored("classification", scores.argmax(1).tolist(), test_set,
                                                  cfg.evaluation.bootstrap, scores[:, 1].tolist() if head.outputs == 2 else None)
@@ -396,15 +408,13 @@ def probe_metrics(cfg: RunConfig, probe_model: TaggedModel, train_sets: list[Eva
     return results
 
 
-def start_heads_from_probe(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer,
-                           train_examples: list[list[Example]], val_sets: list[EvalSet], before: dict) -> dict:
-    """Heads with `init: probe` start at the ridge fit on the hidden states at their function tag (initial tags)
-    over the training set, the penalty chosen on the validation set (a classifier: `classifier_start`); their
-    tasks' test metrics at that start join the baselines as "linear probe (start)". Collective; run once, on a
-    fresh start (a resumed run reads its heads from the checkpoint)."""
+def fit_probe_heads(cfg: RunConfig, model: TaggedModel, tokenizer, train_examples: list[list[Example]],
+                    val_sets: list[EvalSet]) -> dict[str, dict]:
+    """Set every `init: probe` head to the ridge fit on the hidden states at its function tag (the model's current
+    tags) over the training set, the penalty chosen on the validation set (a classifier: `classifier_start`).
+    Returns, per head: its features, labels, the fit's penalty (MSE units) and a classifier's temperature.
+    Collective."""
     starting = [t for t in cfg.tags if t.head and t.head.init == "probe"]
-    if not starting:
-        return before
     examples = {tag.name: [e for task, items in zip(cfg.tasks, train_examples) if task.head == tag.name for e in items]
                 for tag in starting}
     held = {tag.name: [e for s in val_sets if s.task.head == tag.name for e in s.examples] for tag in starting}
@@ -413,20 +423,44 @@ def start_heads_from_probe(cfg: RunConfig, model: TaggedModel, encoder: Encoder,
         features = {name: all_states(model, items, micro, tokenizer.pad_token_id) for name, items in examples.items()}
         val_features = {name: all_states(model, items, micro, tokenizer.pad_token_id) if items else None
                         for name, items in held.items()}
+    fits = {}
     for tag in starting:  # heads are set outside: `set_trainable` gathers through ZeRO's own machinery
         head = model.heads[model.head_names.index(tag.name)]
         labels, val_labels = head_labels(examples[tag.name]), head_labels(held[tag.name]) if held[tag.name] else None
+        fits[tag.name] = {"features": features[tag.name], "labels": labels, "temperature": 1.0}
         if tag.head.type == "classification":
-            w, b = classifier_start(features[tag.name], labels, tag.head.outputs, val_features[tag.name], val_labels)
+            w, b, penalty, temperature = classifier_start(features[tag.name], labels, tag.head.outputs,
+                                                          val_features[tag.name], val_labels)
             dist.set_trainable(head.linear.weight, torch.tensor(w.T, dtype=torch.float32))
             dist.set_trainable(head.linear.bias, torch.tensor(b, dtype=torch.float32))
+            fits[tag.name] |= {"penalty": penalty, "temperature": temperature}
             continue
         w, b, penalty = ridge_fit(features[tag.name], labels, val_features[tag.name], val_labels)
         mean, std = float(head.mean[0]), float(head.std[0])  # the head works in standardised label units
         dist.set_trainable(head.linear.weight, torch.tensor(w / std, dtype=torch.float32)[None])
         dist.set_trainable(head.linear.bias, torch.tensor([(b - mean) / std], dtype=torch.float32))
+        fits[tag.name]["penalty"] = penalty
+    return fits
+
+
+def start_heads_from_probe(cfg: RunConfig, model: TaggedModel, encoder: Encoder, tokenizer,
+                           train_examples: list[list[Example]], val_sets: list[EvalSet], before: dict) -> dict:
+    """Heads with `init: probe` start at the ridge fit on the hidden states at their function tag (initial tags)
+    over the training set, the penalty chosen on the validation set (a classifier: `classifier_start`); their
+    tasks' test metrics at that start join the baselines as "linear probe (start)". A head with `fit:
+    closed_form` or `crossfit` gets its support set (`tagscale.ridgehead`) from the same features. Collective; run
+    once, on a fresh start (a resumed run reads its heads and support sets from the checkpoint)."""
+    starting = [t for t in cfg.tags if t.head and t.head.init == "probe"]
+    if not starting:
+        return before
+    fits = fit_probe_heads(cfg, model, tokenizer, train_examples, val_sets)
+    for tag in starting:
+        head = model.heads[model.head_names.index(tag.name)]
         if tag.head.penalty == "probe":  # units-free: the same lambda for standardised labels and w / std
-            head.penalty = penalty
+            head.penalty = fits[tag.name]["penalty"]
+        if tag.head.fit != "gradient":
+            model.supports[model.head_names.index(tag.name)] = support_set(cfg, tag, head, train_examples,
+                                                                           fits[tag.name])
     if not cfg.evaluation.enabled:
         return before
     names = {t.name for t in starting}
@@ -436,6 +470,45 @@ def start_heads_from_probe(cfg: RunConfig, model: TaggedModel, encoder: Encoder,
         out.setdefault(task, {})[PROBE_START] = metrics
     save_baselines(cfg, out)
     return out
+
+
+def support_set(cfg: RunConfig, tag, head, train_examples: list[list[Example]], fit: dict) -> SupportSet:
+    """A closed-form head's support set: the probe start's features and labels (in the head's units), the probe's
+    penalty in Gram units (its MSE-units lambda times the number of rows), the start's head."""
+    offsets, offset = {}, 0
+    for i, (task, items) in enumerate(zip(cfg.tasks, train_examples)):
+        if task.head == tag.name:
+            offsets[i], offset = offset, offset + len(items)
+    targets = support_targets(tag.head.type, tag.head.outputs, fit["labels"], float(head.mean[0]), float(head.std[0]))
+    return SupportSet(tag.head.fit, fit["features"], targets, fit["penalty"] * len(fit["features"]), offsets,
+                      dist.full_fp32(head.linear.weight), dist.full_fp32(head.linear.bias), fit["temperature"],
+                      tag.head.folds, cfg.train.seed)
+
+
+def score_closed_form_heads(model: TaggedModel) -> None:
+    """Set each closed-form head to the ridge fit on its whole support set: what a validation step scores.
+    Collective."""
+    for j, support in model.supports.items():
+        weight, bias = support.head()
+        dist.set_trainable(model.heads[j].linear.weight, weight)
+        dist.set_trainable(model.heads[j].linear.bias, bias)
+
+
+def finish_closed_form_heads(cfg: RunConfig, model: TaggedModel, tokenizer, train_examples: list[list[Example]],
+                             val_sets: list[EvalSet], kept_step: Optional[int]) -> None:
+    """The closed-form heads a run saves: the start's head where validation kept step 0 (the tags are the
+    initial ones), else the ridge fit on every training record's features at the kept tags, its penalty chosen on
+    validation as the probe's (`fit_probe_heads`). Collective."""
+    if not model.supports:
+        return
+    if not kept_step:
+        for j, support in model.supports.items():
+            dist.set_trainable(model.heads[j].linear.weight, support.start_weight)
+            dist.set_trainable(model.heads[j].linear.bias, support.start_bias)
+        return
+    closed = {model.head_names[j] for j in model.supports}
+    refit = dataclasses.replace(cfg, tags=[t for t in cfg.tags if t.name in closed])
+    fit_probe_heads(refit, model, tokenizer, train_examples, val_sets)
 
 
 SHOWN = ("mse", "mae", "pearson", "spearman", "r2", "accuracy", "roc_auc", "bleu", "chrf", "loss", "perplexity")

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tagscale.ridgehead import ONE_PROCESS, Collectives, SupportSet
 from tagscale.tags import TagBank, TagSplice
 
 IGNORE = -100
@@ -78,6 +79,11 @@ class TaggedModel(nn.Module):
         self.last_losses: dict[str, float] = {}
         self.last_counts: dict[str, int] = {}
         """What each part of the last loss averaged over: target tokens (text) or rows (a head); 0: absent."""
+        self.supports: dict[int, SupportSet] = {}
+        """Head index -> its support set, for heads solved in closed form while the tags train (`head.fit`); their
+        modules are not called in training, their loss is the support's out-of-sample residual."""
+        self.collectives: Collectives = ONE_PROCESS
+        """The process group as the support sets need it (set by the trainer: `dist.ridge_collectives`)."""
 
     # -- pieces -------------------------------------------------------------------------------
     def decoder(self) -> nn.Module:
@@ -110,19 +116,28 @@ class TaggedModel(nn.Module):
         return logits
 
     def head_outputs(self, hidden: torch.Tensor, head_pos: torch.Tensor, head_index: torch.Tensor,
-                     penalised: bool = False) -> list:
-        """Each head's raw outputs on its own rows (every head is called, possibly on zero rows); with
-        `penalised`, (outputs, weight penalty) pairs (`Head.penalised`)."""
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return [(head.penalised if penalised else head)(hidden[rows[head_index == j], head_pos[head_index == j]])
+                     penalised: bool = False, skip: frozenset = frozenset()) -> list:
+        """Each head's raw outputs on its own rows (every head is called, possibly on zero rows, except those in
+        `skip`: None); with `penalised`, (outputs, weight penalty) pairs (`Head.penalised`)."""
+        return [None if j in skip else (head.penalised if penalised else head)(self.head_features(hidden, head_pos,
+                                                                                                   head_index, j))
                 for j, head in enumerate(self.heads)]
+
+    @staticmethod
+    def head_features(hidden: torch.Tensor, head_pos: torch.Tensor, head_index: torch.Tensor, j: int) -> torch.Tensor:
+        """The hidden states head j reads: at its rows' function-tag position."""
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows[head_index == j], head_pos[head_index == j]]
 
     # -- training loss ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 lm_targets: torch.Tensor, head_pos: torch.Tensor, head_index: torch.Tensor,
-                head_target: torch.Tensor, prefix_len: Optional[torch.Tensor] = None) -> torch.Tensor:
+                head_target: torch.Tensor, prefix_len: Optional[torch.Tensor] = None,
+                example_task: Optional[torch.Tensor] = None, example_row: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Text: cross-entropy on target tokens only, logits computed only there. Heads: MSE or CE per head, plus
-        a head's weight penalty (`Head.penalty`, head.penalty: probe) in the total.
+        a head's weight penalty (`Head.penalty`, head.penalty: probe) in the total; a head solved in closed form
+        (`supports`): the mean square of its support's out-of-sample residuals on the rows (example_task and
+        example_row say which training records they are).
 
         lm_targets[b, t] is the token to predict from position t (IGNORE elsewhere); head_pos[b] is the
         position of the last vector of example b's function tag and head_index[b] its head (-1: none).
@@ -141,9 +156,20 @@ class TaggedModel(nn.Module):
             losses["text"] = ce_sum / at_target.sum().clamp(min=1)
             counts["text"] = int(at_target.sum())
             total = total + losses["text"]
-        for j, (output, penalty) in enumerate(self.head_outputs(hidden, head_pos, head_index, penalised=True)):
+        skip = frozenset(self.supports)
+        for j, pair in enumerate(self.head_outputs(hidden, head_pos, head_index, penalised=True, skip=skip)):
             spec = self.heads[j].spec
             target = head_target[head_index == j]
+            if pair is None:  # solved in closed form: the support's out-of-sample residuals (called on every rank)
+                at = head_index == j
+                support = self.supports[j]
+                features = self.head_features(hidden, head_pos, head_index, j).float()
+                loss_sum = support.loss(features, support.rows(example_task[at], example_row[at]), self.collectives)
+                losses[spec.tag] = loss_sum.to(total.device, total.dtype) / max(int(target.shape[0]), 1)
+                counts[spec.tag] = int(target.shape[0])
+                total = total + losses[spec.tag]
+                continue
+            output, penalty = pair
             if spec.type == "regression":
                 scaled = (target[:, :spec.outputs] - self.heads[j].mean) / self.heads[j].std
                 loss_sum = F.mse_loss(output.float(), scaled.float(), reduction="sum") / spec.outputs

@@ -103,7 +103,8 @@ def assemble(cfg: RunConfig, base, plan: RunPlan, gathered: Callable[[list], Con
     model = base.model
     embedding = model.get_input_embeddings()
     first_id = base.identity["embedding_rows"]
-    bank = TagBank(plan.specs, base.identity["hidden_size"], first_id)
+    width = cfg.train.tag_reparam_width if cfg.train.tag_reparam == "residual_mlp" else 0
+    bank = TagBank(plan.specs, base.identity["hidden_size"], first_id, width, cfg.train.seed)
     for name, tag in plan.inherited.items():
         with torch.no_grad():
             bank.param(name).copy_(tag.vectors)
@@ -154,7 +155,9 @@ def run_metadata(cfg: RunConfig, model: TaggedModel, plan: RunPlan, identity: di
     for spec in plan.specs:
         tags[spec.name] = {"kind": spec.kind, "p": spec.p, "trained_here": spec.trainable,
                            "from": plan.inherited[spec.name].run if spec.name in plan.inherited else "this run"}
-    heads = {h.spec.tag: {"type": h.spec.type, "outputs": h.spec.outputs, "penalty": h.penalty} for h in model.heads}
+    heads = {h.spec.tag: {"type": h.spec.type, "outputs": h.spec.outputs, "penalty": h.penalty,
+                          "fit": cfg.tag(h.spec.tag).head.fit if cfg.tag(h.spec.tag) else "gradient"}
+             for h in model.heads}
     return {"format": FORMAT, "status": status, "stage": cfg.stage, "step": step, "tags": tags, "heads": heads,
             "hidden_size": identity["hidden_size"], "base": identity, "config": cfg.to_dict(), **extra}
 

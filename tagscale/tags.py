@@ -27,23 +27,43 @@ class TagSpec:
     trainable: bool
 
 
+def residual_mlp(tag: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor, down: torch.Tensor,
+                 down_bias: torch.Tensor) -> torch.Tensor:
+    """A reparameterised tag's vectors (p, d): tag + down(relu(up(tag))) (Residual Prompt Tuning's form, without its
+    LayerNorm: `down` starts at zero, so the vectors start exactly at the tag's initial value)."""
+    return tag + F.linear(F.relu(F.linear(tag, up, up_bias)), down, down_bias)
+
+
+REPARAM_PARTS = ("up", "up_bias", "down", "down_bias")
+"""The residual MLP's parameters of tag i, named ``tag{i}_<part>`` (`residual_mlp`'s arguments after the tag)."""
+
+
 class TagBank(nn.Module):
     """All tags of a run. Tag i is the direct parameter ``tag{i}`` of shape (p, d).
 
     Direct parameters (not a ParameterDict) so that ZeRO-3, which gathers a module's own parameters
-    when that module is called, gathers them when the hook calls the bank.
+    when that module is called, gathers them when the hook calls the bank. With `reparam_width` > 0
+    (train.tag_reparam: residual_mlp) each trainable tag also has a residual MLP of that width
+    (``tag{i}_up`` ...), and its vectors are `residual_mlp` of them; `folded` gives those vectors, which is what
+    a run saves, so run folders, predict and composition see plain vectors.
     """
 
-    def __init__(self, specs: list[TagSpec], hidden_size: int, first_id: int):
+    def __init__(self, specs: list[TagSpec], hidden_size: int, first_id: int, reparam_width: int = 0, seed: int = 0):
         super().__init__()
         self.specs = list(specs)
         self.hidden_size = hidden_size
         self.first_id = first_id
         self.offsets: dict[str, int] = {}
         offset = 0
+        generator = torch.Generator().manual_seed(seed)
         for i, spec in enumerate(self.specs):
             self.register_parameter(f"tag{i}", nn.Parameter(torch.zeros(spec.p, hidden_size),
                                                             requires_grad=spec.trainable))
+            if reparam_width and spec.trainable:
+                up = torch.randn(reparam_width, hidden_size, generator=generator) / hidden_size ** 0.5
+                parts = (up, torch.zeros(reparam_width), torch.zeros(hidden_size, reparam_width), torch.zeros(hidden_size))
+                for part, value in zip(REPARAM_PARTS, parts):
+                    self.register_parameter(f"tag{i}_{part}", nn.Parameter(value))
             self.offsets[spec.name] = offset
             offset += spec.p
         self.num_vectors = offset
@@ -52,7 +72,24 @@ class TagBank(nn.Module):
         return next(i for i, s in enumerate(self.specs) if s.name == name)
 
     def param(self, name: str) -> nn.Parameter:
+        """The tag's own parameter (its vectors, unless it is reparameterised: then the MLP's input)."""
         return getattr(self, f"tag{self.index(name)}")
+
+    def parts(self, i: int) -> list[nn.Parameter]:
+        """Tag i's parameters: the tag, then its residual MLP's when it is reparameterised."""
+        return [getattr(self, f"tag{i}")] + [getattr(self, f"tag{i}_{part}") for part in REPARAM_PARTS
+                                               if hasattr(self, f"tag{i}_{part}")]
+
+    def vectors(self, i: int) -> torch.Tensor:
+        parts = self.parts(i)
+        return residual_mlp(*parts) if len(parts) > 1 else parts[0]
+
+    def folded(self, name: str, whole: Callable[[nn.Parameter], torch.Tensor]) -> torch.Tensor:
+        """The tag's vectors as plain values, the residual MLP folded in; `whole` gives a parameter's whole value
+        (`dist.full_fp32`: collective under ZeRO-3)."""
+        parts = [whole(p) for p in self.parts(self.index(name))]
+        with torch.no_grad():
+            return residual_mlp(*parts) if len(parts) > 1 else parts[0]
 
     def placeholder_ids(self, name: str) -> list[int]:
         """The p ids that stand for `name` in input_ids."""
@@ -61,7 +98,7 @@ class TagBank(nn.Module):
 
     def table(self) -> torch.Tensor:
         """All tag vectors stacked in placeholder order: (num_vectors, d)."""
-        return torch.cat([getattr(self, f"tag{i}") for i in range(len(self.specs))], dim=0)
+        return torch.cat([self.vectors(i) for i in range(len(self.specs))], dim=0)
 
     def forward(self, tag_index: torch.Tensor) -> torch.Tensor:
         """Vectors for indices into the stacked table. Input (...,) long; output (..., d)."""

@@ -66,6 +66,7 @@ from tagscale.data import Encoder, TrainData, build_train_data, collate  # noqa:
 from tagscale.logs import RunLog  # noqa: E402
 from tagscale.methods import apply_method  # noqa: E402
 from tagscale.model import TaggedModel  # noqa: E402
+from tagscale.ridgehead import SupportSet  # noqa: E402
 from tagscale.selection import Selector  # noqa: E402
 
 
@@ -123,6 +124,10 @@ def build(cfg: RunConfig, ds_config: str) -> Session:
     recipe, cfg = cfg, apply_method(cfg, {name: tag.vectors.shape[0] for name, tag in inherited.items()})
     plan = runs.plan_tags(cfg, inherited if cfg.method == "tag_llm" else {})
     model = runs.assemble(cfg, base, plan, dist.gathered)
+    for tag in cfg.tags:  # a head solved in closed form (head.fit) is no trainable parameter
+        if tag.head and tag.head.fit != "gradient":
+            model.heads[model.head_names.index(tag.name)].requires_grad_(False)
+    model.collectives = dist.ridge_collectives()
     encoder = Encoder(base.tokenizer, {s.name: model.bank.placeholder_ids(s.name) for s in plan.specs},
                       {s.name for s in plan.specs if s.trainable}, model.head_names, cfg.train.max_length)
     data = build_train_data(cfg, encoder) if dist.is_main() else None  # rank 0 fills the source caches first
@@ -133,7 +138,8 @@ def build(cfg: RunConfig, ds_config: str) -> Session:
             head = model.heads[model.head_names.index(task.head)]
             mean, std = data.label_stats(i)
             head.mean.fill_(mean), head.std.fill_(std)
-    engine = dist.build_engine(model, runs.param_groups(model, cfg), ds, runs.lr_lambda(cfg))
+    engine = dist.build_engine(model, runs.param_groups(model, cfg), ds, runs.lr_lambda(cfg), cfg.train.optimizer,
+                               cfg.train.momentum)
     log = RunLog(cfg, model, base.identity, data.skipped, data.counts(cfg.tasks))
     selector = Selector(cfg, model, encoder, base.tokenizer, evaluate.validation_sets(cfg, encoder, data.validation))
     setup = {"config": str(ds_config), "zero_stage": dist.zero_stage(ds),
@@ -164,6 +170,7 @@ def train_steps(s: Session, start: int, stop: StopFlag | None = None) -> bool:
                                 f"the data)")
         s.log.step(step + 1, mean_loss, part_means, lr, tokens, time.perf_counter() - started)
         if s.selector.due(step + 1):
+            evaluate.score_closed_form_heads(s.model)  # a closed-form head is scored at its support's solution
             s.log.write(s.selector.consider(step + 1, engine))
         stopping = dist.any_rank(stop is not None and stop.raised)
         if stopping or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
@@ -228,6 +235,7 @@ def run(args: argparse.Namespace, cfg: RunConfig, stop: StopFlag, previous: dict
         start = state["step"]
         for head, penalty in zip(session.model.heads, state.get("head_penalties", [])):
             head.penalty = penalty  # set at the probe start, which a resumed run does not repeat
+        session.model.supports = {j: SupportSet.from_state(support) for j, support in state.get("supports", {}).items()}
         if "selection" in state:
             session.selector.load_state_dict(state["selection"])
         if dist.is_main():
@@ -236,6 +244,9 @@ def run(args: argparse.Namespace, cfg: RunConfig, stop: StopFlag, previous: dict
     if not train_steps(session, start, stop):
         return 0
     session.selector.restore_best(session.engine)  # the best step on validation is what the run keeps and tests
+    kept = session.selector.best_step if session.selector.enabled else cfg.train.steps
+    evaluate.finish_closed_form_heads(session.cfg, session.model, session.tokenizer, session.data.examples,
+                                      session.selector.sets, kept)
     folder = save_outputs(session, cfg.train.steps)
     if cfg.evaluation.enabled:
         evaluate.final(session.cfg, session.model, session.encoder, session.tokenizer, before,
@@ -246,12 +257,14 @@ def run(args: argparse.Namespace, cfg: RunConfig, stop: StopFlag, previous: dict
 
 def save_checkpoint(s: Session, step: int) -> None:
     """A resumable checkpoint: trainables, Adam state, scheduler, every rank's RNG states, step (the data
-    position: batches are a function of the step), the selection so far, the heads' weight penalties;
+    position: batches are a function of the step), the selection so far, the heads' weight penalties, the
+    closed-form heads' support sets;
     world-size independent. Collective."""
     cfg = s.cfg
     state = {"engine": dist.portable_state(s.engine), "rng": dist.all_gather_objects(dist.rng_state()), "step": step,
              "world_size": dist.world_size(), "selection": s.selector.state_dict(),
-             "head_penalties": [head.penalty for head in s.model.heads]}
+             "head_penalties": [head.penalty for head in s.model.heads],
+             "supports": {j: support.state_dict() for j, support in s.model.supports.items()}}
     if dist.is_main():
         runs.write_checkpoint(Path(cfg.output.dir), step, state, cfg.train.keep_checkpoints)
     dist.barrier()
@@ -260,7 +273,7 @@ def save_checkpoint(s: Session, step: int) -> None:
 def save_outputs(s: Session, step: int) -> Path:
     """Tags and heads as safetensors plus run.json, written by rank 0 (the values gathered on all ranks)."""
     cfg, model, plan = s.cfg, s.model, s.plan
-    tags = {spec.name: dist.full_fp32(model.bank.param(spec.name)) for spec in plan.specs}
+    tags = {spec.name: model.bank.folded(spec.name, dist.full_fp32) for spec in plan.specs}
     heads = {}
     for head in model.heads:
         heads[f"{head.spec.tag}.weight"] = dist.full_fp32(head.linear.weight)

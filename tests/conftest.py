@@ -141,3 +141,20 @@ def tags_of(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(Path(run_dir) / "tags.safetensors"))
+
+
+def two_engine_steps(session) -> tuple[dict, list, dict]:
+    """Two steps of a built trainer session (`tagscale.train.build`, one rank, one micro-batch of 4 a step):
+    (every parameter's whole value before, the two collated batches, the trainables' whole values after), for
+    tests that redo the steps in plain PyTorch."""
+    from tagscale import dist
+    from tagscale.data import collate
+    from tagscale.train import train_steps
+
+    named = list(session.model.named_parameters())
+    with dist.gathered([p for _, p in named]):
+        start = {n: p.detach().clone().float() for n, p in named}
+    batches = [collate(session.data.rank_micro_batches(step, 4, 0, 1)[0], session.tokenizer.pad_token_id)
+               for step in range(2)]
+    assert train_steps(session, 0)
+    return start, batches, {n: dist.full_fp32(p) for n, p in named if p.requires_grad}

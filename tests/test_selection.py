@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import metrics, tags_of, train, validations
+from conftest import metrics, tags_of, train, two_engine_steps, validations
 from tagscale.data import validation_split
 from tagscale.metrics import (classification_metrics, paired_contrast, paired_difference, regression_metrics,
                               with_intervals)
@@ -235,7 +235,6 @@ def test_grad_clip_matches_clip_grad_norm_by_hand(tmp_path, in_process_world):
     torch.nn.utils.clip_grad_norm_, AdamW, on a copy of the same model and batches; and differ from no clipping."""
     from tagscale import dist
     from tagscale.config import load_config
-    from tagscale.data import collate
     from tagscale.train import build, train_steps
 
     def session(clip: float):
@@ -247,13 +246,7 @@ def test_grad_clip_matches_clip_grad_norm_by_hand(tmp_path, in_process_world):
 
     clipped = session(1e-3)
     model = clipped.model
-    named = [(n, p) for n, p in model.named_parameters()]
-    with dist.gathered([p for _, p in named]):
-        start = {n: p.detach().clone().float() for n, p in named}
-    batches = [collate(clipped.data.rank_micro_batches(step, 4, 0, 1)[0], clipped.tokenizer.pad_token_id)
-               for step in range(2)]
-    assert train_steps(clipped, 0)
-    after = {n: dist.full_fp32(p) for n, p in named if p.requires_grad}
+    start, batches, after = two_engine_steps(clipped)
 
     # the reference: the same module's parameters as plain tensors (ZeRO-3 lifted), plain PyTorch steps
     from tagscale.bases import load_base
