@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from tagscale import dist
-from tagscale.config import RunConfig, TaskConfig
+from tagscale.config import RunConfig, TagConfig, TaskConfig
 from tagscale.data import IGNORE, Encoder, Example, collate, encode_task, fill, task_records
 from tagscale.records import read_records
 from tagscale.metrics import (PRIMARY, PROBE_START, classification_metrics, next_token_metrics, paired_difference,
                               regression_metrics, start_row, to_json, translation_from_stats, translation_stats,
                               with_intervals)
-from tagscale.model import TaggedModel
+from tagscale.model import Head, TaggedModel
 from tagscale.ridgehead import SupportSet, support_targets
 
 
@@ -472,7 +472,7 @@ def start_heads_from_probe(cfg: RunConfig, model: TaggedModel, encoder: Encoder,
     return out
 
 
-def support_set(cfg: RunConfig, tag, head, train_examples: list[list[Example]], fit: dict) -> SupportSet:
+def support_set(cfg: RunConfig, tag: TagConfig, head: Head, train_examples: list[list[Example]], fit: dict) -> SupportSet:
     """A closed-form head's support set: the probe start's features and labels (in the head's units), the probe's
     penalty in Gram units (its MSE-units lambda times the number of rows), the start's head."""
     offsets, offset = {}, 0
