@@ -82,6 +82,15 @@ def tagged_tiny(tiny_base, specs, heads=(), uses_lm_head: bool = True):
     return TaggedModel(tiny_base.model, bank, list(heads), uses_lm_head=uses_lm_head).to(DEVICE)
 
 
+def as_if_killed_after_a_checkpoint(run: Path) -> None:
+    """A finished run's folder as a kill after its last checkpoint leaves it: no outputs yet, and run.json as the
+    trainer writes it at its start (status running)."""
+    for name in ("tags.safetensors", "heads.safetensors"):
+        (run / name).unlink()
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import metrics, tags_of, train, two_engine_steps, validations
+from conftest import as_if_killed_after_a_checkpoint, metrics, tags_of, train, two_engine_steps, validations
 from tagscale.config import DataConfig
 from tagscale.data import validation_split
 from tagscale.records import read_records
@@ -128,8 +128,7 @@ def run_resume_predict(tmp_path, overrides: list[str]) -> tuple:
     common = [*overrides, "train.save_every=4"]
     train(RECIPE, f"output.dir={resumed}", *common)
     shutil.copytree(resumed, whole)
-    for name in ("run.json", "tags.safetensors", "heads.safetensors"):  # as if killed after the step-4 checkpoint
-        (resumed / name).unlink()
+    as_if_killed_after_a_checkpoint(resumed)  # after the step-4 checkpoint
     again = train(RECIPE, f"output.dir={resumed}", *common)
     assert "resumed from" in again.stdout + again.stderr
     for name in ("tags.safetensors", "heads.safetensors"):

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import metrics, tags_of, train, two_engine_steps, validations
+from conftest import as_if_killed_after_a_checkpoint, metrics, tags_of, train, two_engine_steps, validations
 from tagscale.data import validation_split
 from tagscale.metrics import (classification_metrics, paired_contrast, paired_difference, regression_metrics,
                               with_intervals)
@@ -218,10 +218,7 @@ def test_selection_survives_a_resume(tmp_path):
     common = ["train.eval_every=1", "train.lr=0.03", "train.save_every=5", "evaluation.enabled=false"]
     train("tests/recipes/tiny_head.yaml", f"output.dir={resumed}", *common)
     shutil.copytree(resumed, whole)  # the uninterrupted run's outputs, kept before the interruption is staged
-    for name in ("tags.safetensors", "heads.safetensors"):  # as if killed after the checkpoint: no outputs yet,
-        (resumed / name).unlink()                         # and run.json as the trainer writes it at its start
-    meta = json.loads((resumed / "run.json").read_text())
-    (resumed / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+    as_if_killed_after_a_checkpoint(resumed)
     proc = train("tests/recipes/tiny_head.yaml", f"output.dir={resumed}", *common)
     assert "resumed from" in proc.stdout + proc.stderr
     a, b = (json.loads((d / "run.json").read_text())["selection"] for d in (whole, resumed))
