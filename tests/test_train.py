@@ -16,7 +16,7 @@ def test_stage_chaining(chain):
     assert all(m["status"] == "complete" for m in meta.values())
     assert meta[1]["tags"]["<Protein>"] == {"kind": "domain", "p": 4, "trained_here": True, "from": "this run"}
     assert meta[2]["tags"]["<Protein>"]["trained_here"] is False and meta[2]["tags"]["<Protein>"]["from"] == str(out[1])
-    assert meta[2]["tags"]["<Count>"]["trained_here"] is True and meta[2]["heads"] == {"<Count>": {"type": "regression", "outputs": 1, "penalty": 0.0}}
+    assert meta[2]["tags"]["<Count>"]["trained_here"] is True and meta[2]["heads"] == {"<Count>": {"type": "regression", "outputs": 1, "penalty": 0.0, "fit": "gradient"}}
     assert meta[3]["tags"]["<Translate>"]["trained_here"] and not meta[3]["tags"]["<EN>"]["trained_here"]
     assert meta[2]["hidden_size"] == 64 and meta[2]["base"]["source"] == "preset:tiny" and meta[2]["stage"] == 2
     assert meta[2]["config"]["train"]["steps"] == 6  # the fully resolved config

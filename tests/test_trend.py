@@ -207,8 +207,12 @@ def test_committed_runs_read_back_with_their_start_wall_time_and_nested_roots():
     assert tags.start["qm9_gap"]["mse"] == saved["qm9_gap"]["linear probe (start)"]["mse"]
     assert tags.train_tokens > 0 and tags.elapsed_s > 0 and tags.micro_batch == 8
     nested = gather(ROOT / "docs" / "scaling" / "curve")
-    assert sorted((r.group, r.base, Path(r.root).name, r.train_examples["qed"]) for r in nested) == [
-        ("scaling_qed", "smollm2-135m", "qed_n4200", 4000), ("scaling_qed", "smollm2-135m", "qed_n4200_lr1e-5", 4000)]
+    assert sorted((r.group, r.base, Path(r.root).name, *r.train_examples.items()) for r in nested) == [
+        ("scaling_qed", "smollm2-135m", "qed_n4200", ("qed", 4000)),
+        ("scaling_qed", "smollm2-135m", "qed_n4200_lr1e-5", ("qed", 4000)),
+        ("scaling_qm9gap", "smollm2-135m", "qm9gap_n1000", ("qm9_gap", 1000)),
+        ("scaling_qm9gap", "smollm2-135m", "qm9gap_n16000", ("qm9_gap", 16000)),
+        ("scaling_qm9gap", "smollm2-135m", "qm9gap_n4000", ("qm9_gap", 4000))]
 
 
 def test_the_forecast_is_the_planners_flops_written_out():
