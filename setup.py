@@ -30,9 +30,9 @@ setup(
         "rdkit",
         "peptides>=0.5",
         "matplotlib",
-        "scikit-learn",  # method: expert (tagscale/expert.py) only
+        "scikit-learn",  # method: expert (tagscale/study/expert.py) only
     ],
     extras_require={"dev": ["pytest", "peft"]},
-    entry_points={"console_scripts": ["tagscale-train=tagscale.train:cli", "tagscale-predict=tagscale.predict:cli",
-                                      "tagscale-eval=tagscale.evaluate:cli"]},
+    entry_points={"console_scripts": ["tagscale-train=tagscale.train:cli", "tagscale-predict=tagscale.eval.predict:cli",
+                                      "tagscale-eval=tagscale.eval.evaluate:cli"]},
 )

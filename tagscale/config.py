@@ -74,7 +74,7 @@ class HeadConfig:
     solve. crossfit: the head for a row is the ridge fit on the support's other `folds` (no gradient through it),
     so the residual the tags follow is out-of-sample. Both: a scored step uses the ridge fit on the whole support;
     the saved head is the ridge fit on every training record at the kept step (the start's head if it is step 0).
-    tagscale/ridgehead.py; docs/learning.md says what each did."""
+    tagscale/core/ridgehead.py; docs/learning.md says what each did."""
     folds: int = 5
     """fit: crossfit only: the number of folds of the training records (at least 2)."""
 
@@ -104,7 +104,7 @@ class DataConfig:
     path: Optional[str] = None
     """A .jsonl (one object per line) or .csv file whose fields the template names."""
     builtin: Optional[str] = None
-    """A built-in offline source (tagscale.sources), e.g. ``qed``, ``translation``."""
+    """A built-in offline source (tagscale.data.sources), e.g. ``qed``, ``translation``."""
     options: dict = field(default_factory=dict)
     """Options of the built-in source (sizes, languages ...)."""
     limit: Optional[int] = None
@@ -270,7 +270,7 @@ class RunConfig:
     prompt_tuning: one randomly initialised prefix prompt as long as all the recipe's tags together, the heads
     reading the last prompt token; linear_probe: only the heads, on the frozen base at the last prompt token;
     expert: no LLM at all, scikit-learn models on RDKit / amino-acid features of the template's fields, the model
-    and its hyperparameters chosen on the same validation split (tagscale.expert, docs/expert.md)."""
+    and its hyperparameters chosen on the same validation split (tagscale.study.expert, docs/expert.md)."""
     base: BaseConfig = field(default_factory=BaseConfig)
     """The frozen base."""
     tags: list[TagConfig] = field(default_factory=list)
@@ -591,10 +591,6 @@ def validate(cfg: RunConfig) -> None:
     if cfg.method == "linear_probe" and any(t.head and t.head.fit != "gradient" for t in cfg.tags):
         raise UserError(f"{src}: method: linear_probe trains only its heads; a closed-form head (head.fit) would leave "
                         f"it nothing to train: its probe start is already that solution (set head.fit: gradient)")
-    if cfg.method == "expert":
-        from tagscale.expert import check_expert_tasks  # torch- and sklearn-free: names and field kinds only
-
-        check_expert_tasks(cfg)
     names: set[str] = set()
     for i, task in enumerate(cfg.tasks):
         where = f"{src}: tasks[{i}]"

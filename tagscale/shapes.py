@@ -1,10 +1,18 @@
-"""The random-init shape presets (`base.preset`) and the embedded pretrained bases' shapes, torch-free.
+"""A base's shape, torch-free: the random-init presets (`base.preset`), the embedded pretrained bases' shapes, and
+`resolve_shape` (a preset, an `embedded:` name or a folder's config.json) with the parameter count.
 
-One table for both readers: tagscale.bases builds a LlamaConfig from SHAPES, and the planner (tagscale.planner) does
-its arithmetic on both tables without importing torch or transformers, so `tools/plan.py` answers at once.
+One owner for every reader: tagscale.runtime.bases builds a LlamaConfig from SHAPES and counts parameters with
+`resolve_shape`, and the planner (tagscale.study.planner) does its arithmetic on `Shape` without importing torch
+or transformers, so `tools/plan.py` answers at once.
 """
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tagscale.errors import UserError, nearest
 
 # Random-init shapes. LLaMA shapes follow the published configs (vocab 32000); the small ones serve tests and
 # the cost curve of the scaling sweep.
@@ -29,7 +37,7 @@ SHAPES: dict[str, dict] = {
                       num_key_value_heads=8, vocab_size=32000),
 }
 
-# The embedded pretrained bases (tagscale.embedded.EMBEDDED_BASES), as the config.json keys the planner reads: so
+# The embedded pretrained bases (tagscale.runtime.embedded.EMBEDDED_BASES), as the config.json keys the planner reads: so
 # `tools/plan.py embedded:<name>` answers without dequantizing the base (7 GB of fp32 for the 1.5B).
 # tests/test_embedded.py checks each against the config transformers reads from the base's GGUF header.
 EMBEDDED_SHAPES: dict[str, dict] = {
@@ -46,3 +54,117 @@ EMBEDDED_SHAPES: dict[str, dict] = {
                                num_attention_heads=12, num_key_value_heads=2, head_dim=128, vocab_size=151936,
                                tie_word_embeddings=False),
 }
+
+PRESET_ALIASES = {"7b": "llama-7b", "13b": "llama-13b", "34b": "llama-34b", "70b": "llama-70b", "1b": "llama-1b",
+                  "350m": "llama-350m", "100m": "llama-100m", "20m": "llama-20m"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The base's shape and parameter count
+
+@dataclass(frozen=True)
+class Shape:
+    """What the arithmetic needs from a decoder-only config."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool = False
+    norms_per_layer: int = 2  # LLaMA: input + post-attention RMSNorm; Gemma 3: four
+    qk_norm: bool = False  # Gemma 3 / Qwen 3: an RMSNorm of head_dim on q and k
+    attention_bias: bool = False  # q, k and v carry a bias
+    output_bias: bool = False  # o_proj too: LLaMA's attention_bias biases all four, Qwen2's fixed bias only q, k, v
+    mlp_bias: bool = False
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def layer_params(self) -> int:
+        """One decoder layer: attention (q, k, v, o), gated MLP (gate, up, down), norms."""
+        h, i = self.hidden, self.intermediate
+        attention = h * self.q_width + 2 * h * self.kv_width + self.q_width * h
+        if self.attention_bias:
+            attention += self.q_width + 2 * self.kv_width
+        if self.output_bias:
+            attention += h
+        mlp = 3 * h * i + ((2 * i + h) if self.mlp_bias else 0)
+        norms = self.norms_per_layer * h + (2 * self.head_dim if self.qk_norm else 0)
+        return attention + mlp + norms
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def total_params(self) -> int:
+        """Every parameter: embedding, layers, final norm, and an untied LM head."""
+        head = 0 if self.tied_embeddings else self.embedding_params
+        return self.embedding_params + self.layers * self.layer_params + self.hidden + head
+
+    @property
+    def matmul_params(self) -> int:
+        """Parameters that multiply every token in a head task: the layers (the embedding is a lookup and tagscale's
+        heads read the decoder's hidden states, so the LM head is never called)."""
+        return self.layers * (self.layer_params - self.norms_per_layer * self.hidden)
+
+
+def _shape_from_hf_config(name: str, config: dict) -> Shape:
+    config = config.get("text_config", config)  # multimodal wrappers nest the language model's config
+    try:
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        model_type = str(config.get("model_type", ""))
+        gemma = model_type.startswith("gemma")
+        qwen2 = model_type.startswith("qwen2")  # Qwen2 (and its MoE) bias q, k, v always, o never
+        qkv_bias = bool(config.get("attention_bias", qwen2)) or qwen2
+        return Shape(
+            name=name, hidden=hidden, intermediate=int(config["intermediate_size"]),
+            layers=int(config["num_hidden_layers"]), heads=heads,
+            kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads), vocab=int(config["vocab_size"]),
+            tied_embeddings=bool(config.get("tie_word_embeddings", gemma)),
+            norms_per_layer=4 if model_type.startswith(("gemma2", "gemma3")) else 2,
+            qk_norm=model_type.startswith(("gemma3", "qwen3")),
+            attention_bias=qkv_bias, output_bias=qkv_bias and not qwen2,
+            mlp_bias=bool(config.get("mlp_bias", False)))
+    except KeyError as err:
+        raise UserError(f"{name}: config.json lacks {err.args[0]} (expected a decoder-only LM config)") from None
+
+
+def resolve_shape(base: str) -> Shape:
+    """A preset name or alias, a Hugging Face folder, or ``embedded:<name>``."""
+    key = PRESET_ALIASES.get(base.lower(), base)
+    if key in SHAPES:
+        spec = SHAPES[key]
+        return Shape(name=key, hidden=spec["hidden_size"], intermediate=spec["intermediate_size"],
+                     layers=spec["num_hidden_layers"], heads=spec["num_attention_heads"],
+                     kv_heads=spec["num_key_value_heads"], head_dim=spec["hidden_size"] // spec["num_attention_heads"],
+                     vocab=spec["vocab_size"])
+    if base.startswith("embedded:"):
+        name = base.split(":", 1)[1]
+        if name not in EMBEDDED_SHAPES:
+            raise UserError(f"base {base!r}: unknown embedded base{nearest(name, EMBEDDED_SHAPES)}; known: "
+                            f"{', '.join(EMBEDDED_SHAPES)}")
+        return _shape_from_hf_config(base, EMBEDDED_SHAPES[name])  # no need to dequantize (7 GB for the 1.5B)
+    else:
+        folder = Path(base).expanduser()
+        if not folder.exists():
+            known = sorted(set(SHAPES) | set(PRESET_ALIASES))
+            raise UserError(f"base {base!r}: not a preset{nearest(base, known)} ({', '.join(PRESET_ALIASES)} or "
+                            f"{', '.join(SHAPES)}), an embedded:<name> or a local folder")
+    config_path = folder / "config.json" if folder.is_dir() else folder
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{config_path}: not a readable config.json ({str(err).splitlines()[0]})") from None
+    return _shape_from_hf_config(base, config)

@@ -20,8 +20,8 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher
 
 from tagscale.config import RunConfig, load_config
 from tagscale.errors import UserError, fail, run_cli
-from tagscale.inputs import check_inputs
-from tagscale.runfolder import check_output_folder, lock_output_folder
+from tagscale.runtime.inputs import check_inputs
+from tagscale.runtime.runfolder import check_output_folder, checkpoint_dirs, find_resume_point, lock_output_folder
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,7 +52,7 @@ if __name__ == "__main__":  # a bad recipe or file is one line within a second: 
                 print(f"{_cfg.output.dir}: this run is already complete; nothing to do")
             sys.exit(0)
         if _cfg.method == "expert":  # no LLM, no DeepSpeed: the imports below are not needed
-            from tagscale.expert import run as run_expert
+            from tagscale.study.expert import run as run_expert
 
             sys.exit(run_expert(_cfg))
     except UserError as err:
@@ -60,14 +60,16 @@ if __name__ == "__main__":  # a bad recipe or file is one line within a second: 
 
 from dataclasses import dataclass  # noqa: E402
 
-from tagscale import dist, evaluate, runs  # noqa: E402
-from tagscale.bases import load_base, prepare as prepare_base  # noqa: E402
-from tagscale.data import Encoder, TrainData, build_train_data, collate  # noqa: E402
-from tagscale.logs import RunLog  # noqa: E402
+from tagscale.runtime import dist, runs  # noqa: E402
+
+from tagscale.eval import evaluate
+from tagscale.runtime.bases import load_base, prepare as prepare_base  # noqa: E402
+from tagscale.data.encode import Encoder, TrainData, build_train_data, collate, to_device  # noqa: E402
+from tagscale.runtime.logs import RunLog  # noqa: E402
 from tagscale.methods import apply_method  # noqa: E402
-from tagscale.model import TaggedModel  # noqa: E402
-from tagscale.ridgehead import SupportSet  # noqa: E402
-from tagscale.selection import Selector  # noqa: E402
+from tagscale.core.model import TaggedModel  # noqa: E402
+from tagscale.core.ridgehead import SupportSet  # noqa: E402
+from tagscale.eval.selection import Selector  # noqa: E402
 
 
 class NonFiniteLoss(UserError):
@@ -156,15 +158,16 @@ def train_steps(s: Session, start: int, stop: StopFlag | None = None) -> bool:
         started, losses, parts, tokens, lr = time.perf_counter(), [], [], 0, engine.get_lr()
         for examples in s.data.rank_micro_batches(step, cfg.train.micro_batch, rank, world):
             batch = collate(examples, s.tokenizer.pad_token_id, cfg.train.padding_side, split, target_width)
-            tokens += int(batch["attention_mask"].sum())
-            loss = engine(**{k: v.to(dist.device()) for k, v in batch.items()})
+            tokens += sum(len(e.ids) for e in examples)  # real tokens, counted without a tensor
+            loss = engine(**to_device(batch, dist.device()))
             parts.append({k: (v, s.model.last_counts.get(k, 1)) for k, v in s.model.last_losses.items()})
             engine.backward(loss)
             engine.step()
-            losses.append(float(loss.detach()))
-        mean_loss, part_means, tokens = s.log.reduce_step(losses, parts, tokens)
+            losses.append(loss.detach())  # stays on the device: reduce_step reads the step's losses once
+        mean_loss, part_means, tokens, stopping = s.log.reduce_step(losses, parts, tokens,
+                                                                     stop is not None and stop.raised)
         if not math.isfinite(mean_loss):
-            kept = runs.checkpoint_dirs(Path(cfg.output.dir))
+            kept = checkpoint_dirs(Path(cfg.output.dir))
             where = f"the last good checkpoint is kept in {kept[-1]}" if kept else "no checkpoint was written before it"
             raise NonFiniteLoss(f"step {step + 1}: the loss is {mean_loss}; stopped, {where} (lower train.lr or check "
                                 f"the data)")
@@ -172,7 +175,7 @@ def train_steps(s: Session, start: int, stop: StopFlag | None = None) -> bool:
         if s.selector.due(step + 1):
             evaluate.score_closed_form_heads(s.model)  # a closed-form head is scored at its support's solution
             s.log.write(s.selector.consider(step + 1, engine))
-        stopping = dist.any_rank(stop is not None and stop.raised)
+            stopping = stopping or dist.any_rank(stop is not None and stop.raised)  # a signal during validation
         if stopping or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             save_checkpoint(s, step + 1)
         if stopping:
@@ -184,7 +187,7 @@ def train_steps(s: Session, start: int, stop: StopFlag | None = None) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args, cfg = read_and_check(argv)  # checked once: a second call (after the early check) returns at once
     if cfg.method == "expert":
-        from tagscale.expert import run as run_expert
+        from tagscale.study.expert import run as run_expert
 
         return run_expert(cfg)
     stop = StopFlag()
@@ -213,7 +216,7 @@ def run(args: argparse.Namespace, cfg: RunConfig, stop: StopFlag, previous: dict
             print(f"{cfg.output.dir}: this run is already complete (step {previous['step']}); nothing to do")
         return 0
     session = build(cfg, args.ds_config)
-    resume_from = runs.find_resume_point(cfg)
+    resume_from = find_resume_point(cfg)
     if dist.is_main():  # inputs are good: mark the folder as this config's run (this attempt's steps)
         runs.mark_running(cfg)
         if resume_from is None:  # a start from step 0: what an attempt killed before its first checkpoint logged goes

@@ -27,13 +27,15 @@ if DEVICE.type == "cuda":
 
 def on_device(batch: dict) -> dict:
     """A collated batch on DEVICE (tensors moved, anything else kept)."""
-    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    from tagscale.data.encode import to_device
+
+    return to_device(batch, DEVICE)
 
 
 @pytest.fixture(scope="session")
 def tiny_base():
     """The `tiny` shape preset with its byte tokenizer, in fp32, eval mode, on DEVICE."""
-    from tagscale.bases import load_base
+    from tagscale.runtime.bases import load_base
     from tagscale.config import BaseConfig
 
     base = load_base(BaseConfig(preset="tiny"))
@@ -46,7 +48,7 @@ def process_world():
     """`dist.init()` inside the pytest process, once for the session (a world of one, for tests that drive the engine
     directly), left at the session's end with the launcher variables it set restored. One world, not one per test:
     DeepSpeed caches its process groups in module globals, so a world made again after a teardown meets stale ones."""
-    from tagscale import dist
+    from tagscale.runtime import dist
     from tagscale.launch import LAUNCH_VARS
 
     saved = {name: os.environ.get(name) for name in LAUNCH_VARS}
@@ -71,8 +73,8 @@ def in_process_world(process_world):
 
 def tagged_tiny(tiny_base, specs, heads=(), uses_lm_head: bool = True):
     """A TaggedModel on the tiny base whose tags hold seeded random vectors (seed 0), on DEVICE."""
-    from tagscale.model import TaggedModel
-    from tagscale.tags import TagBank
+    from tagscale.core.model import TaggedModel
+    from tagscale.core.tags import TagBank
 
     torch.manual_seed(0)
     bank = TagBank(specs, tiny_base.identity["hidden_size"], tiny_base.identity["embedding_rows"])
@@ -105,6 +107,14 @@ def train_command(recipe: str, *overrides: str, ranks: int = 1,
     cmd = trainer_command(recipe, overrides, ds_config=ds_config, ranks=ranks,
                           master_port=free_port() if ranks > 1 else None)
     return cmd, launch_env()  # an in-process world must not leak in
+
+
+def paused_in_checkpoint(step: int, env: dict[str, str]) -> dict[str, str]:
+    """`env` for a run whose checkpoint of `step` holds still after writing its state (tests/hooks/sitecustomize.py)
+    and touches PAUSED, so that the test can kill it mid-write."""
+    hooks = str(Path(__file__).resolve().parent / "hooks")
+    return {**env, "TAGSCALE_TEST_PAUSE_IN_CHECKPOINT": str(step),
+            "PYTHONPATH": os.pathsep.join(p for p in (hooks, env.get("PYTHONPATH", "")) if p)}
 
 
 def train(recipe: str, *overrides: str, ranks: int = 1, ds_config: str = "ds_configs/zero3_cpu.json",
@@ -156,8 +166,8 @@ def two_engine_steps(session) -> tuple[dict, list, dict]:
     """Two steps of a built trainer session (`tagscale.train.build`, one rank, one micro-batch of 4 a step):
     (every parameter's whole value before, the two collated batches, the trainables' whole values after), for
     tests that redo the steps in plain PyTorch."""
-    from tagscale import dist
-    from tagscale.data import collate
+    from tagscale.runtime import dist
+    from tagscale.data.encode import collate
     from tagscale.train import train_steps
 
     named = list(session.model.named_parameters())

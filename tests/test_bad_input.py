@@ -1,7 +1,7 @@
 """Bad input: each case is the real command line, answered by one line that names the file, the field (or line)
 and what was expected; exit code 2, no traceback, and nothing written or changed.
 
-Most cases are caught by tagscale.inputs before torch is imported (well under a second each); the few that
+Most cases are caught by tagscale.runtime.inputs before torch is imported (well under a second each); the few that
 need the base's tokenizer or transformers' model registry go further and are marked below.
 """
 
@@ -323,8 +323,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case_id, tmp_path):
 
 
 def test_input_checks_need_no_torch():
-    """The checks run before the slow imports: tagscale.inputs (with config, errors, sources) never loads torch."""
-    code = "import sys, tagscale.inputs; sys.exit(int(any(m.split('.')[0] in ('torch', 'deepspeed') for m in sys.modules)))"
+    """The checks run before the slow imports: tagscale.runtime.inputs (with config, errors, sources) never loads torch."""
+    code = "import sys, tagscale.runtime.inputs; sys.exit(int(any(m.split('.')[0] in ('torch', 'deepspeed') for m in sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
@@ -366,14 +366,14 @@ def test_predict_output_refuses_an_existing_file_the_input_and_a_missing_folder(
     kept = write(tmp_path / "out.jsonl", "earlier predictions\n")
     before = snapshot(tmp_path)
     args = ["--runs", str(tmp_path / "no-run"), "--template", "Input: {seq}. Output: <Count>", "--input", str(data)]
-    one_error_line(run_module("tagscale.predict", *args, "--output", str(kept)), str(kept), "already exists",
+    one_error_line(run_module("tagscale.eval.predict", *args, "--output", str(kept)), str(kept), "already exists",
                    "--overwrite")
-    one_error_line(run_module("tagscale.predict", *args, "--output", str(data), "--overwrite"), str(data),
+    one_error_line(run_module("tagscale.eval.predict", *args, "--output", str(data), "--overwrite"), str(data),
                    "is the --input file")
     missing = tmp_path / "nope" / "out.jsonl"
-    one_error_line(run_module("tagscale.predict", *args, "--output", str(missing)), str(tmp_path / "nope"),
+    one_error_line(run_module("tagscale.eval.predict", *args, "--output", str(missing)), str(tmp_path / "nope"),
                    "does not exist")
-    one_error_line(run_module("tagscale.predict", *args, "--batch", "0"), "--batch", "expected a positive integer")
+    one_error_line(run_module("tagscale.eval.predict", *args, "--batch", "0"), "--batch", "expected a positive integer")
     assert snapshot(tmp_path) == before
 
 
@@ -386,9 +386,9 @@ def test_predict_keeps_every_input_field_reads_bom_and_crlf_and_writes_whole(hea
     data = tmp_path / "in.jsonl"
     data.write_bytes(b"\xef\xbb\xbf" + b"".join(json.dumps(r).encode() + b"\r\n" for r in rows))
     args = ["--runs", str(head_run), "--template", "Input: {seq}. Output: <Count>", "--input", str(data)]
-    one_error_line(run_module("tagscale.predict", *args), "line 1", "'prediction'", "--field")
+    one_error_line(run_module("tagscale.eval.predict", *args), "line 1", "'prediction'", "--field")
     out = write(tmp_path / "out.jsonl", "to be replaced\n")
-    proc = run_module("tagscale.predict", *args, "--field", "count", "--output", str(out), "--overwrite")
+    proc = run_module("tagscale.eval.predict", *args, "--field", "count", "--output", str(out), "--overwrite")
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [{k: v for k, v in r.items() if k != "count"} for r in written] == rows
@@ -419,7 +419,7 @@ def test_lock_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
     line."""
     from tagscale.config import load_config
     from tagscale.errors import UserError
-    from tagscale.runfolder import lock_output_folder
+    from tagscale.runtime.runfolder import lock_output_folder
 
     cfg = load_config(RECIPE, [f"output.dir={tmp_path / 'a' / 'run'}"])
 
@@ -461,11 +461,11 @@ def test_restart_after_a_kill_in_the_first_checkpoint_logs_each_step_once(tmp_pa
     that attempt's steps only (it held the dead attempt's steps 1-4 and then 1-8)."""
     import signal
 
-    from conftest import metrics, train_command
+    from conftest import metrics, paused_in_checkpoint, train_command
 
     out = tmp_path / "run"
     cmd, env = train_command(RECIPE, f"output.dir={out}", "train.save_every=4", "train.val_fraction=0")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "TAGSCALE_TEST_PAUSE_IN_CHECKPOINT": "4"},
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=paused_in_checkpoint(4, env),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while not list((out / "checkpoints").glob(".tmp-step-00000004-*/PAUSED")):
@@ -493,7 +493,7 @@ def test_a_live_runs_folder_is_refused_before_torch(tmp_path):
 
     from tagscale.config import load_config
     from tagscale.errors import UserError
-    from tagscale.inputs import check_inputs
+    from tagscale.runtime.inputs import check_inputs
 
     out = tmp_path / "out"
     write(out / ".lock", "host h, pid 1, started t\n")
@@ -509,7 +509,7 @@ def test_a_live_runs_folder_is_refused_before_torch(tmp_path):
 def test_tags_on_another_base_only_with_an_explicit_transfer(tmp_path, capsys):
     """Silent: transfer_tags: true lets from_runs' tags onto another base of the same width, and says so."""
     from tagscale.config import load_config
-    from tagscale.inputs import check_inputs
+    from tagscale.runtime.inputs import check_inputs
 
     case = other_seed_base(tmp_path)
     cfg = load_config(STAGE2, case.overrides + ["transfer_tags=true", f"output.dir={tmp_path / 'out'}"])
@@ -520,15 +520,15 @@ def test_tags_on_another_base_only_with_an_explicit_transfer(tmp_path, capsys):
 def test_predict_and_evaluate_refuse_another_base_unless_transferred(head_run):
     """Silent: predict --base and evaluate --base with a base of the same width but other weights (the tiny preset
     with another seed) are refused; --transfer asks for it. evaluate takes --base (a base that moved)."""
-    from tagscale.bases import preset_folder
+    from tagscale.runtime.bases import preset_folder
 
     other = str(preset_folder("tiny", 1))
     args = ["--runs", str(head_run), "--template", "Input: {seq}. Output: <Count>", "--base", other]
-    one_error_line(run_module("tagscale.predict", *args, stdin='{"seq": "MKT"}\n'), str(head_run),
+    one_error_line(run_module("tagscale.eval.predict", *args, stdin='{"seq": "MKT"}\n'), str(head_run),
                    "trained on another base", "fingerprint")
-    proc = run_module("tagscale.predict", *args, "--transfer", stdin='{"seq": "MKT"}\n')
+    proc = run_module("tagscale.eval.predict", *args, "--transfer", stdin='{"seq": "MKT"}\n')
     assert proc.returncode == 0 and "transferred" in proc.stderr and json.loads(proc.stdout)["prediction"] == \
         json.loads(proc.stdout)["prediction"], proc.stderr[-3000:]
-    one_error_line(run_module("tagscale.evaluate", "--run", str(head_run), "--base", other), "trained on another base")
-    proc = run_module("tagscale.evaluate", "--run", str(head_run), "--base", other, "--transfer", "--limit", "2")
+    one_error_line(run_module("tagscale.eval.evaluate", "--run", str(head_run), "--base", other), "trained on another base")
+    proc = run_module("tagscale.eval.evaluate", "--run", str(head_run), "--base", other, "--transfer", "--limit", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The CPU bf16 linear (tagscale.dist.use_fast_cpu_low_precision_linear) computes what torch's linear computes.
+"""The CPU bf16 linear (tagscale.runtime.dist.use_fast_cpu_low_precision_linear) computes what torch's linear computes.
 
 Its reason to exist is speed (torch's CPU bf16 `grad_output @ weight` takes a slow path); the ratio is printed by
 tools/bench.py --only cpu-linear, not asserted here.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tagscale import dist
+from tagscale.runtime import dist
 
 
 @pytest.mark.parametrize("needs", ["input", "all"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tagscale import demo
+from tagscale.study import demo
 
 
 def _metrics(mse: float) -> dict:

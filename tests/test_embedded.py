@@ -1,4 +1,4 @@
-"""tagscale.embedded: the cached SmolLM2 folder equals the GGUF load; atomic, cached builds; clear errors.
+"""tagscale.runtime.embedded: the cached SmolLM2 folder equals the GGUF load; atomic, cached builds; clear errors.
 
 The two equality tests use the real cache (`$TAGSCALE_CACHE` or ~/.cache/tagscale): on a fresh cache the folder is
 built there and compared with the very model it was built from (one dequantization); on a warm one the GGUF is
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tagscale import embedded
+from tagscale.runtime import embedded
 from tagscale.errors import UserError
 
 def folder_and_gguf_load(monkeypatch, name: str, gguf_path) -> tuple[Path, tuple]:
@@ -140,7 +140,7 @@ def meta_model(config):
 def test_embedded_shapes_match_transformers_config(name):
     """The planner's table (shapes.EMBEDDED_SHAPES) is what transformers reads from each GGUF header, and the planner
     counts the parameters of the model transformers builds from it, Qwen2's unbiased o_proj included."""
-    from tagscale import planner
+    from tagscale import shapes
     from tagscale.shapes import EMBEDDED_SHAPES
 
     assert set(EMBEDDED_SHAPES) == set(embedded.EMBEDDED_BASES) == set(GGUF_OF)
@@ -153,7 +153,7 @@ def test_embedded_shapes_match_transformers_config(name):
         assert actual == value, key
     unique = {id(p): p for p in meta_model(config).parameters()}  # a tied LM head once
     assert sum(p.numel() for p in unique.values()) == PARAMETERS[name]
-    assert planner.resolve_shape(f"embedded:{name}").total_params == PARAMETERS[name]
+    assert shapes.resolve_shape(f"embedded:{name}").total_params == PARAMETERS[name]
 
 
 @pytest.mark.parametrize("name, general_name, layers, hidden, heads", [

@@ -8,7 +8,7 @@ from conftest import train
 
 
 def test_only_tags_and_heads_change_base_bitwise_equal(tmp_path, in_process_world):
-    from tagscale import dist
+    from tagscale.runtime import dist
     from tagscale.config import load_config
     from tagscale.train import build, train_steps
 
@@ -37,9 +37,10 @@ def test_only_tags_and_heads_change_base_bitwise_equal(tmp_path, in_process_worl
 
 def test_generation_with_the_whole_base_gathered_matches_per_layer_gathers(tmp_path, in_process_world):
     """Greedy decoding with the base gathered once == ZeRO-3's per-layer gathers; afterwards ZeRO-3 is as it was."""
-    from tagscale import dist, evaluate
+    from tagscale.runtime import dist
+    from tagscale.eval import evaluate
     from tagscale.config import load_config
-    from tagscale.data import collate
+    from tagscale.data.encode import collate
     from tagscale.train import build
 
     cfg = load_config("tests/recipes/tiny_stage1.yaml", [f"output.dir={tmp_path / 's1'}", "train.steps=1"])

@@ -1,4 +1,4 @@
-"""method: expert (tagscale/expert.py) and the measured-label builtins (logbb, bbbp, qm9_gap): features checked by
+"""method: expert (tagscale/study/expert.py) and the measured-label builtins (logbb, bbbp, qm9_gap): features checked by
 hand, reproducible fits, the choice made on validation only, the scaffold split, ROC-AUC, one-line refusals."""
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tagscale import expert, sources
+from tagscale.study import expert
+
+from tagscale.data import sources
 from tagscale.launch import trainer_command
 from tagscale.metrics import binary_roc_auc, classification_metrics
 
@@ -132,7 +134,7 @@ def test_expert_run_writes_the_harness_files_and_chooses_on_validation_only(tmp_
     mse = np.mean((np.array(trained["outputs"]) - np.array(trained["targets"])) ** 2)
     assert trained["mse"] == pytest.approx(mse) and trained["ci95"]["mse"][0] <= mse <= trained["ci95"]["mse"][1]
     # `initial` is the training-label mean: the 86 rows validation_split keeps for training
-    from tagscale.data import validation_split
+    from tagscale.data.encode import validation_split
 
     train_rows = [json.loads(line) for line in TRAIN.read_text().splitlines()]
     keep, held = validation_split(len(train_rows), 0.1, 200, 0, 0)
@@ -234,10 +236,10 @@ def test_qm9_gap_learning_curve_sizes_share_validation_and_test(monkeypatch, tmp
     the front, so every size trains on a nested, seeded-random subset and validates and tests on the very same
     molecules, none of them in any size's training set; without n_val the run carves train.val_fraction as before."""
     from tagscale.config import load_config
-    from tagscale.data import task_records
+    from tagscale.data.encode import task_records
     from tagscale.errors import UserError
-    from tagscale.evaluate import held_out_data
-    from tagscale.records import read_records
+    from tagscale.eval.evaluate import held_out_data
+    from tagscale.data.records import read_records
 
     monkeypatch.setenv("TAGSCALE_CACHE", str(tmp_path))
     recipe = Path(__file__).resolve().parents[1] / "tagscale" / "recipes" / "scaling_qm9gap.yaml"
@@ -302,7 +304,7 @@ def test_classification_head_trains_evaluates_and_predicts_end_to_end(tmp_path):
 
     inputs = tmp_path / "inputs.jsonl"
     inputs.write_text("".join(json.dumps({"smiles": r["smiles"]}) + "\n" for r in test_rows))
-    proc = subprocess.run([sys.executable, "-m", "tagscale.predict", "--runs", str(out), "--template",
+    proc = subprocess.run([sys.executable, "-m", "tagscale.eval.predict", "--runs", str(out), "--template",
                            "SMILES {smiles} <BBB>", "--input", str(inputs)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -311,9 +313,9 @@ def test_classification_head_trains_evaluates_and_predicts_end_to_end(tmp_path):
 
 
 def test_expert_rows_in_the_sweep_results_and_finding():
-    """tagscale.scaling: the expert (0 parameters, no base) gets its own result row, the mean row comes from the
+    """tagscale.study.scaling: the expert (0 parameters, no base) gets its own result row, the mean row comes from the
     LLM run's start, and the expert joins the comparison on the LLM's base."""
-    from tagscale.scaling import finding, result_rows
+    from tagscale.study.scaling import finding, result_rows
 
     targets = [0.0, 1.0, 2.0, 3.0]
     metrics = lambda outputs: {"mse": float(np.mean((np.array(outputs) - targets) ** 2)), "n": 4,
@@ -349,8 +351,8 @@ def test_expert_rows_in_the_sweep_results_and_finding():
 def test_metrics_plot_draws_a_classification_task_by_roc_auc_and_accuracy(tmp_path, monkeypatch):
     """metrics.png gives a classification task its own metrics (ROC-AUC, accuracy, and the majority-class bar)
     rather than the regression panels it has no values for; a regression task keeps rank correlation, R² and MSE."""
-    from tagscale.report import plots, plotted_metrics
-    from tagscale.scaling import RunRow
+    from tagscale.study.report import plots, plotted_metrics
+    from tagscale.study.scaling import RunRow
 
     def row(method, base, parameters, task, metrics, initial=None):
         return RunRow(group="g", method=method, base=base, source="", parameters=parameters, random_init=False,

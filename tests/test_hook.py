@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import DEVICE, on_device, tagged_tiny
-from tagscale.data import collate, Example
-from tagscale.tags import TagSpec
+from tagscale.data.encode import collate, Example
+from tagscale.core.tags import TagSpec
 
 SPECS = [TagSpec("<A>", "domain", 3, False), TagSpec("<B>", "function", 2, True)]
 
@@ -110,10 +110,10 @@ def until_eos(tokens: list[int], eos: int) -> list[int]:
 
 def test_left_padded_batched_generate_equals_unpadded_one_at_a_time(tagged, tiny_base):
     """Examples of four lengths, tags at different places: greedy tokens of the left-padded batch (what
-    tagscale.evaluate.generations runs: collate's left padding, positions from the mask) equal each example's
+    tagscale.eval.evaluate.generations runs: collate's left padding, positions from the mask) equal each example's
     generation alone and unpadded, with its tags spliced by hand into inputs_embeds; and `generations` gives the
     same text batched and one at a time."""
-    from tagscale.evaluate import generations
+    from tagscale.eval.evaluate import generations
 
     tokenizer, new = tiny_base.tokenizer, 10
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id

@@ -42,8 +42,8 @@ def test_nothing_imports_train():
 
 ROOT = PACKAGE.parent
 TOOLS = ROOT / "tools"
-TORCH_FREE = ("shapes.py", "planner.py", "launch.py", "scaling.py", "sweep.py", "inputs.py", "records.py", "runfolder.py",
-              "dsconfig.py")
+TORCH_FREE = ("shapes.py", "study/planner.py", "launch.py", "study/scaling.py", "study/sweep.py", "runtime/inputs.py",
+              "data/records.py", "data/fields.py", "runtime/runfolder.py", "runtime/dsconfig.py")
 """Modules that answer at once (the planner's CLI, the sweep's jobs and readers, the checks before a run loads
 torch): no torch, transformers or deepspeed."""
 MOVED = {"Shape", "Setup", "Plan", "Device", "plan", "recommend", "resolve_shape", "preset_shapes", "render",
@@ -58,7 +58,7 @@ def test_torch_free_modules_import_no_torch():
         heavy = {m for m in imported_modules(PACKAGE / name) if m.split(".")[0] in ("torch", "transformers", "deepspeed")}
         assert not heavy, (name, heavy)
     # and nothing they import pulls it in either (tagscale.metrics, errors ...)
-    code = "import sys, " + ", ".join(f"tagscale.{n[:-3]}" for n in TORCH_FREE) + "; print('torch' in sys.modules)"
+    code = "import sys, " + ", ".join(f"tagscale.{n[:-3].replace('/', '.')}" for n in TORCH_FREE) + "; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "False", proc.stderr[-2000:]
 
@@ -88,7 +88,137 @@ def test_readme_layout_names_every_module_and_tool():
     readme = (ROOT / "README.md").read_text()
     layout = readme[readme.index("## Layout"):]
     layout = layout[:layout.index("```", layout.index("```") + 3)]
-    names = {p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"} | {"recipes/"}
+    names = {p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"} | {"recipes/"}
+    names |= {f"{p.name}/" for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
     names |= {p.name for p in TOOLS.iterdir() if p.suffix in (".py", ".sh")}
     missing = {n for n in names if n not in layout}
     assert not missing, f"README's layout omits {sorted(missing)}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The layers, declared once: a module may import from its own layer and the layers below it, never above.
+
+LAYERS = (
+    ("tagscale", "errors", "cache", "metrics", "launch", "shapes"),  # leaves: no torch, nothing above
+    ("config",),  # the typed recipe
+    ("methods", "core"),  # what a method trains; tags, heads, the loss, the ridge maths
+    ("data",),  # sources, records, fields, encoding and batches
+    ("runtime",),  # process group and engine, bases, run folders, the checks before torch, the log
+    ("eval",),  # scoring, the kept step, predict
+    ("study",),  # the scaling study: planner, sweep, scaling, report, expert, demo
+    ("train", "evaluate", "predict", "demo"),  # entry points
+)
+LAYER_OF = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def room(module: str) -> str:
+    """The layer's unit: a subpackage (tagscale.runtime.dist -> runtime) or a top-level module."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Every tagscale module -> the tagscale modules it imports, at the top or inside a function."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_every_room_has_a_layer():
+    rooms = {room(m) for m in package_imports()}
+    assert rooms <= set(LAYER_OF), f"declare a layer for {sorted(rooms - set(LAYER_OF))} in LAYERS"
+
+
+def test_no_import_reaches_a_higher_layer():
+    upward = [(m, t) for m, targets in package_imports().items() for t in targets
+              if LAYER_OF[room(t)] > LAYER_OF[room(m)]]
+    assert not upward, "imports from a lower layer to a higher one: " + ", ".join(f"{m} -> {t}" for m, t in upward)
+
+
+def test_no_import_circle():
+    """Tarjan's strongly connected components over every import, function-local ones included."""
+    graph = package_imports()
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not circles, circles
+
+
+def test_the_checks_catch_a_circle_and_an_upward_import(tmp_path, monkeypatch):
+    """The two rules above fail on a constructed package with a function-local circle and an upward import."""
+    pkg = tmp_path / "tagscale"
+    (pkg / "runtime").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "runtime" / "__init__.py").write_text("")
+    (pkg / "config.py").write_text("def f():\n    from tagscale.runtime.dist import g\n")
+    (pkg / "runtime" / "dist.py").write_text("from tagscale.config import f\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    import pytest
+
+    with pytest.raises(AssertionError, match="config -> tagscale.runtime.dist"):
+        test_no_import_reaches_a_higher_layer()
+    with pytest.raises(AssertionError, match="tagscale.config"):
+        test_no_import_circle()
+
+
+def test_no_private_name_crosses_a_module():
+    crossings = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tagscale"):
+                crossings += [f"{module_name(path)} imports {node.module}.{a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not crossings, crossings
+
+
+def test_the_planner_command_line_imports_no_torch():
+    """`tools/plan.py` answers for an embedded base without loading torch, transformers or deepspeed."""
+    code = ("import runpy, sys; sys.argv = ['plan.py', 'embedded:smollm2-135m']; "
+            "sys.path.insert(0, 'tools')\ntry:\n    runpy.run_path('tools/plan.py', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_the_package_carries_no_test_hook():
+    """Tests reach inside a run through tests/hooks (a sitecustomize on PYTHONPATH), never through the package."""
+    hooks = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py") if "TAGSCALE_TEST" in p.read_text()]
+    assert not hooks, hooks

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from conftest import as_if_killed_after_a_checkpoint, metrics, tags_of, train, two_engine_steps, validations
 from tagscale.config import DataConfig
-from tagscale.data import validation_split
-from tagscale.records import read_records
-from tagscale.ridgehead import SupportSet, loo_residuals, solve, stats
+from tagscale.data.encode import validation_split
+from tagscale.data.records import read_records
+from tagscale.core.ridgehead import SupportSet, loo_residuals, solve, stats
 
 DATA = "tests/data/fixture_protein_count.jsonl"
 RECIPE = "tests/recipes/tiny_head.yaml"
@@ -106,7 +106,7 @@ def test_loss_is_the_mean_square_of_the_rows_loo_residuals_and_refreshes_the_cac
 def test_support_head_at_the_start_is_the_probe_start():
     """The ridge solution on the start's support set, scaled back to label units, is `evaluate.ridge_fit`'s probe
     (the penalty handed over in Gram units: lambda_MSE * n), so a step-0 head and a scored head agree."""
-    from tagscale.evaluate import ridge_fit
+    from tagscale.eval.evaluate import ridge_fit
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(50, 6)) * 4
@@ -136,7 +136,7 @@ def run_resume_predict(tmp_path, overrides: list[str]) -> tuple:
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
     assert [m["step"] for m in metrics(whole)] == list(range(1, 9))
     rows = [json.loads(line) for line in open(DATA)][:5]
-    proc = subprocess.run([sys.executable, "-m", "tagscale.predict", "--runs", str(whole), "--template",
+    proc = subprocess.run([sys.executable, "-m", "tagscale.eval.predict", "--runs", str(whole), "--template",
                            "Input: {seq}. Output: <Count>"], input="\n".join(json.dumps(r) for r in rows),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -257,9 +257,9 @@ def test_folded_reparameterisation_gives_the_trained_models_outputs(tiny_base):
     """A bank with a residual MLP (its `down` moved off zero, as training moves it) and a plain bank holding its
     folded vectors give the same vectors and the same model outputs; a fresh reparameterised tag starts exactly at
     its value; the folded vectors are init + down(relu(up(init))) by hand."""
-    from tagscale.data import Example, collate
-    from tagscale.model import HeadSpec, TaggedModel
-    from tagscale.tags import TagBank, TagSpec
+    from tagscale.data.encode import Example, collate
+    from tagscale.core.model import HeadSpec, TaggedModel
+    from tagscale.core.tags import TagBank, TagSpec
 
     d, rows = tiny_base.identity["hidden_size"], tiny_base.identity["embedding_rows"]
     spec = TagSpec("<F>", "function", 3, True)
@@ -302,7 +302,7 @@ def test_reparameterised_run_saves_plain_vectors_resumes_and_predicts(tmp_path):
     assert meta["trainable_parameters"] == 4 * d + (d + 1) + (8 * d + 8 + d * 8 + d)  # tag, head, MLP
     assert {k: tuple(v.shape) for k, v in tags_of(whole).items()} == {"<Count>": (4, d)}
     measured = json.loads((whole / "eval.json").read_text())["count"]["trained"]["mse"]
-    proc = subprocess.run([sys.executable, "-m", "tagscale.evaluate", "--run", str(whole), "--json"],
+    proc = subprocess.run([sys.executable, "-m", "tagscale.eval.evaluate", "--run", str(whole), "--json"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["count"]["trained"]["mse"] == pytest.approx(measured, rel=1e-5)
@@ -316,8 +316,8 @@ def test_sgd_momentum_steps_match_torch_by_hand_and_resume(tmp_path):
     model and batches; a run resumed from a checkpoint (its momentum buffers in it) ends as the whole one."""
     from contextlib import nullcontext
 
-    from tagscale import dist, runs
-    from tagscale.bases import load_base
+    from tagscale.runtime import dist, runs
+    from tagscale.runtime.bases import load_base
     from tagscale.config import BaseConfig, load_config
     from tagscale.train import build
 

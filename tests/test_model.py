@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from tagscale.config import load_config
-from tagscale.data import Example, collate
-from tagscale.model import HeadSpec, TaggedModel
-from tagscale.runs import InheritedTag, plan_tags
-from tagscale.tags import TagBank, TagSpec, init_bank, initial_vectors
+from tagscale.data.encode import Example, collate
+from tagscale.core.model import HeadSpec, TaggedModel
+from tagscale.runtime.runs import InheritedTag, plan_tags
+from tagscale.core.tags import TagBank, TagSpec, init_bank, initial_vectors
 
 IGNORE = -100
 
@@ -125,7 +125,7 @@ def test_left_padding_is_refused_where_the_prefix_split_would_ignore_it():
 @pytest.mark.parametrize("mode", ["reentrant", "nonreentrant"])
 def test_activation_checkpointing_gives_the_same_gradients(mode):
     """The hooks under transformers' checkpointing (which forces the embedding output to require grad)."""
-    from tagscale.bases import load_base
+    from tagscale.runtime.bases import load_base
     from tagscale.config import BaseConfig
 
     grads = {}
@@ -166,7 +166,7 @@ def test_classification_head_cross_entropy_and_prediction(tiny_base):
 def test_evaluation_batches_by_length_and_returns_every_output_in_record_order(model, tiny_base):
     """evaluate's loops batch examples by length (less padding) and must put each output back at its record:
     each is checked against the example run alone (micro-batch 1: no padding at all)."""
-    from tagscale import evaluate
+    from tagscale.eval import evaluate
 
     lengths = [3, 25, 5, 40, 4, 18, 2, 33]  # record order interleaves short and long
     exs = []

@@ -1,4 +1,4 @@
-"""tagscale.planner and tools/plan.py: counts and bytes derived from shapes and dtypes for the LLaMA-7B shape, its activations
+"""tagscale.study.planner and tools/plan.py: counts and bytes derived from shapes and dtypes for the LLaMA-7B shape, its activations
 against what autograd saves in real layers of that width, the parameter count
 against transformers, the recommendation, the CLI, and (CI-sized) predicted vs measured peak RSS of a real run.
 
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tagscale import planner
+from tagscale import shapes
+from tagscale.study import planner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,14 +26,14 @@ LAYER_7B = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # attention + gated ML
 
 
 def test_7b_parameter_count():
-    shape = planner.resolve_shape("7b")
+    shape = shapes.resolve_shape("7b")
     assert shape.layer_params == LAYER_7B == 202_383_360
     assert shape.total_params == 32000 * 4096 * 2 + 32 * LAYER_7B + 4096 == LLAMA_7B_PARAMS
     assert shape.matmul_params == 32 * (LAYER_7B - 2 * 4096) == 6_476_005_376
 
 
 def test_7b_memory_by_part_zero3_8_gpus():
-    shape = planner.resolve_shape("7b")
+    shape = shapes.resolve_shape("7b")
     setup = planner.Setup(gpu="H100", gpus_per_node=8, seq=2048, micro_batch=1, zero=3, dtype="bf16", tag_vectors=20)
     parts = planner.plan(shape, setup).memory_bytes
     assert parts["weights (sharded)"] == 842_301_952 * 2  # ceil(6,738,415,616 / 8) bf16 values
@@ -45,7 +46,7 @@ def test_7b_memory_by_part_zero3_8_gpus():
 
 
 def test_7b_checkpointing_offload_and_replication():
-    shape = planner.resolve_shape("7b")
+    shape = shapes.resolve_shape("7b")
     base = planner.Setup(gpu="H100", gpus_per_node=8, seq=2048, zero=3)
     full = planner.plan(shape, replace(base, checkpointing="full")).memory_bytes
     plain = planner.plan(shape, base).memory_bytes
@@ -108,7 +109,7 @@ def test_activation_coefficients_match_saved_tensor_bytes_measured_here(dtype):
     for hidden, intermediate, kv_heads, heads in ((192, 512, 2, 6), (256, 704, 4, 8)):
         measured = (saved_in_a_fresh_process(hidden, intermediate, kv_heads, heads, 3, dtype, tokens)
                     - saved_in_a_fresh_process(hidden, intermediate, kv_heads, heads, 1, dtype, tokens)) / 2
-        shape = planner.Shape("measured", hidden, intermediate, 1, heads, kv_heads, hidden // heads, 128)
+        shape = shapes.Shape("measured", hidden, intermediate, 1, heads, kv_heads, hidden // heads, 128)
         predicted = planner.activation_bytes(shape, planner.Setup(seq=tokens, micro_batch=1, dtype=dtype))
         print(f"{dtype} h={hidden} I={intermediate}: measured {measured / tokens:.1f} B per token and layer, "
               f"planned {predicted / tokens:.1f}")
@@ -119,7 +120,7 @@ def test_activation_bytes_at_the_7b_width():
     """The planner's activations for the LLaMA-7B shape (bf16, seq 2048, no checkpointing) against the bytes autograd
     saves in real decoder layers of that width (hidden 4096, MLP 11,008, 32 heads), measured here on 64 tokens:
     the planner's per-token, per-layer coefficients were fitted on small shapes, so this checks their extrapolation."""
-    shape = planner.resolve_shape("7b")
+    shape = shapes.resolve_shape("7b")
     tokens = 64
     measured = (saved_in_a_fresh_process(4096, 11008, 32, 32, 3, "bf16", tokens)
                 - saved_in_a_fresh_process(4096, 11008, 32, 32, 1, "bf16", tokens)) / 2 / tokens
@@ -130,7 +131,7 @@ def test_activation_bytes_at_the_7b_width():
 
 
 def test_7b_tokens_per_second():
-    shape = planner.resolve_shape("7b")
+    shape = shapes.resolve_shape("7b")
     result = planner.plan(shape, planner.Setup(gpu="H100", gpus_per_node=8, seq=2048, zero=0, mfu=0.45))
     flops = 4 * 6_476_005_376 + 6 * 32 * 2048 * 4096  # 4N (frozen: no weight gradients) + causal attention
     assert result.flops_per_token == flops == 27_514_634_240
@@ -144,7 +145,7 @@ def test_7b_tokens_per_second():
 def test_bytes_across_nodes_with_and_without_hpz():
     """Ring all-gather arithmetic; hpZ leaves a frozen base's steady-state gathers inside the node (measured on 2
     nodes x 2 CPU ranks in tests/test_slurm_multinode.py: docs/multinode.md)."""
-    shape = planner.resolve_shape("70b")
+    shape = shapes.resolve_shape("70b")
     one_node = planner.cross_node_bytes(shape, planner.Setup(gpus_per_node=8, nodes=1))
     assert one_node == (0, 0, 0)
     plain, hpz, first = planner.cross_node_bytes(shape, planner.Setup(gpus_per_node=8, nodes=2))
@@ -159,13 +160,13 @@ def test_bytes_across_nodes_with_and_without_hpz():
 
 def test_recommendation():
     setup = planner.Setup(gpu="H100", gpus_per_node=8, seq=2048)
-    chosen, why = planner.recommend(planner.resolve_shape("7b"), setup)
+    chosen, why = planner.recommend(shapes.resolve_shape("7b"), setup)
     assert (chosen.setup["zero"], chosen.setup["checkpointing"]) == (0, "none") and "fits on one GPU" in why
-    chosen, why = planner.recommend(planner.resolve_shape("13b"), setup)
+    chosen, why = planner.recommend(shapes.resolve_shape("13b"), setup)
     assert chosen.setup["zero"] == 0
-    chosen, why = planner.recommend(planner.resolve_shape("70b"), replace(setup, seq=4096))
+    chosen, why = planner.recommend(shapes.resolve_shape("70b"), replace(setup, seq=4096))
     assert (chosen.setup["zero"], chosen.setup["checkpointing"]) == (3, "full") and "ZeRO-3" in why
-    chosen, _ = planner.recommend(planner.resolve_shape("70b"), replace(setup, gpu="H200", seq=4096))
+    chosen, _ = planner.recommend(shapes.resolve_shape("70b"), replace(setup, gpu="H200", seq=4096))
     assert chosen.fits
 
 
@@ -175,11 +176,11 @@ def test_count_matches_transformers(preset):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tagscale.bases import preset_config
+    from tagscale.runtime.bases import preset_config
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(preset_config(preset))
-    assert planner.resolve_shape(preset).total_params == sum(p.numel() for p in model.parameters())
+    assert shapes.resolve_shape(preset).total_params == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
@@ -188,13 +189,13 @@ def test_count_matches_embedded_bases(name):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tagscale.bases import resolve_folder
+    from tagscale.runtime.bases import resolve_folder
 
     folder = resolve_folder(f"embedded:{name}")  # both packages come with `tools/install.sh --tests`
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     unique = {id(p): p for p in model.parameters()}  # tied embedding and LM head once
-    assert planner.resolve_shape(str(folder)).total_params == sum(p.numel() for p in unique.values())
+    assert shapes.resolve_shape(str(folder)).total_params == sum(p.numel() for p in unique.values())
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -225,7 +226,7 @@ def test_a_childs_peak_is_its_own_not_its_spawners():
     ru_maxrss there inherits the spawner's high-water mark at exec; resident_peak must not."""
     ballast = bytearray(1536 * 2**20)
     ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page: resident, not just reserved
-    code = ("import resource; from tagscale.logs import resident_peak; "
+    code = ("import resource; from tagscale.runtime.logs import resident_peak; "
             "print(resident_peak(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(__import__("os").environ, PYTHONPATH=str(ROOT)))

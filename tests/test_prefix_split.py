@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, on_device, tagged_tiny
-from tagscale.data import Example, collate
-from tagscale.model import HeadSpec
-from tagscale.tags import TagSpec
+from tagscale.data.encode import Example, collate
+from tagscale.core.model import HeadSpec
+from tagscale.core.tags import TagSpec
 
 IGNORE = -100
 

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import metrics, train
-from tagscale.data import Encoder, validation_split
-from tagscale.records import read_records
+from tagscale.data.encode import Encoder, validation_split
+from tagscale.data.records import read_records
 from tagscale.config import DataConfig
-from tagscale.evaluate import PENALTIES
+from tagscale.eval.evaluate import PENALTIES
 
 DATA = "tests/data/fixture_protein_count.jsonl"
 TEMPLATE = "Input: {seq}. Output: <Count>"

@@ -12,7 +12,8 @@ DATA = "tests/data/fixture_protein_count.jsonl"
 
 
 def test_prompt_tuning_trains_only_the_prompt_and_heads_at_the_start_of_the_input(tmp_path, in_process_world):
-    from tagscale import dist, evaluate
+    from tagscale.runtime import dist
+    from tagscale.eval import evaluate
     from tagscale.config import load_config
     from tagscale.methods import PROMPT
     from tagscale.train import build, train_steps

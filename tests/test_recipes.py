@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tagscale.config import load_config
-from tagscale.inputs import check_builtin
+from tagscale.runtime.inputs import check_builtin
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "tagscale" / "recipes").glob("*.yaml"))
 

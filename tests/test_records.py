@@ -1,4 +1,4 @@
-"""tagscale.records and the encoded cache: every file kind reads the same records, text as written, lines right in
+"""tagscale.data.records and the encoded cache: every file kind reads the same records, text as written, lines right in
 big files, and the Arrow-backed examples equal the in-memory encoding of the same records (another code path)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 
 from conftest import ROOT
 from tagscale.config import DataConfig, RunConfig, TaskConfig
-from tagscale.data import Encoder, EncodedSet, encode_task
+from tagscale.data.encode import Encoder, EncodedSet, encode_task
 from tagscale.errors import UserError
-from tagscale.inputs import check_records
-from tagscale.records import RecordSet, read_records
+from tagscale.runtime.inputs import check_records
+from tagscale.data.records import RecordSet, read_records
 
 ROWS = [{"seq": "MKT", "y": "1.5", "id": "007"}, {"seq": "MKVL", "y": "2", "id": "010"},
         {"seq": "MA", "y": "-3", "id": "011"}]
@@ -81,8 +81,9 @@ def test_a_bad_row_in_a_large_file_is_reported_by_its_line(tmp_path):
 def test_a_prepared_file_opens_and_passes_its_checks_again_without_reading_a_row(tmp_path, monkeypatch):
     """The warm path: the second open of a prepared JSONL or CSV file takes its line index from the cache and the
     second check of the same rows under the same rules reads no record; a changed file is read and checked again."""
-    from tagscale import inputs, records as records_module
-    from tagscale.records import RecordSet
+    from tagscale.runtime import inputs
+    from tagscale.data import records as records_module
+    from tagscale.data.records import RecordSet
 
     path = tmp_path / "rows.jsonl"
     path.write_text('{"seq": "MKT", "y": 1}\n\n{"seq": "MKV", "y": 2}\n')

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, metrics, train, train_command
+from conftest import ROOT, metrics, paused_in_checkpoint, train, train_command
 
 
 def finished(out: Path) -> bool:
@@ -36,9 +36,10 @@ KILL_SEED = int(os.environ.get("TAGSCALE_TEST_KILL_SEED", "15"))
 KILLS = list(zip(sorted(random.Random(KILL_SEED).sample(range(1, STEPS - 1), 2)), (1, 2)))
 
 
-def launch(out: Path, *overrides: str, ranks: int = 1, env: dict | None = None) -> subprocess.Popen:
-    cmd, base_env = train_command(RECIPE, f"output.dir={out}", "train.save_every=1", *overrides, ranks=ranks)
-    return subprocess.Popen(cmd, cwd=ROOT, env={**base_env, **(env or {})}, stdout=subprocess.PIPE,
+def launch(out: Path, *overrides: str, ranks: int = 1, pause_at: int | None = None) -> subprocess.Popen:
+    cmd, env = train_command(RECIPE, f"output.dir={out}", "train.save_every=1", *overrides, ranks=ranks)
+    env = env if pause_at is None else paused_in_checkpoint(pause_at, env)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -148,7 +149,7 @@ def test_a_probe_penalty_head_resumes_exactly(tmp_path):
 def test_kill_during_checkpoint_write_keeps_the_previous_one(reference, tmp_path):
     """SIGKILL while step 4's checkpoint is half written: step 3's is intact, and the rerun resumes from it."""
     out = tmp_path / "run"
-    proc = launch(out, env={"TAGSCALE_TEST_PAUSE_IN_CHECKPOINT": "4"})
+    proc = launch(out, pause_at=4)
     root = out / "checkpoints"
     deadline = time.monotonic() + 300
     while not list(root.glob(".tmp-step-00000004-*/PAUSED")):  # state.pt written, not yet marked nor renamed
@@ -225,7 +226,7 @@ def test_saved_on_two_ranks_resumes_on_one(reference, two_ranks_one_killed):
 
 def test_infinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
     """A finite but huge label (1e30, unstandardised) overflows the fp32 loss at the first step that draws it."""
-    from tagscale.data import MixtureSampler, validation_split
+    from tagscale.data.encode import MixtureSampler, validation_split
 
     records = [json.loads(line) for line in (ROOT / "tests/data/fixture_protein_count.jsonl").read_text().splitlines()]
     kept, _ = validation_split(len(records), 0.1, 200, 0, 0)  # the default validation split holds some back
@@ -256,7 +257,7 @@ def test_a_live_run_holds_its_folder_and_a_killed_ones_folder_is_taken_over(tmp_
     import socket
 
     out = tmp_path / "run"
-    proc = launch(out, env={"TAGSCALE_TEST_PAUSE_IN_CHECKPOINT": "2"})  # holds still inside step 2's checkpoint
+    proc = launch(out, pause_at=2)  # holds still inside step 2's checkpoint
     deadline = time.monotonic() + 300
     while not list((out / "checkpoints").glob(".tmp-step-00000002-*/PAUSED")):  # state.pt whole
         assert proc.poll() is None and time.monotonic() < deadline, "the run never reached step 2's checkpoint"

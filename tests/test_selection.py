@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import as_if_killed_after_a_checkpoint, metrics, tags_of, train, two_engine_steps, validations
-from tagscale.data import validation_split
+from tagscale.data.encode import validation_split
 from tagscale.metrics import (classification_metrics, paired_contrast, paired_difference, regression_metrics,
                               with_intervals)
 
@@ -75,7 +75,7 @@ def test_run_whose_validation_only_gets_worse_keeps_step_0(tmp_path):
     # step 0 kept: the run reports the start's test outputs (scored before training) as the trained model's
     # instead of scoring the same state again; the saved tags and head, scored afresh, must give them
     assert trained["outputs"] == initial["outputs"] and trained["vs_start"]["diff"] == 0.0
-    proc = subprocess.run([sys.executable, "-m", "tagscale.evaluate", "--run", str(run), "--json"],
+    proc = subprocess.run([sys.executable, "-m", "tagscale.eval.evaluate", "--run", str(run), "--json"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = json.loads(proc.stdout)["count"]["trained"]
@@ -99,7 +99,7 @@ def constructed_selector(monkeypatch, selection: str, errors_by_step: dict[int, 
     back from what `restore_best` puts there)."""
     from types import SimpleNamespace
 
-    from tagscale import selection as selection_module
+    from tagscale.eval import selection as selection_module
     from tagscale.config import RunConfig, TaskConfig, TrainConfig
 
     task = TaskConfig(name="t", template="x <H>", head="<H>", label="y")
@@ -230,7 +230,7 @@ def test_selection_survives_a_resume(tmp_path):
 def test_grad_clip_matches_clip_grad_norm_by_hand(tmp_path, in_process_world):
     """Two steps of the real engine with train.grad_clip equal plain PyTorch: loss.backward(),
     torch.nn.utils.clip_grad_norm_, AdamW, on a copy of the same model and batches; and differ from no clipping."""
-    from tagscale import dist
+    from tagscale.runtime import dist
     from tagscale.config import load_config
     from tagscale.train import build, train_steps
 
@@ -246,9 +246,9 @@ def test_grad_clip_matches_clip_grad_norm_by_hand(tmp_path, in_process_world):
     start, batches, after = two_engine_steps(clipped)
 
     # the reference: the same module's parameters as plain tensors (ZeRO-3 lifted), plain PyTorch steps
-    from tagscale.bases import load_base
+    from tagscale.runtime.bases import load_base
     from tagscale.config import BaseConfig
-    from tagscale import runs
+    from tagscale.runtime import runs
 
     cfg = clipped.cfg
     base = load_base(BaseConfig(preset="tiny"))
@@ -360,8 +360,8 @@ def test_held_out_next_token_examples_are_cut_like_training_ones(tiny_base, tmp_
     """train.too_long: truncate cuts long next-token examples in training; the test and validation sets cut them too
     (they used to be skipped: the demo's protein test set shrank from 20 sequences to 1)."""
     from tagscale.config import load_config
-    from tagscale.data import Encoder, build_train_data
-    from tagscale.evaluate import eval_sets, validation_sets
+    from tagscale.data.encode import Encoder, build_train_data
+    from tagscale.eval.evaluate import eval_sets, validation_sets
 
     cfg = load_config("tests/recipes/tiny_stage1.yaml", [f"output.dir={tmp_path}", "train.max_length=24",
                                                          "train.too_long=truncate", "train.val_fraction=0.25",

@@ -276,7 +276,8 @@ def test_hpz_bytes_across_nodes(work2, pipeline2, tmp_path):
     tmp, env = work2
     if env["TAGSCALE_SLURM_MODE"] != "netns":
         pytest.skip("loopback mode: no per-node link whose bytes could be counted")
-    from tagscale import planner
+    from tagscale import shapes
+    from tagscale.study import planner
 
     # the large-base regime on the tiny base: every tensor partitioned (threshold 0) and released between forward
     # and backward (reuse distance 0), so each weight is gathered twice per micro-batch as a 70B's is
@@ -291,7 +292,7 @@ def test_hpz_bytes_across_nodes(work2, pipeline2, tmp_path):
     for name in configs:
         records[name], measured[name] = measure_run(tmp, env, f"bytes-{name}", configs[name], lo, hi, steps)
     assert "zero_hpz_partition_size=2 (ranks per node" in log_of(records["hpz"])  # launch.sh filled in ranks/node
-    shape = planner.resolve_shape("tiny")
+    shape = shapes.resolve_shape("tiny")
     setup = planner.Setup(gpu="CPU", gpus_per_node=2, nodes=2, dtype="fp32", zero=3, persistence=0, max_reuse=0,
                           tag_vectors=4, head_outputs=1)
     predicted, predicted_hpz, _ = planner.cross_node_bytes(shape, setup)

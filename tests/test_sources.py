@@ -1,4 +1,4 @@
-"""tagscale.sources: real builtin data (labels recomputed independently), splits, cache reuse and one-line data errors."""
+"""tagscale.data.sources: real builtin data (labels recomputed independently), splits, cache reuse and one-line data errors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tagscale import sources
+from tagscale.data import sources
 from tagscale.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -1,5 +1,5 @@
 """tools/sweep.py end to end on the tiny preset: two methods x one base through the real trainer, the report
-(a table row per run, the plots), resume (complete runs are skipped) and one-line errors; tagscale.sweep's job
+(a table row per run, the plots), resume (complete runs are skipped) and one-line errors; tagscale.study.sweep's job
 plan and trainer commands (the library under the command line) against lists written out by hand."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def test_sweep_runs_every_method_and_reports(tmp_path):
     assert sorted(r["trainable"] for r in data["runs"]) == [65, 8 * 64 + 65]
 
     results = json.loads((report / "results.json").read_text())  # strict JSON: the parser would take NaN
-    from tagscale.scaling import RESULT_KEYS
+    from tagscale.study.scaling import RESULT_KEYS
 
     assert all(list(r) == list(RESULT_KEYS) for r in results)
     assert sorted(r["method"] for r in results) == ["linear_probe", "mean", "tag_llm"]
@@ -114,7 +114,7 @@ def test_sweep_runs_every_method_and_reports(tmp_path):
 def test_settings_are_chosen_by_validation_score():
     """choose_settings keeps, per group, method and base, the candidate with the best validation score; a tie or
     a run without one goes to the earliest root; a run with one candidate is kept without a table line."""
-    from tagscale.scaling import RunRow, choose_settings
+    from tagscale.study.scaling import RunRow, choose_settings
 
     def row(method: str, lr: float, score, root: str) -> RunRow:
         return RunRow(group="g", method=method, base="b", source="", parameters=1, random_init=False, trainable=1,
@@ -134,7 +134,7 @@ def test_settings_are_chosen_by_validation_score():
     chosen, _ = choose_settings([[row("tag_llm", 1e-4, None, "a")], [row("tag_llm", 1e-5, -0.1, "b")]])
     assert chosen[0].root == "b"  # a score beats no score
 
-    from tagscale.scaling import curves  # the learning curve: at one size, the setting validation scored best
+    from tagscale.study.scaling import curves  # the learning curve: at one size, the setting validation scored best
     sized = [row("tag_llm", lr, score, root) for lr, score, root in [(1e-4, 0.0, "a"), (1e-5, 0.04, "b"), (1e-4, 0.0, "c")]]
     for r, n in zip(sized, (1000, 4000, 4000)):
         r.metrics, r.train_examples = {"t": {"mse": 1.0}}, {"t": n}
@@ -144,7 +144,7 @@ def test_settings_are_chosen_by_validation_score():
 def test_training_examples_of_runs_before_run_json_recorded_them():
     """Committed sweep runs that record `examples` give the same count when it is derived the way older run.json
     files need (the source's n_train less the validation carve-out and the skipped)."""
-    from tagscale.scaling import train_examples
+    from tagscale.study.scaling import train_examples
 
     checked = 0
     for path in sorted((ROOT / "docs" / "scaling" / "runs").glob("*/*/*/stage2/run.json")):
@@ -197,7 +197,7 @@ def test_plan_jobs_and_their_trainer_commands(tmp_path):
     """Every recipe x method x base, then the cost bases on the first recipe (tag_llm, evaluation off, 5 steps
     unless the overrides set them); each job's folder and the exact command a user would type."""
     from tagscale.errors import UserError
-    from tagscale.sweep import job_command, plan_jobs
+    from tagscale.study.sweep import job_command, plan_jobs
 
     recipe, out, folder = (ROOT / RECIPE).resolve(), tmp_path / "runs", tmp_path / "bases" / "my-base"
     (folder).mkdir(parents=True)

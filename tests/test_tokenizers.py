@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tagscale import embedded
+from tagscale.runtime import embedded
 from tagscale.config import TAG_NAME, TaskConfig
-from tagscale.data import Encoder, fill
+from tagscale.data.encode import Encoder, fill
 from tagscale.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -77,7 +77,7 @@ def test_evaluate_and_predict_a_finished_run(chain):
     import sys
 
     out, _ = chain
-    env_cmd = [sys.executable, "-m", "tagscale.evaluate", "--run", str(out[2]), "--json"]
+    env_cmd = [sys.executable, "-m", "tagscale.eval.evaluate", "--run", str(out[2]), "--json"]
     proc = subprocess.run(env_cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = json.loads(proc.stdout)["count"]["trained"]
@@ -85,7 +85,7 @@ def test_evaluate_and_predict_a_finished_run(chain):
     assert set(recorded) == {"initial", "linear probe", "trained"}
     assert abs(again["mse"] - recorded["trained"]["mse"]) <= 1e-7 and again["n"] == 16
     rows = [json.loads(line) for line in open("tests/data/fixture_protein_count.jsonl")][:16]
-    proc = subprocess.run([sys.executable, "-m", "tagscale.predict", "--runs", str(out[2]), "--template",
+    proc = subprocess.run([sys.executable, "-m", "tagscale.eval.predict", "--runs", str(out[2]), "--template",
                            "Input: <Protein> {seq}. Output: <Count>"], input="\n".join(json.dumps(r) for r in rows),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -129,7 +129,7 @@ def test_predict_refuses_unfinished_or_mismatched_runs(chain, tmp_path):
     save_file({**tags, name: torch.zeros(tags[name].shape[0], tags[name].shape[1] + 1)}, str(wide / "tags.safetensors"))
     for folder, words in ((running, ["run.json", "'running'", "expected 'complete'"]),
                           (wide, ["tags.safetensors", name, "hidden size"])):
-        proc = subprocess.run([sys.executable, "-m", "tagscale.predict", "--runs", str(folder), "--template",
+        proc = subprocess.run([sys.executable, "-m", "tagscale.eval.predict", "--runs", str(folder), "--template",
                                "Input: <Protein> {seq}. Output: <Count>"], input='{"seq": "MKT"}\n',
                               capture_output=True, text=True, timeout=300)
         lines = proc.stderr.strip().splitlines()

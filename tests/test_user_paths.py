@@ -91,7 +91,7 @@ def user_run(tmp_path_factory):
 
 
 def predict(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "tagscale.predict", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "tagscale.eval.predict", *args], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -103,7 +103,7 @@ def predict(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def plain_base():
     """The tiny preset (the runs' base: preset weights are seeded) with no tagscale hooks on it."""
-    from tagscale.bases import load_base
+    from tagscale.runtime.bases import load_base
     from tagscale.config import BaseConfig
 
     base = load_base(BaseConfig(preset="tiny"))
@@ -175,7 +175,7 @@ def test_users_own_csv_and_jsonl_train_end_to_end(user_run):
 
 def test_predict_text_task_from_file_equals_evaluation_and_hand_generation(user_run, plain_base, tmp_path):
     """`predict --input f.jsonl --output out.jsonl` on the text task: one output line per input line, each the input
-    with its prediction; the predictions are the run's own evaluation outputs (tagscale.evaluate's left-padded batch
+    with its prediction; the predictions are the run's own evaluation outputs (tagscale.eval.evaluate's left-padded batch
     generation) and greedy `generate` on hand-built inputs_embeds, one example at a time."""
     folder, _ = user_run
     run, out = folder / "run", tmp_path / "out.jsonl"
@@ -200,7 +200,7 @@ def test_predict_composes_a_domain_tag_and_a_function_head_from_two_runs(chain, 
     """`predict --runs A B`: the domain tag <Protein> from the chain's stage 1, the function tag <Score> and its head
     from the user's run (which never saw <Protein>); each prediction equals the head applied by hand. (predict's
     main in this process: the command line itself is run by the test above, its imports cost ~10 s a start.)"""
-    from tagscale.predict import main
+    from tagscale.eval.predict import main
 
     out, _ = chain
     folder, _ = user_run

@@ -29,14 +29,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from tagscale import dist  # noqa: E402
-from tagscale.bases import load_base  # noqa: E402
+from tagscale.runtime import dist  # noqa: E402
+from tagscale.runtime.bases import load_base  # noqa: E402
 from tagscale.config import BaseConfig  # noqa: E402
-from tagscale.data import IGNORE, Example, collate, micro_batches  # noqa: E402
-from tagscale.evaluate import batches_by_length  # noqa: E402
+from tagscale.data.encode import IGNORE, Example, collate, micro_batches, to_device  # noqa: E402
+from tagscale.eval.evaluate import batches_by_length  # noqa: E402
 from tagscale.errors import UserError, run_cli  # noqa: E402
-from tagscale.model import HeadSpec, TaggedModel  # noqa: E402
-from tagscale.tags import TagBank, TagSpec  # noqa: E402
+from tagscale.core.model import HeadSpec, TaggedModel  # noqa: E402
+from tagscale.core.tags import TagBank, TagSpec  # noqa: E402
 
 
 def saved_bytes(step: Callable[[], torch.Tensor]) -> int:
@@ -56,7 +56,7 @@ def saved_bytes(step: Callable[[], torch.Tensor]) -> int:
 def peak_flops() -> tuple[float, str]:
     """Dense matmul FLOP/s this device reaches (the MFU denominator), and how it was obtained."""
     if torch.cuda.is_available():
-        from tagscale.planner import card_peak_flops  # the one card -> peak table
+        from tagscale.study.planner import card_peak_flops  # the one card -> peak table
 
         name = torch.cuda.get_device_name()
         if card_peak_flops(name):
@@ -73,7 +73,7 @@ def peak_flops() -> tuple[float, str]:
 
 def on_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A collated (CPU) batch on the device the candidates' models live on."""
-    return {k: v.to(dist.device()) for k, v in batch.items()}
+    return to_device(batch, dist.device())
 
 
 class Candidates:
@@ -216,8 +216,8 @@ def evaluation_padding_efficiency(lengths: list[int], micro: int, by_length: boo
 def data_pipeline(base, n: int = 400) -> tuple[list[int], float]:
     """Lengths of real encoded QED/descriptor prompts, and the pipeline's tokens/s (read, fill, tokenize, collate)."""
     from tagscale.config import DataConfig, TaskConfig
-    from tagscale.data import Encoder, encode_task
-    from tagscale.records import read_records
+    from tagscale.data.encode import Encoder, encode_task
+    from tagscale.data.records import read_records
 
     tasks = [TaskConfig(name="qed", template="# # Input: The SMILES of the molecule is <D> {smiles}. \n# # Output: the "
                         "quantitative estimate of druglikeness score is <F>", head="<F>", label="qed",
@@ -239,8 +239,8 @@ def data_pipeline(base, n: int = 400) -> tuple[list[int], float]:
 
 def cpu_bf16_linear_backward() -> tuple[float, float]:
     """Seconds of one bf16 linear forward + backward on CPU at a LLaMA-7B MLP matrix (11008 x 4096, 24 tokens):
-    torch's linear, then tagscale's (tagscale.dist.use_fast_cpu_low_precision_linear)."""
-    from tagscale import dist
+    torch's linear, then tagscale's (tagscale.runtime.dist.use_fast_cpu_low_precision_linear)."""
+    from tagscale.runtime import dist
 
     weight = torch.randn(4096, 11008, dtype=torch.bfloat16)
     seconds = []
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="docs/bench/bench.json")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                        help="where the candidates run; auto: tagscale.dist.device(). cuda/cpu make a run on the other "
+                        help="where the candidates run; auto: tagscale.runtime.dist.device(). cuda/cpu make a run on the other "
                              "an error instead of a silent comparison on the wrong device (cpu on a GPU machine: set "
                              "CUDA_VISIBLE_DEVICES=\"\")")
     args = parser.parse_args(argv)

@@ -22,10 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tagscale import dist  # noqa: E402
+from tagscale.runtime import dist  # noqa: E402
 from tagscale.config import load_config  # noqa: E402
 from tagscale.errors import run_cli  # noqa: E402
-from tagscale.evaluate import generations  # noqa: E402
+from tagscale.eval.evaluate import generations  # noqa: E402
 from tagscale.train import build  # noqa: E402
 
 

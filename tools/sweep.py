@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout's own package, also when another checkout is the installed one
 
 from tagscale.errors import UserError, nearest, run_cli  # noqa: E402
-from tagscale.report import write_report  # noqa: E402
-from tagscale.scaling import METHODS  # noqa: E402
-from tagscale.sweep import check_base, plan_jobs, record_timings, run_local, submit_slurm  # noqa: E402
+from tagscale.study.report import write_report  # noqa: E402
+from tagscale.study.scaling import METHODS  # noqa: E402
+from tagscale.study.sweep import check_base, plan_jobs, record_timings, run_local, submit_slurm  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------------

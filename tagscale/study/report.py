@@ -1,10 +1,9 @@
 """The scaling report: report.md, runs.json, results.json and the plots (metrics.png, cost.png, learning.png) from
-the run folders under one sweep root, read by tagscale.scaling. matplotlib is imported only to draw.
+the run folders under one sweep root, read by tagscale.study.scaling. matplotlib is imported only to draw.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import asdict
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from tagscale.errors import UserError
 from tagscale.metrics import to_json
-from tagscale.scaling import (COST_GROUP, FORECAST_GPU, FORMULA_TASKS, LOWER_IS_BETTER, METHODS, RIVALS, RunRow,
+from tagscale.study.scaling import (COST_GROUP, FORECAST_GPU, FORMULA_TASKS, LOWER_IS_BETTER, METHODS, RIVALS, RunRow,
                               choose_settings, cost_points, curve_lines, curves, data_finding, finding, forecast,
                               gather, grid_tokens, headline, read_timings, result_rows, shown, sized_runs, table,
                               without_outputs)
@@ -397,7 +396,7 @@ def cost_lines(rows: list[RunRow]) -> list[str]:
     predicted = forecast(rows)
     if predicted:
         grid = grid_tokens(rows)
-        lines += ["", f"The planner's forecast (tagscale.planner) for the same grid ({len(grid)} runs: every recipe "
+        lines += ["", f"The planner's forecast (tagscale.study.planner) for the same grid ({len(grid)} runs: every recipe "
                   f"x LLM method above, at the tokens they recorded: {sum(c['train_tokens'] for c in grid):,.0f} "
                   f"training tokens and {sum(c['scored_tokens'] for c in grid):,.0f} scored in forward passes) on "
                   f"one {FORECAST_GPU}-SXM 80GB (989 TFLOP/s dense bf16, at the planner's 45% MFU), one run after "

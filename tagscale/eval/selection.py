@@ -17,11 +17,11 @@ from typing import Optional
 
 import torch
 
-from tagscale import dist
+from tagscale.runtime import dist
 from tagscale.config import RunConfig
-from tagscale.evaluate import EvalSet, evaluate, metric_columns, task_kind
+from tagscale.eval.evaluate import EvalSet, evaluate, metric_columns, task_kind
 from tagscale.metrics import PRIMARY, gain_interval, relative_gain
-from tagscale.model import TaggedModel
+from tagscale.core.model import TaggedModel
 
 
 class Selector:

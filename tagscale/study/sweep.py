@@ -1,6 +1,6 @@
 """The scaling sweep's jobs: every recipe x method x base planned as a run folder, each job's trainer command, run
 here one after another or submitted as Slurm job arrays (slurm/sweep.sh). tools/sweep.py is its command line;
-tagscale.scaling reads the run folders back and tagscale.report writes the report.
+tagscale.study.scaling reads the run folders back and tagscale.study.report writes the report.
 
 A job's run folder is <out>/<recipe stem>/<method>/<base name>/stage<N> (the layout slurm/sweep.sh makes). A base
 is a shape preset (tagscale.shapes.SHAPES: random init), ``embedded:<name>`` or a local Hugging Face folder. No
@@ -20,10 +20,10 @@ from typing import Optional
 
 from tagscale.errors import UserError, nearest
 from tagscale.launch import launch_env, trainer_command
-from tagscale.scaling import COST_GROUP, is_complete, shown
+from tagscale.study.scaling import COST_GROUP, is_complete, shown
 from tagscale.shapes import SHAPES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 """The checkout's root: runs start there (recipes and tagscale.launch.TRAIN_SCRIPT are relative to it), and
 slurm/sweep.sh lives there."""
 
@@ -69,7 +69,7 @@ def check_base(base: str) -> None:
     """Fail before anything runs: an unknown preset, embedded name or folder is one clear line."""
     shapes = SHAPES
     if base.startswith("embedded:"):
-        from tagscale.embedded import EMBEDDED_BASES
+        from tagscale.runtime.embedded import EMBEDDED_BASES
 
         name = base.split(":", 1)[1]
         if name not in EMBEDDED_BASES:
@@ -194,7 +194,7 @@ def _slurm_base(base: str) -> str:
     named as the local sweep names them so that both modes share run folders."""
     if not base.startswith("embedded:"):
         return base
-    from tagscale.bases import resolve_folder
+    from tagscale.runtime.bases import resolve_folder
 
     folder = resolve_folder(base)
     link = ROOT / ".cache" / "sweep-bases" / base_name(base)

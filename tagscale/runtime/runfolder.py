@@ -1,8 +1,8 @@
 """A run folder on disk, read without torch: its run.json, the shapes in its safetensors headers, whether a
 config may write there (a new folder, or a run of the same config to resume), and the lock a live run holds.
 
-tagscale.inputs checks a recipe's earlier runs and output folder through these before torch loads; the training
-code (tagscale.runs, tagscale.train) uses the same functions, so each rule lives once.
+tagscale.runtime.inputs checks a recipe's earlier runs and output folder through these before torch loads; the training
+code (tagscale.runtime.runs, tagscale.train) uses the same functions, so each rule lives once.
 """
 
 from __future__ import annotations

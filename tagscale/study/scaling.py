@@ -1,8 +1,8 @@
 """The scaling sweep's run folders read back, their results and finding: pure functions, no torch, no matplotlib.
 
-tagscale.sweep (tools/sweep.py) writes the run folders <out>/<group>/<method>/<base name>/stage<N>; `gather` reads each complete
+tagscale.study.sweep (tools/sweep.py) writes the run folders <out>/<group>/<method>/<base name>/stage<N>; `gather` reads each complete
 one into a RunRow (run.json, metrics.jsonl, eval.json), `table` is the report's table, `result_rows` and `finding`
-its headline numbers. tagscale.report draws the plots and writes the report.
+its headline numbers. tagscale.study.report draws the plots and writes the report.
 
 Every compared number carries its 95% bootstrap interval over the test examples; a method beats another only when
 the paired-bootstrap interval of their difference (the same test examples resampled for both) excludes zero.
@@ -123,7 +123,7 @@ def sweep_root(run_dir: Path) -> Path:
 
 
 def recorded_wall_s(run_dir: Path, timings: dict) -> Optional[float]:
-    """The run's wall time from its sweep root's timings.json (tagscale.sweep.record_timings: the trainer process
+    """The run's wall time from its sweep root's timings.json (tagscale.study.sweep.record_timings: the trainer process
     from start to exit), None where the sweep recorded none (runs made elsewhere and copied in)."""
     entry = timings.get("/".join(run_dir.parts[-4:-1])) or {}
     return float(entry["seconds"]) if entry.get("status") == "complete" and entry.get("seconds") else None
@@ -184,7 +184,7 @@ def _order(rows: list[RunRow]) -> list[RunRow]:
 
 
 def read_timings(root: Path) -> dict:
-    """A sweep root's timings.json (tagscale.sweep.record_timings: run label -> status and seconds); {} if none."""
+    """A sweep root's timings.json (tagscale.study.sweep.record_timings: run label -> status and seconds); {} if none."""
     try:
         return json.loads((root / "timings.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -772,13 +772,14 @@ def grid_tokens(rows: list[RunRow]) -> list[dict]:
 
 def forecast(rows: list[RunRow], bases: tuple[str, ...] = FORECAST_BASES, gpu: str = FORECAST_GPU) -> list[dict]:
     """The planner's prediction for the same grid (`grid_tokens`: every recipe x LLM method once) on one GPU per
-    base: the layout it recommends (tagscale.planner.recommend at each recipe's max_length x micro-batch), the
+    base: the layout it recommends (tagscale.study.planner.recommend at each recipe's max_length x micro-batch), the
     grid's `seconds` (training tokens at the plan's tokens/s, scored tokens at its forward-only rate), and per
     training example as cost.png draws the runs: `run_s` (a run's seconds over its training-set size, averaged
     over the grid's runs), `step_s` (a training example's tokens at the plan's tokens/s) and `bytes` (the plan's
     peak memory per GPU over the micro-batch's examples). Compute-bound arithmetic at the planner's MFU: loading
     the base, the host-to-GPU traffic of parameter offload and Python overhead are not in it."""
-    from tagscale.planner import Setup, recommend, resolve_shape, scoring_seconds
+    from tagscale.shapes import resolve_shape
+    from tagscale.study.planner import Setup, recommend, scoring_seconds
 
     grid = grid_tokens(rows)
     out = []

@@ -22,7 +22,7 @@ import torch
 
 from tagscale.config import RunConfig
 from tagscale.errors import UserError
-from tagscale.dsconfig import check_device_precision, read_ds_config
+from tagscale.runtime.dsconfig import check_device_precision, read_ds_config
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -125,7 +125,7 @@ class Settings:
 def settings(device_type: str, dtype: str | torch.dtype = "auto") -> Settings:
     """The settings of a run on `device_type` ("cuda" or "cpu") computing in `dtype` (a base.dtype name or a
     torch dtype; auto: bfloat16 on a GPU, float32 on CPU)."""
-    from tagscale.bases import resolve_dtype  # the one rule for `auto`
+    from tagscale.runtime.bases import resolve_dtype  # the one rule for `auto`
 
     gpu = device_type == "cuda"
     dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device_type)
@@ -163,8 +163,8 @@ def all_reduce_sum_differentiable(values: torch.Tensor) -> torch.Tensor:
 
 
 def ridge_collectives():
-    """What a closed-form head's support set needs of the process group (`tagscale.ridgehead.Collectives`)."""
-    from tagscale.ridgehead import Collectives
+    """What a closed-form head's support set needs of the process group (`tagscale.core.ridgehead.Collectives`)."""
+    from tagscale.core.ridgehead import Collectives
 
     return Collectives(rank(), all_gather_objects, all_reduce_sum_differentiable)
 

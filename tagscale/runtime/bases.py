@@ -16,10 +16,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 from tagscale.cache import cache_dir
 from tagscale.config import BaseConfig
-from tagscale.inputs import base_fingerprint
+from tagscale.runtime.inputs import base_fingerprint
 from tagscale.errors import UserError, nearest
-from tagscale.planner import resolve_shape
-from tagscale.shapes import SHAPES
+from tagscale.shapes import SHAPES, resolve_shape
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub, even by accident
 
@@ -94,7 +93,7 @@ def preset_folder(name: str, seed: int) -> Path:
 def resolve_folder(path: str) -> Path:
     """A local model folder from ``base.path``; ``embedded:<name>`` is prepared once from its package."""
     if path.startswith("embedded:"):
-        from tagscale.embedded import EMBEDDED_BASES
+        from tagscale.runtime.embedded import EMBEDDED_BASES
 
         name = path.split(":", 1)[1]
         if name not in EMBEDDED_BASES:

@@ -15,15 +15,14 @@ validation, metrics and intervals as the other methods:
   (`metrics.PRIMARY`: MSE, accuracy); the best (ties: the earlier candidate) is the one tested, once, on the test
   split. The test split never chooses anything.
 
-scikit-learn is imported here only, and only inside functions: `check_expert_tasks` (used by the config check)
-needs neither it nor torch.
+scikit-learn is imported here only, and only inside functions. The task check that runs before a run starts
+(`tagscale.data.fields.check_expert_tasks`) needs neither it nor torch.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -31,12 +30,9 @@ from typing import Any, Optional
 import numpy as np
 
 from tagscale.config import RunConfig, TaskConfig
+from tagscale.data.fields import field_kinds, label_value
 from tagscale.errors import UserError
 
-SMILES_FIELD = re.compile(r"smiles\d*")
-PROTEIN_FIELD = re.compile(r"(seq|sequence|protein)\d*")
-"""Field names that hold a SMILES string or a protein sequence in tagscale's sources (`qed`, `tdc_dc`, `tdc_ba`,
-`descriptor` ...) unless a task's `validate` says otherwise."""
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 MORGAN_RADIUS, MORGAN_BITS = 2, 2048
 CLIP = 10.0
@@ -46,42 +42,10 @@ values many orders beyond the training range, which would swing a linear predict
 
 # ---------------------------------------------------------------------------------------------------- the tasks
 
-def _template_fields(task: TaskConfig) -> list[str]:
-    from tagscale.inputs import FIELD
-
-    return list(dict.fromkeys(FIELD.findall(task.template)))
 
 
-def field_kinds(task: TaskConfig) -> list[tuple[str, Optional[str]]]:
-    """(field, 'smiles' | 'protein' | None) for each field of the task's template, in order: the task's `validate`
-    decides first, then the field's name."""
-    out = []
-    for name in _template_fields(task):
-        kind = task.validate.get(name)
-        if kind is None:
-            kind = "smiles" if SMILES_FIELD.fullmatch(name) else "protein" if PROTEIN_FIELD.fullmatch(name) else None
-        out.append((name, kind))
-    return out
 
 
-def check_expert_tasks(cfg: RunConfig) -> None:
-    """Every task is a head task with training data whose template's fields are all SMILES or protein fields;
-    otherwise one line naming the task and the field."""
-    for i, task in enumerate(cfg.tasks):
-        where = f"{cfg.source}: tasks[{i}] ({task.name})"
-        if task.loss != "head":
-            raise UserError(f"{where}: method: expert fits a model to a head task's label; this is a "
-                            f"{'text (target)' if task.loss == 'target' else 'next-token'} task, which it cannot do")
-        if task.train is None:
-            raise UserError(f"{where}: method: expert needs training data; this task is evaluation-only (train: null)")
-        kinds = field_kinds(task)
-        if not kinds:
-            raise UserError(f"{where}.template: method: expert featurises the template's fields; it names none")
-        for name, kind in kinds:
-            if kind is None:
-                raise UserError(f"{where}.template: method: expert cannot featurise field {{{name}}}: it featurises "
-                                f"SMILES fields ({{smiles}}, {{smiles1}} ...) and protein-sequence fields ({{seq}} ...); "
-                                f"mark one that holds either with validate: {{{name}: smiles}} or {{{name}: protein}}")
 
 
 # ---------------------------------------------------------------------------------------------------- features
@@ -97,13 +61,13 @@ def molecule_features(smiles: list[str], where: str = "smiles") -> np.ndarray:
     """(n, descriptors + 2048): every RDKit descriptor (non-finite values as NaN) and the radius-2 Morgan bits."""
     from rdkit.Chem import Descriptors, rdFingerprintGenerator
 
-    from tagscale.sources import _parse_smiles
+    from tagscale.data.sources import parse_smiles
 
     names = descriptor_names()
     generator = rdFingerprintGenerator.GetMorganGenerator(radius=MORGAN_RADIUS, fpSize=MORGAN_BITS)
     rows = np.empty((len(smiles), len(names) + MORGAN_BITS))
     for i, text in enumerate(smiles):
-        mol = _parse_smiles(text, f"{where} row {i + 1}")
+        mol = parse_smiles(text, f"{where} row {i + 1}")
         values = Descriptors.CalcMolDescriptors(mol)
         rows[i, :len(names)] = [values[name] for name in names]
         rows[i, len(names):] = generator.GetFingerprintAsNumPy(mol)
@@ -135,7 +99,7 @@ def task_features(task: TaskConfig, records: list[dict], where: str) -> np.ndarr
     for name, kind in field_kinds(task):
         missing = next((r for r in records if name not in r), None)
         if missing is not None:
-            from tagscale.records import record_where
+            from tagscale.data.records import record_where
 
             raise UserError(f"{record_where(missing)}: field {name!r} (named by task {task.name!r}) is missing")
         values = [str(r[name]) for r in records]
@@ -238,12 +202,11 @@ def run(cfg: RunConfig) -> int:
     import sklearn
     from rdkit import __version__ as rdkit_version
 
-    from tagscale import runs
-    from tagscale.data import task_records
-    from tagscale.evaluate import format_table, held_out_data
-    from tagscale.inputs import label_value
-    from tagscale.runfolder import FORMAT, check_output_folder
-    from tagscale.records import read_records
+    from tagscale.runtime import runs
+    from tagscale.data.encode import task_records
+    from tagscale.eval.evaluate import format_table, held_out_data
+    from tagscale.runtime.runfolder import FORMAT, check_output_folder
+    from tagscale.data.records import read_records
     from tagscale.metrics import PRIMARY, to_json, with_intervals
 
     if int(os.environ.get("RANK", "0")) != 0:  # under a multi-rank launcher (Slurm, deepspeed) one process is enough

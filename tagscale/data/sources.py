@@ -54,7 +54,7 @@ CACHE_VERSION = 2
 HARTREE_EV = 27.2114
 """eV per hartree (QM9's HOMO/LUMO are in hartree; Ramakrishnan et al. 2014 give gaps in eV with this factor)."""
 
-SWISSPROT_EXTRACT = Path(__file__).parent / "resources" / "swissprot_extract.fasta.gz"
+SWISSPROT_EXTRACT = Path(__file__).parents[1] / "resources" / "swissprot_extract.fasta.gz"
 # The fixed held-out part of the extract, shared by protein_corpus and descriptor (stage 1 never sees a descriptor
 # test protein). 1,800 of 6,000: at max_residues 200 it holds 613 proteins for test and the rest 1,432 for training,
 # enough for a 500-protein test set beside 1,000+ training ones on a CPU budget (at 1,000 it held 125 of <= 120).
@@ -103,7 +103,7 @@ def _seeded_sample(items: list, n: int, seed: int) -> list:
     return random.Random(seed).sample(items, min(n, len(items)))
 
 
-def _parse_smiles(smiles: str, where: str):
+def parse_smiles(smiles: str, where: str):
     """RDKit molecule of `smiles`; UserError naming `where` if RDKit cannot parse it."""
     _require("rdkit", "rdkit")
     from rdkit import Chem, RDLogger
@@ -115,7 +115,7 @@ def _parse_smiles(smiles: str, where: str):
     return mol
 
 
-def _check_protein(seq: str, where: str) -> str:
+def check_protein(seq: str, where: str) -> str:
     """Upper-cased `seq`; UserError naming `where` if it has characters outside the amino-acid alphabet."""
     seq = seq.strip().upper()
     if not seq:
@@ -127,7 +127,7 @@ def _check_protein(seq: str, where: str) -> str:
     return seq
 
 
-def _to_float(value: Any, where: str) -> float:
+def to_float(value: Any, where: str) -> float:
     """`value` as a finite float; UserError naming `where` otherwise."""
     try:
         number = float(value)
@@ -156,7 +156,7 @@ def smiles_corpus(split: str, *, n: int = 20000, n_test: int = 1000, seed: int =
     pool = _moses_smiles(split)
     picked = _seeded_sample(pool, n if split == "train" else n_test, seed)
     for smiles in picked:
-        _parse_smiles(smiles, f"molsets {split}.csv.gz")
+        parse_smiles(smiles, f"molsets {split}.csv.gz")
     return [{"smiles": s} for s in picked]
 
 
@@ -167,14 +167,14 @@ def qed(split: str, *, n_train: int = 3000, n_test: int = 500, seed: int = 0) ->
 
     pool = _moses_smiles(split)
     picked = _seeded_sample(pool, n_train if split == "train" else n_test, seed + 1)  # not the corpus' draw
-    return [{"smiles": s, "qed": float(QED.qed(_parse_smiles(s, f"molsets {split}.csv.gz")))} for s in picked]
+    return [{"smiles": s, "qed": float(QED.qed(parse_smiles(s, f"molsets {split}.csv.gz")))} for s in picked]
 
 
 def scaffold_of(smiles: str, where: str) -> str:
     """Bemis-Murcko scaffold SMILES of a molecule ('' for an acyclic one), chirality ignored."""
     from rdkit.Chem.Scaffolds import MurckoScaffold
 
-    return MurckoScaffold.MurckoScaffoldSmiles(mol=_parse_smiles(smiles, where), includeChirality=False)
+    return MurckoScaffold.MurckoScaffoldSmiles(mol=parse_smiles(smiles, where), includeChirality=False)
 
 
 def scaffold_split(smiles: list[str], n_test: int, where: str) -> tuple[list[int], list[int]]:
@@ -231,7 +231,7 @@ def logbb(part: str, *, n_train: int = 848, n_test: int = 210, split: str = "sca
     """B3DB's regression set: 1,058 molecules with measured logBB (log brain/blood concentration), scaffold split
     by default (848 train / 210 test: the whole set)."""
     path, frame = _b3db_table("B3DB_regression.tsv", ["SMILES", "logBB"])
-    rows = [(str(s), _to_float(y, f"{path} line {i + 2}, column logBB")) for i, (s, y) in enumerate(zip(frame.SMILES,
+    rows = [(str(s), to_float(y, f"{path} line {i + 2}, column logBB")) for i, (s, y) in enumerate(zip(frame.SMILES,
                                                                                                           frame.logBB))]
     return _measured_split(part, rows, "logbb", n_train, n_test, split, seed, path.name)
 
@@ -298,7 +298,7 @@ def _swissprot_split(split: str) -> list[tuple[str, str]]:
     """The extract's train or test part: a seeded shuffle, of which the last PROTEIN_TEST_POOL are test."""
     records = read_fasta(SWISSPROT_EXTRACT)
     for row, (accession, seq) in enumerate(records, 1):
-        _check_protein(seq, f"{SWISSPROT_EXTRACT.name} record {row} ({accession})")
+        check_protein(seq, f"{SWISSPROT_EXTRACT.name} record {row} ({accession})")
     shuffled = _seeded_sample(records, len(records), seed=0)
     return shuffled[:-PROTEIN_TEST_POOL] if split == "train" else shuffled[-PROTEIN_TEST_POOL:]
 
@@ -456,11 +456,11 @@ def tdc_dc(split: str, *, path: str | None = None, test_fraction: float = 0.2, s
     for index in _csv_split(file, frame, split, test_fraction, seed):
         row, where = frame.loc[index], f"{file} line {_line(index)}"
         for column in ("Drug1", "Drug2"):
-            _parse_smiles(row[column].strip(), f"{where}, column {column}")
+            parse_smiles(row[column].strip(), f"{where}, column {column}")
         records.append({
             "drug1": row["Drug1_ID"].strip(), "drug2": row["Drug2_ID"].strip(),
             "smiles1": row["Drug1"].strip(), "smiles2": row["Drug2"].strip(),
-            "y": _to_float(row["Y"], f"{where}, column Y"),
+            "y": to_float(row["Y"], f"{where}, column Y"),
         })
     return records
 
@@ -474,15 +474,15 @@ def tdc_ba(split: str, *, path: str | None = None, split_year: int = 2019) -> li
     records = []
     for index, row in frame.iterrows():
         where = f"{file} line {_line(index)}"
-        year = _to_float(row["Year"], f"{where}, column Year")
+        year = to_float(row["Year"], f"{where}, column Year")
         if (year < split_year) != (split == "train"):
             continue
         smiles = row["Drug"].strip()
-        _parse_smiles(smiles, f"{where}, column Drug")
+        parse_smiles(smiles, f"{where}, column Drug")
         records.append({
-            "seq": _check_protein(row["Target"], f"{where}, column Target"),
+            "seq": check_protein(row["Target"], f"{where}, column Target"),
             "smiles": smiles,
-            "y": _to_float(row["Y"], f"{where}, column Y"),
+            "y": to_float(row["Y"], f"{where}, column Y"),
         })
     return records
 
@@ -579,6 +579,6 @@ def check_split(name: str, split: str) -> None:
 
 def load_builtin(name: str, split: str, options: dict[str, Any] | None = None) -> list[Record]:
     """Records of builtin dataset `name` as dicts (small sources and tests; training reads them through
-    tagscale.records, memory-mapped)."""
+    tagscale.data.records, memory-mapped)."""
     with open(builtin_file(name, split, options), encoding="utf-8") as f:
         return [json.loads(line) for line in f]

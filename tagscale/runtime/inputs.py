@@ -1,5 +1,5 @@
-"""A run's inputs checked without torch: data records (read by tagscale.records), earlier run folders (read by
-tagscale.runfolder), the base folder's config.json, the output folder and the DeepSpeed JSON (tagscale.dsconfig).
+"""A run's inputs checked without torch: data records (read by tagscale.data.records), earlier run folders (read by
+tagscale.runtime.runfolder), the base folder's config.json, the output folder and the DeepSpeed JSON (tagscale.runtime.dsconfig).
 
 `check_inputs` runs right after the recipe is read and before torch and DeepSpeed are even imported, so a
 bad file is one line (file, field or line, what was expected) within a second and before any rank starts;
@@ -18,15 +18,15 @@ from typing import Optional
 
 from tagscale.cache import cache_dir
 from tagscale.config import TAG_NAME, BaseConfig, DataConfig, RunConfig, TaskConfig
-from tagscale.dsconfig import read_ds_config
+from tagscale.runtime.dsconfig import read_ds_config
+from tagscale.data.fields import FIELD, check_expert_tasks, field_text, label_value
 from tagscale.errors import UserError, nearest, read_json
-from tagscale.records import RecordSet, read_records, record_where
-from tagscale.runfolder import (check_finished_run, check_not_in_use, check_output_folder, check_resume_point,
+from tagscale.data.records import RecordSet, read_records, record_where
+from tagscale.runtime.runfolder import (check_finished_run, check_not_in_use, check_output_folder, check_resume_point,
                                 check_same_base, read_run_json)
 # the built-in sources' own rules for numbers, SMILES and proteins, so a user's file meets the same ones
-from tagscale.sources import BUILTINS, _check_protein, _parse_smiles, _to_float, resolve_options
+from tagscale.data.sources import BUILTINS, check_protein, parse_smiles, resolve_options
 
-FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 BRACED = re.compile(r"\{[^{}\n]*\}|[{}]")
 """Every brace of a template and what it holds: each must be a whole {field}."""
 TAG_START = re.compile(r"<[A-Za-z][A-Za-z0-9_\-]*")
@@ -72,23 +72,8 @@ def check_template(text: str, where: str) -> list[str]:
     return fields
 
 
-def field_text(record: dict, name: str) -> str:
-    """A record's field as the text a template shows: a string, a number or a boolean; a missing field, a list or
-    an object is one line naming the record's line and the field."""
-    if name not in record:
-        raise UserError(f"{record_where(record)}: field {name!r} (named by the template) is missing")
-    value = record[name]
-    if isinstance(value, (list, dict)):
-        raise UserError(f"{record_where(record)}: field {name!r}: expected text or a number, got a "
-                        f"{'list' if isinstance(value, list) else 'JSON object'}")
-    return str(value)
 
 
-def label_value(record: dict, task: TaskConfig) -> float:
-    """A head task's label as a finite number; a missing label field is named."""
-    if task.label not in record:
-        raise UserError(f"{record_where(record)}: field {task.label!r} (the label of task {task.name!r}) is missing")
-    return _to_float(record.get(task.label), f"{record_where(record)}: field {task.label!r}")
 
 
 def check_records(cfg: RunConfig, task: TaskConfig, records: RecordSet) -> None:
@@ -116,9 +101,9 @@ def check_records(cfg: RunConfig, task: TaskConfig, records: RecordSet) -> None:
         for name, kind in task.validate.items():
             where = f"{record_where(record)}: field {name!r}"
             if kind == "smiles":
-                _parse_smiles(str(record[name]), where)
+                parse_smiles(str(record[name]), where)
             else:
-                _check_protein(str(record[name]), where)
+                check_protein(str(record[name]), where)
     passed.parent.mkdir(parents=True, exist_ok=True)
     passed.touch()
 
@@ -259,6 +244,8 @@ def check_inputs(cfg: RunConfig, ds_config: str | Path | None) -> None:
         return
     if ds_config is not None:  # None only for method: expert, which starts no DeepSpeed engine
         read_ds_config(ds_config, cfg, launched_world_size())
+    if cfg.method == "expert":  # its features are the template's SMILES/protein fields
+        check_expert_tasks(cfg)
     for i, task in enumerate(cfg.tasks):
         check_template(task.template, f"{cfg.source}: tasks[{i}].template")
         if task.target is not None:

@@ -23,13 +23,13 @@ import torch
 
 from tagscale.config import TAG_NAME, RunConfig, TaskConfig
 from tagscale.errors import UserError
-# The readers live in tagscale.records, the checks in tagscale.inputs (neither imports torch: the command line
+# The readers live in tagscale.data.records, the checks in tagscale.runtime.inputs (neither imports torch: the command line
 # checks files before loading it).
 from tagscale.cache import cache_dir
-from tagscale.inputs import FIELD, field_text, label_value
-from tagscale.records import RecordSet, _datasets, read_records
-from tagscale.records import record_where as _record_where
-from tagscale.model import IGNORE
+from tagscale.data.fields import FIELD, field_text, label_value
+from tagscale.data.records import RecordSet, quiet_datasets, read_records
+from tagscale.data.records import record_where as _record_where
+from tagscale.core.model import IGNORE
 ENCODING_VERSION = 2
 """Bump when the encoding changes: the encoded caches of older versions are then not reused. 2: text after a tag
 gets no dummy prefix with SentencePiece tokenizers that add one (SmolLM2's and Gemma's ids unchanged)."""
@@ -61,7 +61,7 @@ class Example:
     record: Optional[dict] = None
     row: int = -1
     """Its index among its task's training examples (-1: not a training example): a closed-form head's support
-    row (tagscale.ridgehead)."""
+    row (tagscale.core.ridgehead)."""
 
 
 class Encoder:
@@ -205,7 +205,7 @@ def encode_task(encoder: Encoder, task: TaskConfig, task_index: int, records, to
                 with_target: bool = True) -> tuple:
     """Encode every record; returns the examples and how many were skipped as too long.
 
-    A RecordSet (what tagscale.records reads) is encoded once into an Arrow table under `$TAGSCALE_CACHE/encoded`
+    A RecordSet (what tagscale.data.records reads) is encoded once into an Arrow table under `$TAGSCALE_CACHE/encoded`
     and memory-mapped: an `EncodedSet`, read row by row. A list of dicts (a few inputs) gives a list of Examples.
     """
     if isinstance(records, RecordSet):
@@ -248,11 +248,16 @@ class EncodedSet:
     def __getitem__(self, index):
         if isinstance(index, slice):  # a list of Examples (an evaluation shard, a batch)
             return [self[i] for i in range(*index.indices(len(self)))]
+        return self.example(index)
+
+    def example(self, index: int, with_record: bool = True) -> Example:
+        """Example `index`; without its raw record (`with_record=False`) for training, which never reads it: the
+        record is a second Arrow read per example (the evaluation's references and error messages need it)."""
         index = int(index) + (len(self) if index < 0 else 0)
         row = self.table[index]
         return Example(row["ids"], row["lm_targets"], self.task_index, head_index=row["head_index"],
                        head_pos=row["head_pos"], head_target=row["head_target"], split=row["split"],
-                       record=self.records[row["source"]], row=index)
+                       record=self.records[row["source"]] if with_record else None, row=index)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -269,7 +274,7 @@ class EncodedSet:
         """Encode `records` once (the first rank to take the cache's lock; the others then open the same files)."""
         from filelock import FileLock
 
-        datasets = _datasets()
+        datasets = quiet_datasets()
         key = json.dumps([encoder.identity(), task.template, task.target, task.loss, task.head, task.label, task_index,
                           with_target, too_long, records.fingerprint], sort_keys=True)
         folder = cache_dir() / "encoded" / hashlib.sha256(key.encode()).hexdigest()[:20]
@@ -387,11 +392,16 @@ def micro_batches(pairs: list[tuple[int, int]], lengths: dict[tuple[int, int], i
 # collation
 
 def collate(examples: list[Example], pad_id: int, padding_side: str = "right", split_layout: bool = False,
-            target_width: int = 1) -> dict[str, torch.Tensor]:
+            target_width: int = 1) -> dict:
     """Pad a micro-batch into tensors. Positions come from the attention mask, so padding never shifts them.
 
     With `split_layout`, each prefix (before the example's split point) is left-padded to a common length so
-    that the trainable part of every row starts at one column, `prefix_len`; the rest is right-padded.
+    that the trainable part of every row starts at one column, `prefix_len` (a Python int); the rest is
+    right-padded.
+
+    Why the index tensors (`lm_rows`/`lm_cols`: the target tokens, in the columns after `prefix_len`;
+    `head_rows[j]`: the rows of head j): they are found here, on the host, so the model never selects rows with a
+    boolean mask on the device, which would make a GPU's host wait for it (a hidden `nonzero`) every micro-batch.
     """
     if split_layout:
         cut = max(e.split for e in examples)
@@ -421,9 +431,24 @@ def collate(examples: list[Example], pad_id: int, padding_side: str = "right", s
              "head_pos": head_pos, "head_index": head_index, "head_target": head_target,
              "example_task": torch.tensor([e.task for e in examples], dtype=torch.long),
              "example_row": torch.tensor([e.row for e in examples], dtype=torch.long)}
+    split = max(e.split for e in examples) if split_layout else 0
     if split_layout:
-        batch["prefix_len"] = torch.tensor(max(e.split for e in examples))
+        batch["prefix_len"] = split
+    batch["lm_rows"], batch["lm_cols"] = (lm_targets[:, split:] != IGNORE).nonzero(as_tuple=True)
+    batch["head_rows"] = tuple((head_index == j).nonzero(as_tuple=True)[0] for j in range(int(head_index.max()) + 1))
     return batch
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch on `device`: tensors (and tuples of them) moved, Python numbers kept on the host."""
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, tuple):
+            return tuple(move(v) for v in value)
+        return value
+
+    return {k: move(v) for k, v in batch.items()}
 
 
 def validation_split(n: int, fraction: float, limit: int, seed: int, task_index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -475,7 +500,8 @@ class TrainData:
     def rank_micro_batches(self, step: int, micro: int, rank: int, world: int) -> list[list[Example]]:
         pairs = self.sampler.global_batch(step)
         chunks = micro_batches(pairs, self.lengths(pairs), micro, rank, world)
-        return [[self.examples[t][i] for t, i in chunk] for chunk in chunks]
+        return [[self.examples[t].example(i, with_record=False) if isinstance(self.examples[t], EncodedSet)
+                 else self.examples[t][i] for t, i in chunk] for chunk in chunks]
 
     def label_stats(self, task_index: int) -> tuple[float, float]:
         """Mean and standard deviation of a head task's training labels (std 1 when constant)."""
