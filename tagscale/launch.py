@@ -1,7 +1,7 @@
 """The trainer's command line, built in one place for everything that starts a run: the sweep, the demo, the
 memory measurement, the data benchmark and the test fixtures.
 
-One rank is `python -m tagscale.train` (no launcher: tagscale.runtime.dist makes a world of one); more ranks are the real
+One rank is `python -m tagscale.train` (no launcher: tagscale.runtime.distributed.dist makes a world of one); more ranks are the real
 `deepspeed --num_gpus N tagscale/train.py` launcher, as a user runs them (README "Running a stage"). Pure: builds
 lists and dictionaries, starts nothing, imports no torch.
 """

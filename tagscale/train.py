@@ -60,7 +60,14 @@ if __name__ == "__main__":  # a bad recipe or file is one line within a second: 
 
 from dataclasses import dataclass  # noqa: E402
 
-from tagscale.runtime import dist, runs  # noqa: E402
+from tagscale.runtime import runs  # noqa: E402
+from tagscale.runtime.cpu_linear import low_precision_on_cpu, use_fast_cpu_low_precision_linear  # noqa: E402
+from tagscale.runtime.distributed import dist  # noqa: E402
+from tagscale.runtime.distributed.engine import build_engine  # noqa: E402
+from tagscale.runtime.distributed.portable import load_portable_state, portable_state  # noqa: E402
+from tagscale.runtime.distributed.zero import (ds_dtype, full_fp32, gathered, load_ds_config,  # noqa: E402
+                                               zero3_base_context, zero_stage)
+from tagscale.runtime.rng import restore_rng_states, rng_state  # noqa: E402
 
 from tagscale.eval import evaluate
 from tagscale.runtime.bases import load_base, prepare as prepare_base  # noqa: E402
@@ -114,18 +121,18 @@ class Session:
 
 def build(cfg: RunConfig, ds_config: str) -> Session:
     """The frozen base (partitioned under ZeRO-3), tags, heads, data and the DeepSpeed engine."""
-    ds = dist.load_ds_config(ds_config, cfg)
+    ds = load_ds_config(ds_config, cfg)
     if dist.is_main():
         prepare_base(cfg.base)  # once, on rank 0, outside ZeRO-3: a cached preset or dequantized embedded base
     dist.barrier()
-    with dist.zero3_base_context(ds):
+    with zero3_base_context(ds):
         base = load_base(cfg.base)
-    if dist.low_precision_on_cpu(base.model):
-        dist.use_fast_cpu_low_precision_linear()  # only where torch's slow path is: GPUs and fp32 keep F.linear
+    if low_precision_on_cpu(base.model):
+        use_fast_cpu_low_precision_linear()  # only where torch's slow path is: GPUs and fp32 keep F.linear
     inherited = runs.load_earlier_runs(cfg, base.identity["hidden_size"], base.identity)
     recipe, cfg = cfg, apply_method(cfg, {name: tag.vectors.shape[0] for name, tag in inherited.items()})
     plan = runs.plan_tags(cfg, inherited if cfg.method == "tag_llm" else {})
-    model = runs.assemble(cfg, base, plan, dist.gathered)
+    model = runs.assemble(cfg, base, plan, gathered)
     for tag in cfg.tags:  # a head solved in closed form (head.fit) is no trainable parameter
         if tag.head and tag.head.fit != "gradient":
             model.heads[model.head_names.index(tag.name)].requires_grad_(False)
@@ -140,12 +147,12 @@ def build(cfg: RunConfig, ds_config: str) -> Session:
             head = model.heads[model.head_names.index(task.head)]
             mean, std = data.label_stats(i)
             head.mean.fill_(mean), head.std.fill_(std)
-    engine = dist.build_engine(model, runs.param_groups(model, cfg), ds, runs.lr_lambda(cfg), cfg.train.optimizer,
-                               cfg.train.momentum)
+    engine = build_engine(model, runs.param_groups(model, cfg), ds, runs.lr_lambda(cfg), cfg.train.optimizer,
+                          cfg.train.momentum)
     log = RunLog(cfg, model, base.identity, data.skipped, data.counts(cfg.tasks))
     selector = Selector(cfg, model, encoder, base.tokenizer, evaluate.validation_sets(cfg, encoder, data.validation))
-    setup = {"config": str(ds_config), "zero_stage": dist.zero_stage(ds),
-             "dtype": str(dist.ds_dtype(ds)).removeprefix("torch.")}
+    setup = {"config": str(ds_config), "zero_stage": zero_stage(ds),
+             "dtype": str(ds_dtype(ds)).removeprefix("torch.")}
     return Session(cfg, recipe, engine, model, data, plan, base.identity, encoder, base.tokenizer, log, selector, setup)
 
 
@@ -232,9 +239,9 @@ def run(args: argparse.Namespace, cfg: RunConfig, stop: StopFlag, previous: dict
             session.log.write(session.selector.consider(0, session.engine))
     if resume_from is not None:
         state = runs.read_checkpoint(resume_from)
-        dist.load_portable_state(session.engine, state["engine"])
+        load_portable_state(session.engine, state["engine"])
         if "rng" in state:  # absent from checkpoints written before RNG states were saved
-            dist.restore_rng_states(state["rng"])
+            restore_rng_states(state["rng"])
         start = state["step"]
         for head, penalty in zip(session.model.heads, state.get("head_penalties", [])):
             head.penalty = penalty  # set at the probe start, which a resumed run does not repeat
@@ -264,7 +271,7 @@ def save_checkpoint(s: Session, step: int) -> None:
     closed-form heads' support sets;
     world-size independent. Collective."""
     cfg = s.cfg
-    state = {"engine": dist.portable_state(s.engine), "rng": dist.all_gather_objects(dist.rng_state()), "step": step,
+    state = {"engine": portable_state(s.engine), "rng": dist.all_gather_objects(rng_state()), "step": step,
              "world_size": dist.world_size(), "selection": s.selector.state_dict(),
              "head_penalties": [head.penalty for head in s.model.heads],
              "supports": {j: support.state_dict() for j, support in s.model.supports.items()}}
@@ -276,11 +283,11 @@ def save_checkpoint(s: Session, step: int) -> None:
 def save_outputs(s: Session, step: int) -> Path:
     """Tags and heads as safetensors plus run.json, written by rank 0 (the values gathered on all ranks)."""
     cfg, model, plan = s.cfg, s.model, s.plan
-    tags = {spec.name: model.bank.folded(spec.name, dist.full_fp32) for spec in plan.specs}
+    tags = {spec.name: model.bank.folded(spec.name, full_fp32) for spec in plan.specs}
     heads = {}
     for head in model.heads:
-        heads[f"{head.spec.tag}.weight"] = dist.full_fp32(head.linear.weight)
-        heads[f"{head.spec.tag}.bias"] = dist.full_fp32(head.linear.bias)
+        heads[f"{head.spec.tag}.weight"] = full_fp32(head.linear.weight)
+        heads[f"{head.spec.tag}.bias"] = full_fp32(head.linear.bias)
         heads[f"{head.spec.tag}.mean"], heads[f"{head.spec.tag}.std"] = head.mean.float().cpu(), head.std.float().cpu()
     out = Path(cfg.output.dir)
     if dist.is_main():

@@ -48,7 +48,7 @@ def process_world():
     """`dist.init()` inside the pytest process, once for the session (a world of one, for tests that drive the engine
     directly), left at the session's end with the launcher variables it set restored. One world, not one per test:
     DeepSpeed caches its process groups in module globals, so a world made again after a teardown meets stale ones."""
-    from tagscale.runtime import dist
+    from tagscale.runtime.distributed import dist
     from tagscale.launch import LAUNCH_VARS
 
     saved = {name: os.environ.get(name) for name in LAUNCH_VARS}
@@ -166,14 +166,14 @@ def two_engine_steps(session) -> tuple[dict, list, dict]:
     """Two steps of a built trainer session (`tagscale.train.build`, one rank, one micro-batch of 4 a step):
     (every parameter's whole value before, the two collated batches, the trainables' whole values after), for
     tests that redo the steps in plain PyTorch."""
-    from tagscale.runtime import dist
     from tagscale.data.encode import collate
+    from tagscale.runtime.distributed.zero import full_fp32, gathered
     from tagscale.train import train_steps
 
     named = list(session.model.named_parameters())
-    with dist.gathered([p for _, p in named]):
+    with gathered([p for _, p in named]):
         start = {n: p.detach().clone().float() for n, p in named}
     batches = [collate(session.data.rank_micro_batches(step, 4, 0, 1)[0], session.tokenizer.pad_token_id)
                for step in range(2)]
     assert train_steps(session, 0)
-    return start, batches, {n: dist.full_fp32(p) for n, p in named if p.requires_grad}
+    return start, batches, {n: full_fp32(p) for n, p in named if p.requires_grad}

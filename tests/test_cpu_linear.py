@@ -1,4 +1,4 @@
-"""The CPU bf16 linear (tagscale.runtime.dist.use_fast_cpu_low_precision_linear) computes what torch's linear computes.
+"""The CPU bf16 linear (tagscale.runtime.cpu_linear.use_fast_cpu_low_precision_linear) computes what torch's linear computes.
 
 Its reason to exist is speed (torch's CPU bf16 `grad_output @ weight` takes a slow path); the ratio is printed by
 tools/bench.py --only cpu-linear, not asserted here.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tagscale.runtime import dist
+from tagscale.runtime.cpu_linear import CpuLowPrecisionLinear, use_fast_cpu_low_precision_linear
 
 
 @pytest.mark.parametrize("needs", ["input", "all"])
@@ -26,7 +26,7 @@ def test_same_forward_and_gradients_as_torch_linear(needs):
         out.backward(grad_out.to(dtype))
         return [out] + [t.grad for t in leaves]
 
-    ours = run(dist._CpuLowPrecisionLinear.apply, torch.bfloat16)
+    ours = run(CpuLowPrecisionLinear.apply, torch.bfloat16)
     native = run(torch._C._nn.linear, torch.bfloat16)
     exact = run(torch._C._nn.linear, torch.float64)
     for a, b, ref in zip(ours, native, exact):
@@ -41,13 +41,13 @@ def test_same_forward_and_gradients_as_torch_linear(needs):
 def test_routes_only_low_precision_cpu_tensors_with_gradients():
     before = torch.nn.functional.linear
     try:
-        dist.use_fast_cpu_low_precision_linear()
-        dist.use_fast_cpu_low_precision_linear()  # idempotent: wraps once
+        use_fast_cpu_low_precision_linear()
+        use_fast_cpu_low_precision_linear()  # idempotent: wraps once
         patched = torch.nn.functional.linear
         assert patched is not before and patched.tagscale_cpu_linear
         x = torch.randn(3, 8, dtype=torch.bfloat16, requires_grad=True)
         out = torch.nn.Linear(8, 4).to(torch.bfloat16)(x)
-        assert out.grad_fn.name().endswith("_CpuLowPrecisionLinearBackward")
+        assert out.grad_fn.name().endswith("CpuLowPrecisionLinearBackward")
         out32 = torch.nn.Linear(8, 4)(x.float())
         assert "_CpuLowPrecisionLinear" not in out32.grad_fn.name()
         with torch.no_grad():

@@ -30,7 +30,8 @@ def fake_finished_run(folder: Path, hidden: int = 64, p: int = 4) -> Path:
 
 
 def test_models_for_predict_and_evaluate_live_on_the_device_batches_go_to(tmp_path, monkeypatch):
-    from tagscale.runtime import dist, runs
+    from tagscale.runtime import runs
+    from tagscale.runtime.distributed import dist
     from tagscale.config import BaseConfig
 
     run = fake_finished_run(tmp_path / "run")
@@ -46,7 +47,7 @@ def test_models_for_predict_and_evaluate_live_on_the_device_batches_go_to(tmp_pa
 
 
 def test_settings_a_gpu_run_and_a_cpu_run_get():
-    from tagscale.runtime import dist
+    from tagscale.runtime.distributed import dist
 
     gpu = dist.settings("cuda")
     assert (gpu.backend, gpu.fused_adamw, gpu.dtype, gpu.cpu_low_precision_linear) == ("nccl", True, torch.bfloat16, False)
@@ -61,7 +62,7 @@ def test_settings_a_gpu_run_and_a_cpu_run_get():
 
 def test_init_on_a_gpu_asks_for_nccl_and_sets_the_local_device(monkeypatch):
     """dist.init with a (mocked) GPU: the backend comes from `settings`, the rank's device is selected."""
-    from tagscale.runtime import dist
+    from tagscale.runtime.distributed import dist
 
     seen: dict = {}
     for name, value in {"RANK": "0", "LOCAL_RANK": "1", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",

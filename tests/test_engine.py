@@ -8,8 +8,8 @@ from conftest import train
 
 
 def test_only_tags_and_heads_change_base_bitwise_equal(tmp_path, in_process_world):
-    from tagscale.runtime import dist
     from tagscale.config import load_config
+    from tagscale.runtime.distributed.zero import gathered
     from tagscale.train import build, train_steps
 
     stage1 = tmp_path / "s1"
@@ -18,14 +18,14 @@ def test_only_tags_and_heads_change_base_bitwise_equal(tmp_path, in_process_worl
                                                          "train.steps=4"])
     session = build(cfg, "ds_configs/zero3_cpu.json")
     named = list(session.model.named_parameters())
-    with dist.gathered([p for _, p in named]):
+    with gathered([p for _, p in named]):
         before = {n: p.detach().clone() for n, p in named}
     # ZeRO-3's optimizer steps flat fp32 copies; `fp16_groups` lists the module parameters behind them
     name_of = {id(p): n for n, p in named}
     optimized = [name_of.get(id(p), "<not a module parameter>") for g in session.engine.optimizer.fp16_groups for p in g]
     assert sorted(optimized) == sorted({"bank.tag1", "heads.0.linear.weight", "heads.0.linear.bias"})
     assert train_steps(session, 0)
-    with dist.gathered([p for _, p in named]):
+    with gathered([p for _, p in named]):
         after = {n: p.detach().clone() for n, p in named}
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     trainable = {n for n, p in named if p.requires_grad}
@@ -37,8 +37,9 @@ def test_only_tags_and_heads_change_base_bitwise_equal(tmp_path, in_process_worl
 
 def test_generation_with_the_whole_base_gathered_matches_per_layer_gathers(tmp_path, in_process_world):
     """Greedy decoding with the base gathered once == ZeRO-3's per-layer gathers; afterwards ZeRO-3 is as it was."""
-    from tagscale.runtime import dist
     from tagscale.eval import evaluate
+    from tagscale.runtime.distributed.engine import whole_base_for_inference
+    from tagscale.runtime.distributed.zero import is_partitioned
     from tagscale.config import load_config
     from tagscale.data.encode import collate
     from tagscale.train import build
@@ -48,14 +49,14 @@ def test_generation_with_the_whole_base_gathered_matches_per_layer_gathers(tmp_p
     model, offload = session.model, session.engine.optimizer.parameter_offload
     examples = [e for task in session.data.examples for e in task][:6]
     hooks = (len(offload.forward_hooks), len(offload.backward_hooks))
-    base_params = [p for p in model.base.parameters() if dist.is_partitioned(p)]
+    base_params = [p for p in model.base.parameters() if is_partitioned(p)]
     assert len(base_params) > 10
     batch = collate(session.data.rank_micro_batches(0, cfg.train.micro_batch, 0, 1)[0], session.tokenizer.pad_token_id)
     with torch.no_grad():
         loss_before = float(session.engine(**batch))
 
     def decode(when: str) -> tuple[list[str], set]:
-        with dist.whole_base_for_inference(model, when):
+        with whole_base_for_inference(model, when):
             whole = {p.ds_status.name for p in base_params}
             texts = evaluate.generations(model, session.tokenizer, examples, 3, 8)
         return texts, whole

@@ -316,7 +316,8 @@ def test_sgd_momentum_steps_match_torch_by_hand_and_resume(tmp_path):
     model and batches; a run resumed from a checkpoint (its momentum buffers in it) ends as the whole one."""
     from contextlib import nullcontext
 
-    from tagscale.runtime import dist, runs
+    from tagscale.runtime import runs
+    from tagscale.runtime.distributed import dist
     from tagscale.runtime.bases import load_base
     from tagscale.config import BaseConfig, load_config
     from tagscale.train import build

@@ -12,7 +12,7 @@ DATA = "tests/data/fixture_protein_count.jsonl"
 
 
 def test_prompt_tuning_trains_only_the_prompt_and_heads_at_the_start_of_the_input(tmp_path, in_process_world):
-    from tagscale.runtime import dist
+    from tagscale.runtime.distributed.zero import gathered
     from tagscale.eval import evaluate
     from tagscale.config import load_config
     from tagscale.methods import PROMPT
@@ -43,10 +43,10 @@ def test_prompt_tuning_trains_only_the_prompt_and_heads_at_the_start_of_the_inpu
         assert example.ids[start:start + len(prompt_ids)] == prompt_ids
         assert not set(prompt_ids) & set(example.ids[start + len(prompt_ids):])
 
-    with dist.gathered([p for _, p in named]):
+    with gathered([p for _, p in named]):
         before = {n: p.detach().clone() for n, p in named}
     assert train_steps(session, 0)
-    with dist.gathered([p for _, p in named]):
+    with gathered([p for _, p in named]):
         changed = {n for n, p in named if not torch.equal(before[n], p.detach())}
     assert changed == set(optimized)  # the prompt and the head moved, bit for bit nothing else
 

@@ -230,8 +230,8 @@ def test_selection_survives_a_resume(tmp_path):
 def test_grad_clip_matches_clip_grad_norm_by_hand(tmp_path, in_process_world):
     """Two steps of the real engine with train.grad_clip equal plain PyTorch: loss.backward(),
     torch.nn.utils.clip_grad_norm_, AdamW, on a copy of the same model and batches; and differ from no clipping."""
-    from tagscale.runtime import dist
     from tagscale.config import load_config
+    from tagscale.runtime.distributed.zero import full_fp32
     from tagscale.train import build, train_steps
 
     def session(clip: float):
@@ -272,7 +272,7 @@ def test_grad_clip_matches_clip_grad_norm_by_hand(tmp_path, in_process_world):
 
     unclipped = session(0.0)
     assert train_steps(unclipped, 0)
-    free = {n: dist.full_fp32(p) for n, p in unclipped.model.named_parameters() if p.requires_grad}
+    free = {n: full_fp32(p) for n, p in unclipped.model.named_parameters() if p.requires_grad}
     assert max((free[n] - after[n]).abs().max().item() for n in free) > 1e-4  # clipping changed the steps
 
 

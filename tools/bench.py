@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from tagscale.runtime import dist  # noqa: E402
+from tagscale.runtime.distributed import dist  # noqa: E402
 from tagscale.runtime.bases import load_base  # noqa: E402
 from tagscale.config import BaseConfig  # noqa: E402
 from tagscale.data.encode import IGNORE, Example, collate, micro_batches, to_device  # noqa: E402
@@ -239,12 +239,12 @@ def data_pipeline(base, n: int = 400) -> tuple[list[int], float]:
 
 def cpu_bf16_linear_backward() -> tuple[float, float]:
     """Seconds of one bf16 linear forward + backward on CPU at a LLaMA-7B MLP matrix (11008 x 4096, 24 tokens):
-    torch's linear, then tagscale's (tagscale.runtime.dist.use_fast_cpu_low_precision_linear)."""
-    from tagscale.runtime import dist
+    torch's linear, then tagscale's (tagscale.runtime.cpu_linear.use_fast_cpu_low_precision_linear)."""
+    from tagscale.runtime.cpu_linear import CpuLowPrecisionLinear
 
     weight = torch.randn(4096, 11008, dtype=torch.bfloat16)
     seconds = []
-    for linear in (torch._C._nn.linear, dist._CpuLowPrecisionLinear.apply):
+    for linear in (torch._C._nn.linear, CpuLowPrecisionLinear.apply):
         x = torch.randn(1, 24, 11008, dtype=torch.bfloat16, requires_grad=True)
         started = time.perf_counter()
         linear(x, weight).sum().backward()
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="docs/bench/bench.json")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                        help="where the candidates run; auto: tagscale.runtime.dist.device(). cuda/cpu make a run on the other "
+                        help="where the candidates run; auto: tagscale.runtime.distributed.dist.device(). cuda/cpu make a run on the other "
                              "an error instead of a silent comparison on the wrong device (cpu on a GPU machine: set "
                              "CUDA_VISIBLE_DEVICES=\"\")")
     args = parser.parse_args(argv)

@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tagscale.runtime import dist  # noqa: E402
+from tagscale.runtime.distributed import dist  # noqa: E402
+from tagscale.runtime.distributed.engine import whole_base_for_inference  # noqa: E402
 from tagscale.config import load_config  # noqa: E402
 from tagscale.errors import run_cli  # noqa: E402
 from tagscale.eval.evaluate import generations  # noqa: E402
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, when in (("per-layer gathers", "never"), ("whole base", "always")):
             dist.barrier()
             started = time.perf_counter()
-            with dist.whole_base_for_inference(session.model, when):
+            with whole_base_for_inference(session.model, when):
                 texts[name] = generations(session.model, session.tokenizer, prompts, args.batch, args.new)
             dist.barrier()
             seconds[name].append(time.perf_counter() - started)

@@ -15,7 +15,7 @@ features its records have under the current tags. The tags follow an out-of-samp
 The penalty is the probe's (chosen on validation at the start, `evaluate.ridge_fit`), in Gram units. The head a
 validation step scores is the solution on the whole support cache; the run's saved head is refitted on every
 training record at the kept step (`evaluate.finish_closed_form_heads`), so run folders, predict and evaluate see
-an ordinary linear head. Pure torch: the collectives come in as callables (`tagscale.runtime.dist` owns them).
+an ordinary linear head. Pure torch: the collectives come in as callables (`tagscale.runtime.distributed.dist` owns them).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 
 
 class Collectives(NamedTuple):
-    """What a support set needs of the process group (`tagscale.runtime.dist` makes them: `dist.ridge_collectives`)."""
+    """What a support set needs of the process group (`tagscale.runtime.distributed.dist` makes them: `dist.ridge_collectives`)."""
 
     rank: int
     gather: Callable[[object], list]

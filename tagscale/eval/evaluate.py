@@ -23,7 +23,9 @@ from typing import Iterator, NamedTuple, Optional
 import numpy as np
 import torch
 
-from tagscale.runtime import dist
+from tagscale.runtime.distributed import dist
+from tagscale.runtime.distributed.engine import whole_base_for_inference
+from tagscale.runtime.distributed.zero import full_fp32, set_trainable
 from tagscale.config import RunConfig, TagConfig, TaskConfig
 from tagscale.data.encode import IGNORE, Encoder, Example, collate, encode_task, fill, task_records, to_device
 from tagscale.data.records import read_records
@@ -40,7 +42,7 @@ def inference(cfg: RunConfig, model: TaggedModel) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
-        with dist.whole_base_for_inference(model, cfg.evaluation.gather_base):
+        with whole_base_for_inference(model, cfg.evaluation.gather_base):
             yield
     finally:
         model.train(was_training)
@@ -431,14 +433,14 @@ def fit_probe_heads(cfg: RunConfig, model: TaggedModel, tokenizer, train_example
         if tag.head.type == "classification":
             w, b, penalty, temperature = classifier_start(features[tag.name], labels, tag.head.outputs,
                                                           val_features[tag.name], val_labels)
-            dist.set_trainable(head.linear.weight, torch.tensor(w.T, dtype=torch.float32))
-            dist.set_trainable(head.linear.bias, torch.tensor(b, dtype=torch.float32))
+            set_trainable(head.linear.weight, torch.tensor(w.T, dtype=torch.float32))
+            set_trainable(head.linear.bias, torch.tensor(b, dtype=torch.float32))
             fits[tag.name] |= {"penalty": penalty, "temperature": temperature}
             continue
         w, b, penalty = ridge_fit(features[tag.name], labels, val_features[tag.name], val_labels)
         mean, std = float(head.mean[0]), float(head.std[0])  # the head works in standardised label units
-        dist.set_trainable(head.linear.weight, torch.tensor(w / std, dtype=torch.float32)[None])
-        dist.set_trainable(head.linear.bias, torch.tensor([(b - mean) / std], dtype=torch.float32))
+        set_trainable(head.linear.weight, torch.tensor(w / std, dtype=torch.float32)[None])
+        set_trainable(head.linear.bias, torch.tensor([(b - mean) / std], dtype=torch.float32))
         fits[tag.name]["penalty"] = penalty
     return fits
 
@@ -481,7 +483,7 @@ def support_set(cfg: RunConfig, tag: TagConfig, head: Head, train_examples: list
             offsets[i], offset = offset, offset + len(items)
     targets = support_targets(tag.head.type, tag.head.outputs, fit["labels"], float(head.mean[0]), float(head.std[0]))
     return SupportSet(tag.head.fit, fit["features"], targets, fit["penalty"] * len(fit["features"]), offsets,
-                      dist.full_fp32(head.linear.weight), dist.full_fp32(head.linear.bias), fit["temperature"],
+                      full_fp32(head.linear.weight), full_fp32(head.linear.bias), fit["temperature"],
                       tag.head.folds, cfg.train.seed)
 
 
@@ -490,8 +492,8 @@ def score_closed_form_heads(model: TaggedModel) -> None:
     Collective."""
     for j, support in model.supports.items():
         weight, bias = support.head()
-        dist.set_trainable(model.heads[j].linear.weight, weight)
-        dist.set_trainable(model.heads[j].linear.bias, bias)
+        set_trainable(model.heads[j].linear.weight, weight)
+        set_trainable(model.heads[j].linear.bias, bias)
 
 
 def finish_closed_form_heads(cfg: RunConfig, model: TaggedModel, tokenizer, train_examples: list[list[Example]],
@@ -503,8 +505,8 @@ def finish_closed_form_heads(cfg: RunConfig, model: TaggedModel, tokenizer, trai
         return
     if not kept_step:
         for j, support in model.supports.items():
-            dist.set_trainable(model.heads[j].linear.weight, support.start_weight)
-            dist.set_trainable(model.heads[j].linear.bias, support.start_bias)
+            set_trainable(model.heads[j].linear.weight, support.start_weight)
+            set_trainable(model.heads[j].linear.bias, support.start_bias)
         return
     closed = {model.head_names[j] for j in model.supports}
     refit = dataclasses.replace(cfg, tags=[t for t in cfg.tags if t.name in closed])

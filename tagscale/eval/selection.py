@@ -17,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from tagscale.runtime import dist
+from tagscale.runtime.distributed.engine import trainable_named_params
+from tagscale.runtime.distributed.zero import full_fp32, set_trainable
 from tagscale.config import RunConfig
 from tagscale.eval.evaluate import EvalSet, evaluate, metric_columns, task_kind
 from tagscale.metrics import PRIMARY, gain_interval, relative_gain
@@ -84,7 +85,7 @@ class Selector:
         eligible = step == 0 or self.cfg.train.selection == "best" or (interval is not None and interval[0] > 0)
         if eligible and score > self.best_score:
             self.best_step, self.best_score = step, score
-            self.best_params = {name: dist.full_fp32(p) for name, p in dist.trainable_named_params(engine)}
+            self.best_params = {name: full_fp32(p) for name, p in trainable_named_params(engine)}
         record = {"step": step, "val_score": score, "val_score_ci95": interval, "best_step": self.best_step}
         for item in self.sets:
             name = PRIMARY[task_kind(self.model, item.task)][0]
@@ -95,8 +96,8 @@ class Selector:
         """Put the kept step's trainables back into the engine (a no-op when the last step is the best). Collective."""
         if self.best_step is None or self.best_step == self.cfg.train.steps:
             return
-        for name, param in dist.trainable_named_params(engine):
-            dist.set_trainable(param, self.best_params[name])
+        for name, param in trainable_named_params(engine):
+            set_trainable(param, self.best_params[name])
 
     def summary(self) -> Optional[dict]:
         """What run.json and eval.json record of the selection (None without validation)."""

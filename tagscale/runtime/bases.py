@@ -1,7 +1,7 @@
 """Frozen bases: any local Hugging Face causal-LM folder, the embedded pretrained default, or a random-init shape.
 
 Nothing is downloaded: a name that is not a local folder is a clear error. Under ZeRO-3 the caller opens
-`dist.zero3_base_context` first, so transformers builds the model already partitioned.
+`tagscale.runtime.distributed.zero.zero3_base_context` first, so transformers builds the model already partitioned.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def resolve_dtype(name: str, device_type: str | None = None) -> torch.dtype:
 
 
 def load_base(cfg: BaseConfig) -> LoadedBase:
-    """Load (or build) the frozen base and its tokenizer. Call inside `dist.zero3_base_context` for ZeRO-3."""
+    """Load (or build) the frozen base and its tokenizer. Call inside `zero.zero3_base_context` for ZeRO-3."""
     dtype = resolve_dtype(cfg.dtype)
     if cfg.preset and preset_params(cfg.preset) > CACHED_PRESET_LIMIT:
         # Too big to keep on disk: initialised in place (under ZeRO-3 already partitioned). Such shapes serve cost

@@ -1,6 +1,6 @@
 """The DeepSpeed JSON a run is given (--ds_config), read without torch: checked against the recipe, with the
 recipe's batch sizes and gradient clipping written in (the recipe is their one source). tagscale.runtime.inputs checks it
-before torch loads; tagscale.runtime.dist builds the engine from what it returns.
+before torch loads; tagscale.runtime.distributed builds the engine from what it returns.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from tagscale.runtime import dist
+from tagscale.runtime.distributed import dist
 from tagscale.config import RunConfig
 from tagscale.metrics import to_json
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tagscale.runtime import dist
+from tagscale.runtime.distributed import dist
 from tagscale.config import RunConfig
 from tagscale.errors import UserError
 from tagscale.metrics import to_json
