@@ -1,24 +1,22 @@
-"""The run configuration: typed dataclasses, one docstring per field, validated at construction.
+"""The run configuration: typed dataclasses, one docstring per field, the range of each numeric setting, and the
+checks across fields (`validate`), applied wherever a recipe is loaded.
 
 Precedence: stage preset < recipe YAML < ``key=value`` overrides on the command line. Every mistake
-is a `UserError` that names the recipe file, the dotted field and what was expected.
+is a `UserError` that names the recipe file, the dotted field and what was expected. Reading YAML, applying
+overrides and converting plain data to these types is generic and lives in tagscale.config_io.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
-import yaml
-
-from tagscale.errors import UserError, nearest
+from tagscale import config_io
+from tagscale.config_io import Range, apply_override, convert, merge, read_mapping
+from tagscale.errors import UserError
 
 TAG_NAME = re.compile(r"<[A-Za-z][A-Za-z0-9_\-]*>")
 FIELD_KINDS = ("smiles", "protein")
@@ -326,95 +324,7 @@ STAGE_PRESETS: dict[int, dict] = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Building typed config from plain data, with errors that name the file and the dotted field.
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " (or null)"
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}.get(tp, str(tp))
-
-
-def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
-    origin = typing.get_origin(tp)
-    bad = UserError(f"{source}: {where}: expected {_type_name(tp)}, got {value!r}")
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(value, args[0], where, source)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if isinstance(value, bool) and {"on", "off"} <= set(choices):
-            value = "on" if value else "off"  # YAML 1.1 reads an unquoted on/off as true/false
-        if value in choices and type(value) is type(choices[choices.index(value)]):
-            return value
-        raise bad
-    if origin is list:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and typing.get_args(tp)[0] is str:
-            value = [str(value)]  # `from_runs=path` on the command line means a list of one
-        if not isinstance(value, list):
-            raise bad
-        return [_convert(v, typing.get_args(tp)[0], f"{where}[{i}]", source) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise bad
-        return build(tp, value, source, where)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 (PyYAML) reads `1e-5` (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None and math.isfinite(number):  # NaN or inf would train on and end in a NaN loss
-            return number
-        raise UserError(f"{source}: {where}: expected a finite number, got {value!r}") if number is not None else bad
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    if tp is dict:
-        if isinstance(value, dict):
-            return value
-        raise bad
-    raise bad
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric setting may take. Every float is also finite (`_convert` owns that)."""
-
-    low: float = 0.0
-    low_open: bool = False
-    """`low` itself is excluded."""
-    high: float = math.inf
-    what: str = "0 or more"
-    """What the message says was expected."""
-
-    def check(self, value: float, where: str, source: str) -> None:
-        """One line naming the field when `value` is outside the range."""
-        if not ((value > self.low if self.low_open else value >= self.low) and value < self.high):
-            raise UserError(f"{source}: {where}: expected {self.what}, got {value}")
-
+# The range of each numeric setting, and typed config built with it (tagscale.config_io converts).
 
 POSITIVE_INT = Range(1, what="a positive integer")
 NON_NEGATIVE = Range()
@@ -450,7 +360,7 @@ def check_option(value: Any, tp: Any, where: str) -> Any:
     """A built-in source's option (typed by its signature) as that type, finite and 0 or more where a number; a
     message without the file, which the caller puts in front."""
     try:
-        value = _convert(value, tp, where, "")
+        value = convert(value, tp, where, "", check_range)
         check_range(type(None), where, value, where, "")
     except UserError as err:
         raise UserError(str(err).removeprefix(": ")) from None
@@ -458,77 +368,19 @@ def check_option(value: Any, tp: Any, where: str) -> Any:
 
 
 def build(cls: type, data: dict, source: str = "<config>", prefix: str = "") -> Any:
-    """Make dataclass `cls` from a mapping; unknown keys, wrong types and values out of their range are
-    UserErrors naming the field."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        where = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names or key == "source":
-            raise UserError(f"{source}: {where}: unknown key{nearest(str(key), names)}")
-        kwargs[key] = _convert(value, hints[key], where, source)
-        check_range(cls, key, kwargs[key], where, source)
-    return cls(**kwargs)
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _apply_override(data: dict, text: str) -> None:
-    """Apply one ``a.b.c=value`` (value parsed as YAML; list items by index, ``tasks.0.weight=2``)."""
-    if "=" not in text:
-        raise UserError(f"command line: {text!r}: expected key=value (e.g. train.steps=10)")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    parts = key.strip().split(".")
-    node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise UserError(f"command line: {key}: {'.'.join(parts[:i])} has {len(node)} items; "
-                                f"expected an index below {len(node)}")
-            node = node[int(part)]
-        else:
-            node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise UserError(f"command line: {key}: {'.'.join(parts[:i + 1])} is not a mapping")
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise UserError(f"command line: {key}: expected an index below {len(node)}")
-        node[int(last)] = value
-    else:
-        node[last] = value
+    """Make config section `cls` from a mapping; unknown keys, wrong types and values out of their range (RANGES)
+    are UserErrors naming the field."""
+    return config_io.build(cls, data, source, prefix, check_range)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a recipe, put it over its stage preset, apply ``key=value`` overrides, validate."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such recipe file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    data = read_mapping(path)
     if overrides:  # the recipe alone first: a key or value that fails only after the overrides is theirs
         build_recipe(data, str(path))
         for text in overrides:
-            _apply_override(data, text)
+            apply_override(data, text)
     cfg = build_recipe(data, "command line" if overrides else str(path))
     cfg.source = str(path)
     validate(cfg)
@@ -540,48 +392,73 @@ def build_recipe(data: dict, source: str) -> RunConfig:
     stage = data.get("stage", 1)
     if stage not in STAGE_PRESETS:
         raise UserError(f"{source}: stage: expected 1, 2 or 3, got {stage!r}")
-    return build(RunConfig, _merge(STAGE_PRESETS[stage], data), source)
+    return build(RunConfig, merge(STAGE_PRESETS[stage], data), source)
 
 
 def validate(cfg: RunConfig) -> None:
-    """Check what the types alone cannot; each problem names the field and the fix."""
-    src = cfg.source
-    if (cfg.base.path is None) == (cfg.base.preset is None):
-        raise UserError(f"{src}: base: set exactly one of base.path (a local model folder) and base.preset (a random-init shape)")
+    """Check what the types alone cannot; each problem names the field and the fix. The checks run in this order,
+    so that a recipe with several problems is told the first of them."""
+    _check_base(cfg)
     seen: set[str] = set()
     for i, tag in enumerate(cfg.tags):
-        where = f"{src}: tags[{i}]"
-        if not TAG_NAME.fullmatch(tag.name):
-            raise UserError(f"{where}.name: expected a name like <Protein>, got {tag.name!r}")
-        if tag.name in seen:
-            raise UserError(f"{where}.name: {tag.name} is defined twice")
-        seen.add(tag.name)
-        if tag.head and tag.kind != "function":
-            raise UserError(f"{where}.head: only function tags carry heads; {tag.name} is a {tag.kind} tag")
-        if tag.head and tag.head.type == "regression" and tag.head.outputs != 1:
-            # a record carries one number in `label`; more outputs would train on collation's zero padding
-            raise UserError(f"{where}.head.outputs: a regression head predicts one number (the task's label "
-                            f"field); got {tag.head.outputs} (make one task and head per label)")
-        if tag.head and tag.head.type == "classification" and tag.head.outputs < 2:
-            raise UserError(f"{where}.head.outputs: a classification head needs at least 2 classes")
-        if tag.head and tag.head.penalty == "probe" and (tag.head.type != "regression" or tag.head.init != "probe"):
-            # the classifier start (one-hot ridge scaled on validation) minimises no penalised cross-entropy
-            raise UserError(f"{where}.head.penalty: probe keeps a ridge probe's penalty; it needs type: regression "
-                            f"and init: probe (got type: {tag.head.type}, init: {tag.head.init})")
-        if tag.head and tag.head.fit != "gradient" and tag.head.init != "probe":
-            raise UserError(f"{where}.head.fit: {tag.head.fit} solves the head from the probe's ridge fit; it needs "
-                            f"init: probe (got init: {tag.head.init})")
-        if tag.head and tag.head.fit != "gradient" and tag.head.penalty != "none":
-            raise UserError(f"{where}.head.penalty: the closed-form head carries the probe's penalty in its solve; "
-                            f"drop penalty: {tag.head.penalty} or set fit: gradient")
-        if tag.head and tag.head.folds < 2:
-            raise UserError(f"{where}.head.folds: expected at least 2 folds, got {tag.head.folds}")
-        if tag.init == "text" and not tag.init_text:
-            raise UserError(f"{where}.init_text: init: text needs the text whose embeddings start the tag")
-        if tag.kind != cfg.trained_kind and not (cfg.enrich and tag.kind == "domain"):
-            maker = "stage 1" if tag.kind == "domain" else "stage 2 or 3"
-            raise UserError(f"{where}: stage {cfg.stage} trains {cfg.trained_kind} tags; {tag.name} is a "
-                            f"{tag.kind} tag, which {maker} makes (or set enrich: true in stages 2-3)")
+        _check_tag(cfg, f"{cfg.source}: tags[{i}]", tag, seen)
+    _check_method(cfg)
+    names: set[str] = set()
+    for i, task in enumerate(cfg.tasks):
+        _check_task(cfg, f"{cfg.source}: tasks[{i}]", task, names)
+    _check_batches(cfg)
+
+
+def _check_base(cfg: RunConfig) -> None:
+    if (cfg.base.path is None) == (cfg.base.preset is None):
+        raise UserError(f"{cfg.source}: base: set exactly one of base.path (a local model folder) and base.preset (a random-init shape)")
+
+
+def _check_tag(cfg: RunConfig, where: str, tag: TagConfig, seen: set[str]) -> None:
+    """One trained tag: its name (unique, adds it to `seen`), its head, its init and its kind for this stage."""
+    if not TAG_NAME.fullmatch(tag.name):
+        raise UserError(f"{where}.name: expected a name like <Protein>, got {tag.name!r}")
+    if tag.name in seen:
+        raise UserError(f"{where}.name: {tag.name} is defined twice")
+    seen.add(tag.name)
+    if tag.head:
+        _check_head(where, tag)
+    if tag.init == "text" and not tag.init_text:
+        raise UserError(f"{where}.init_text: init: text needs the text whose embeddings start the tag")
+    if tag.kind != cfg.trained_kind and not (cfg.enrich and tag.kind == "domain"):
+        maker = "stage 1" if tag.kind == "domain" else "stage 2 or 3"
+        raise UserError(f"{where}: stage {cfg.stage} trains {cfg.trained_kind} tags; {tag.name} is a "
+                        f"{tag.kind} tag, which {maker} makes (or set enrich: true in stages 2-3)")
+
+
+def _check_head(where: str, tag: TagConfig) -> None:
+    """A tag's head: only on a function tag, and a type, outputs, start, penalty and fit that go together."""
+    head = tag.head
+    if tag.kind != "function":
+        raise UserError(f"{where}.head: only function tags carry heads; {tag.name} is a {tag.kind} tag")
+    if head.type == "regression" and head.outputs != 1:
+        # a record carries one number in `label`; more outputs would train on collation's zero padding
+        raise UserError(f"{where}.head.outputs: a regression head predicts one number (the task's label "
+                        f"field); got {head.outputs} (make one task and head per label)")
+    if head.type == "classification" and head.outputs < 2:
+        raise UserError(f"{where}.head.outputs: a classification head needs at least 2 classes")
+    if head.penalty == "probe" and (head.type != "regression" or head.init != "probe"):
+        # the classifier start (one-hot ridge scaled on validation) minimises no penalised cross-entropy
+        raise UserError(f"{where}.head.penalty: probe keeps a ridge probe's penalty; it needs type: regression "
+                        f"and init: probe (got type: {head.type}, init: {head.init})")
+    if head.fit != "gradient" and head.init != "probe":
+        raise UserError(f"{where}.head.fit: {head.fit} solves the head from the probe's ridge fit; it needs "
+                        f"init: probe (got init: {head.init})")
+    if head.fit != "gradient" and head.penalty != "none":
+        raise UserError(f"{where}.head.penalty: the closed-form head carries the probe's penalty in its solve; "
+                        f"drop penalty: {head.penalty} or set fit: gradient")
+    if head.folds < 2:
+        raise UserError(f"{where}.head.folds: expected at least 2 folds, got {head.folds}")
+
+
+def _check_method(cfg: RunConfig) -> None:
+    """At least one task, and a method that fits the stage and the tasks."""
+    src = cfg.source
     if not cfg.tasks:
         raise UserError(f"{src}: tasks: expected at least one task")
     if cfg.method != "tag_llm" and cfg.stage == 1:
@@ -591,42 +468,51 @@ def validate(cfg: RunConfig) -> None:
     if cfg.method == "linear_probe" and any(t.head and t.head.fit != "gradient" for t in cfg.tags):
         raise UserError(f"{src}: method: linear_probe trains only its heads; a closed-form head (head.fit) would leave "
                         f"it nothing to train: its probe start is already that solution (set head.fit: gradient)")
-    names: set[str] = set()
-    for i, task in enumerate(cfg.tasks):
-        where = f"{src}: tasks[{i}]"
-        if not task.name:
-            raise UserError(f"{where}.name: expected a short task name")
-        if task.name in names:
-            raise UserError(f"{where}.name: task {task.name!r} is defined twice")
-        names.add(task.name)
-        if not task.template.strip():
-            raise UserError(f"{where}.template: expected an input template")
-        if task.head and task.target is not None:
-            raise UserError(f"{where}: set head (a numeric task) or target (a text task), not both")
-        if task.head:
-            tag = cfg.tag(task.head)
-            if tag is None or tag.head is None:
-                raise UserError(f"{where}.head: {task.head} must be a function tag with a head trained in this run")
-            if task.head not in task.template:
-                raise UserError(f"{where}.template: a head task must contain its function tag {task.head}")
-            if not task.label:
-                raise UserError(f"{where}.label: a head task needs the field that holds its label")
-        for name, kind in task.validate.items():
-            if kind not in FIELD_KINDS:
-                raise UserError(f"{where}.validate.{name}: expected {' or '.join(FIELD_KINDS)}, got {kind!r}")
-        if task.train is None and task.eval is None:
-            raise UserError(f"{where}: an evaluation-only task (train: null) needs eval data")
-        for part, data in (("train", task.train), ("eval", task.eval)):
-            if data is not None and part == "train" and (data.path is None) == (data.builtin is None):
-                raise UserError(f"{where}.train: set exactly one of path (a .jsonl/.csv file) and builtin")
-            if data is not None and part == "eval" and data.path is not None and data.builtin is not None:
-                raise UserError(f"{where}.eval: set one of path and builtin, not both")
-        if task.val is not None and task.train is None:
-            raise UserError(f"{where}.val: an evaluation-only task (train: null) is not validated; drop val")
-        if task.val is not None and (task.val.path is None or task.val.builtin is not None):
-            raise UserError(f"{where}.val: expected a path (a .jsonl/.csv file); a built-in source's validation "
-                            f"is carved from its training split by train.val_fraction")
-    t = cfg.train
+
+
+def _check_task(cfg: RunConfig, where: str, task: TaskConfig, names: set[str]) -> None:
+    """One task: its name (unique, adds it to `names`), template, head or target, field checks and data."""
+    if not task.name:
+        raise UserError(f"{where}.name: expected a short task name")
+    if task.name in names:
+        raise UserError(f"{where}.name: task {task.name!r} is defined twice")
+    names.add(task.name)
+    if not task.template.strip():
+        raise UserError(f"{where}.template: expected an input template")
+    if task.head and task.target is not None:
+        raise UserError(f"{where}: set head (a numeric task) or target (a text task), not both")
+    if task.head:
+        tag = cfg.tag(task.head)
+        if tag is None or tag.head is None:
+            raise UserError(f"{where}.head: {task.head} must be a function tag with a head trained in this run")
+        if task.head not in task.template:
+            raise UserError(f"{where}.template: a head task must contain its function tag {task.head}")
+        if not task.label:
+            raise UserError(f"{where}.label: a head task needs the field that holds its label")
+    for name, kind in task.validate.items():
+        if kind not in FIELD_KINDS:
+            raise UserError(f"{where}.validate.{name}: expected {' or '.join(FIELD_KINDS)}, got {kind!r}")
+    _check_task_data(where, task)
+
+
+def _check_task_data(where: str, task: TaskConfig) -> None:
+    """Where a task's training, test and validation examples come from."""
+    if task.train is None and task.eval is None:
+        raise UserError(f"{where}: an evaluation-only task (train: null) needs eval data")
+    if task.train is not None and (task.train.path is None) == (task.train.builtin is None):
+        raise UserError(f"{where}.train: set exactly one of path (a .jsonl/.csv file) and builtin")
+    if task.eval is not None and task.eval.path is not None and task.eval.builtin is not None:
+        raise UserError(f"{where}.eval: set one of path and builtin, not both")
+    if task.val is not None and task.train is None:
+        raise UserError(f"{where}.val: an evaluation-only task (train: null) is not validated; drop val")
+    if task.val is not None and (task.val.path is None or task.val.builtin is not None):
+        raise UserError(f"{where}.val: expected a path (a .jsonl/.csv file); a built-in source's validation "
+                        f"is carved from its training split by train.val_fraction")
+
+
+def _check_batches(cfg: RunConfig) -> None:
+    """Batch sizes that hold every trained task, and a padding side the prefix split honours."""
+    src, t = cfg.source, cfg.train
     if t.global_batch % t.micro_batch:
         raise UserError(f"{src}: train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch})")
     if not any(task.train is not None for task in cfg.tasks):

@@ -304,13 +304,14 @@ def package_returns(trees: dict[str, ast.Module], classes: set[str]) -> dict[str
 
 def reads_in(sources: dict[str, str], schema: Schema) -> set[tuple[str, str]]:
     """(class, field) reads in these module sources. In config.py the dataclasses' own methods count, but not
-    `validate` and the builders (a check of a field is not a use of it)."""
+    `validate`, its `_check_*` checks and the builders (a check of a field is not a use of it)."""
     trees = {name: ast.parse(text) for name, text in sources.items()}
     add_package_classes(schema, trees)
     returns = package_returns(trees, set(schema.fields))
     found: set[tuple[str, str]] = set()
     for name, tree in trees.items():
-        visitor = Reads(schema, returns, {"validate", "build", "_convert", "load_config"} if name == "config.py" else set())
+        checks = {node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("_check_")}
+        visitor = Reads(schema, returns, {"validate", "build", "load_config"} | checks if name == "config.py" else set())
         visitor.visit(tree)
         found |= visitor.found
     return found

@@ -101,7 +101,7 @@ def test_readme_layout_names_every_module_and_tool():
 
 LAYERS = (
     ("tagscale", "errors", "cache", "metrics", "launch", "shapes"),  # leaves: no torch, nothing above
-    ("config",),  # the typed recipe
+    ("config_io", "config"),  # the typed recipe (config), over the generic YAML-to-dataclass reader (config_io)
     ("methods", "core"),  # what a method trains; tags, heads, the loss, the ridge maths
     ("data",),  # sources, records, fields, encoding and batches
     ("runtime",),  # process group and engine, bases, run folders, the checks before torch, the log
