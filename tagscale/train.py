@@ -71,7 +71,9 @@ from tagscale.runtime.rng import restore_rng_states, rng_state  # noqa: E402
 
 from tagscale.eval import evaluate
 from tagscale.runtime.bases import load_base, prepare as prepare_base  # noqa: E402
-from tagscale.data.encode import Encoder, TrainData, build_train_data, collate, to_device  # noqa: E402
+from tagscale.data.batches import collate, to_device  # noqa: E402
+from tagscale.data.encode import Encoder  # noqa: E402
+from tagscale.data.train_data import TrainData, build_train_data  # noqa: E402
 from tagscale.runtime.logs import RunLog  # noqa: E402
 from tagscale.methods import apply_method  # noqa: E402
 from tagscale.core.model import TaggedModel  # noqa: E402

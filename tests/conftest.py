@@ -27,7 +27,7 @@ if DEVICE.type == "cuda":
 
 def on_device(batch: dict) -> dict:
     """A collated batch on DEVICE (tensors moved, anything else kept)."""
-    from tagscale.data.encode import to_device
+    from tagscale.data.batches import to_device
 
     return to_device(batch, DEVICE)
 
@@ -166,7 +166,7 @@ def two_engine_steps(session) -> tuple[dict, list, dict]:
     """Two steps of a built trainer session (`tagscale.train.build`, one rank, one micro-batch of 4 a step):
     (every parameter's whole value before, the two collated batches, the trainables' whole values after), for
     tests that redo the steps in plain PyTorch."""
-    from tagscale.data.encode import collate
+    from tagscale.data.batches import collate
     from tagscale.runtime.distributed.zero import full_fp32, gathered
     from tagscale.train import train_steps
 

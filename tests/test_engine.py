@@ -41,7 +41,7 @@ def test_generation_with_the_whole_base_gathered_matches_per_layer_gathers(tmp_p
     from tagscale.runtime.distributed.engine import whole_base_for_inference
     from tagscale.runtime.distributed.zero import is_partitioned
     from tagscale.config import load_config
-    from tagscale.data.encode import collate
+    from tagscale.data.batches import collate
     from tagscale.train import build
 
     cfg = load_config("tests/recipes/tiny_stage1.yaml", [f"output.dir={tmp_path / 's1'}", "train.steps=1"])

@@ -134,7 +134,7 @@ def test_expert_run_writes_the_harness_files_and_chooses_on_validation_only(tmp_
     mse = np.mean((np.array(trained["outputs"]) - np.array(trained["targets"])) ** 2)
     assert trained["mse"] == pytest.approx(mse) and trained["ci95"]["mse"][0] <= mse <= trained["ci95"]["mse"][1]
     # `initial` is the training-label mean: the 86 rows validation_split keeps for training
-    from tagscale.data.encode import validation_split
+    from tagscale.data.train_data import validation_split
 
     train_rows = [json.loads(line) for line in TRAIN.read_text().splitlines()]
     keep, held = validation_split(len(train_rows), 0.1, 200, 0, 0)
@@ -236,7 +236,7 @@ def test_qm9_gap_learning_curve_sizes_share_validation_and_test(monkeypatch, tmp
     the front, so every size trains on a nested, seeded-random subset and validates and tests on the very same
     molecules, none of them in any size's training set; without n_val the run carves train.val_fraction as before."""
     from tagscale.config import load_config
-    from tagscale.data.encode import task_records
+    from tagscale.data.train_data import task_records
     from tagscale.errors import UserError
     from tagscale.eval.evaluate import held_out_data
     from tagscale.data.records import read_records

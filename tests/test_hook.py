@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import DEVICE, on_device, tagged_tiny
-from tagscale.data.encode import collate, Example
+from tagscale.data.batches import collate
+from tagscale.data.encode import Example
 from tagscale.core.tags import TagSpec
 
 SPECS = [TagSpec("<A>", "domain", 3, False), TagSpec("<B>", "function", 2, True)]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import as_if_killed_after_a_checkpoint, metrics, tags_of, train, two_engine_steps, validations
 from tagscale.config import DataConfig
-from tagscale.data.encode import validation_split
+from tagscale.data.train_data import validation_split
 from tagscale.data.records import read_records
 from tagscale.core.ridgehead import SupportSet, loo_residuals, solve, stats
 
@@ -257,7 +257,8 @@ def test_folded_reparameterisation_gives_the_trained_models_outputs(tiny_base):
     """A bank with a residual MLP (its `down` moved off zero, as training moves it) and a plain bank holding its
     folded vectors give the same vectors and the same model outputs; a fresh reparameterised tag starts exactly at
     its value; the folded vectors are init + down(relu(up(init))) by hand."""
-    from tagscale.data.encode import Example, collate
+    from tagscale.data.batches import collate
+    from tagscale.data.encode import Example
     from tagscale.core.model import HeadSpec, TaggedModel
     from tagscale.core.tags import TagBank, TagSpec
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from tagscale.config import load_config
-from tagscale.data.encode import Example, collate
+from tagscale.data.batches import collate
+from tagscale.data.encode import Example
 from tagscale.core.model import HeadSpec, TaggedModel
 from tagscale.runtime.runs import InheritedTag, plan_tags
 from tagscale.core.tags import TagBank, TagSpec, init_bank, initial_vectors

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import DEVICE, on_device, tagged_tiny
-from tagscale.data.encode import Example, collate
+from tagscale.data.batches import collate
+from tagscale.data.encode import Example
 from tagscale.core.model import HeadSpec
 from tagscale.core.tags import TagSpec
 

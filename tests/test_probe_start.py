@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import metrics, train
-from tagscale.data.encode import Encoder, validation_split
+from tagscale.data.encode import Encoder
+from tagscale.data.train_data import validation_split
 from tagscale.data.records import read_records
 from tagscale.config import DataConfig
 from tagscale.eval.evaluate import PENALTIES

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import ROOT
 from tagscale.config import DataConfig, RunConfig, TaskConfig
-from tagscale.data.encode import Encoder, EncodedSet, encode_task
+from tagscale.data.encode import Encoder
+from tagscale.data.encoded_cache import EncodedSet, encode_task
 from tagscale.errors import UserError
 from tagscale.runtime.inputs import check_records
 from tagscale.data.records import RecordSet, read_records

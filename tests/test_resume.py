@@ -226,7 +226,8 @@ def test_saved_on_two_ranks_resumes_on_one(reference, two_ranks_one_killed):
 
 def test_infinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
     """A finite but huge label (1e30, unstandardised) overflows the fp32 loss at the first step that draws it."""
-    from tagscale.data.encode import MixtureSampler, validation_split
+    from tagscale.data.batches import MixtureSampler
+    from tagscale.data.train_data import validation_split
 
     records = [json.loads(line) for line in (ROOT / "tests/data/fixture_protein_count.jsonl").read_text().splitlines()]
     kept, _ = validation_split(len(records), 0.1, 200, 0, 0)  # the default validation split holds some back

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import as_if_killed_after_a_checkpoint, metrics, tags_of, train, two_engine_steps, validations
-from tagscale.data.encode import validation_split
+from tagscale.data.train_data import validation_split
 from tagscale.metrics import (classification_metrics, paired_contrast, paired_difference, regression_metrics,
                               with_intervals)
 
@@ -360,7 +360,8 @@ def test_held_out_next_token_examples_are_cut_like_training_ones(tiny_base, tmp_
     """train.too_long: truncate cuts long next-token examples in training; the test and validation sets cut them too
     (they used to be skipped: the demo's protein test set shrank from 20 sequences to 1)."""
     from tagscale.config import load_config
-    from tagscale.data.encode import Encoder, build_train_data
+    from tagscale.data.encode import Encoder
+    from tagscale.data.train_data import build_train_data
     from tagscale.eval.evaluate import eval_sets, validation_sets
 
     cfg = load_config("tests/recipes/tiny_stage1.yaml", [f"output.dir={tmp_path}", "train.max_length=24",

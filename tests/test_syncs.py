@@ -16,9 +16,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import DEVICE, tagged_tiny
-from tagscale.core.model import HeadSpec
+from tagscale.core.model import IGNORE, HeadSpec
 from tagscale.core.tags import TagSpec
-from tagscale.data.encode import IGNORE, Example, collate, to_device
+from tagscale.data.batches import collate, to_device
+from tagscale.data.encode import Example
 from tagscale.runtime.logs import reduce_step
 
 aten = torch.ops.aten

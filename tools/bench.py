@@ -32,10 +32,11 @@ from tqdm import tqdm  # noqa: E402
 from tagscale.runtime.distributed import dist  # noqa: E402
 from tagscale.runtime.bases import load_base  # noqa: E402
 from tagscale.config import BaseConfig  # noqa: E402
-from tagscale.data.encode import IGNORE, Example, collate, micro_batches, to_device  # noqa: E402
+from tagscale.data.batches import collate, micro_batches, to_device  # noqa: E402
+from tagscale.data.encode import Example  # noqa: E402
 from tagscale.eval.evaluate import batches_by_length  # noqa: E402
 from tagscale.errors import UserError, run_cli  # noqa: E402
-from tagscale.core.model import HeadSpec, TaggedModel  # noqa: E402
+from tagscale.core.model import IGNORE, HeadSpec, TaggedModel  # noqa: E402
 from tagscale.core.tags import TagBank, TagSpec  # noqa: E402
 
 
@@ -216,7 +217,8 @@ def evaluation_padding_efficiency(lengths: list[int], micro: int, by_length: boo
 def data_pipeline(base, n: int = 400) -> tuple[list[int], float]:
     """Lengths of real encoded QED/descriptor prompts, and the pipeline's tokens/s (read, fill, tokenize, collate)."""
     from tagscale.config import DataConfig, TaskConfig
-    from tagscale.data.encode import Encoder, encode_task
+    from tagscale.data.encode import Encoder
+    from tagscale.data.encoded_cache import encode_task
     from tagscale.data.records import read_records
 
     tasks = [TaskConfig(name="qed", template="# # Input: The SMILES of the molecule is <D> {smiles}. \n# # Output: the "

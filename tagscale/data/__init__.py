@@ -1,3 +1,4 @@
 """Records to batches: the built-in sources (sources), reading and checking record files (records), the fields a
-template names (fields), encoding, caching and length-bucketed batching (encode).
+template names (fields), encoding (encode), the encoded cache (encoded_cache), sampling, length-bucketed micro-batches
+and collation (batches), and a run's training and validation data (train_data).
 """

@@ -27,12 +27,15 @@ from tagscale.runtime.distributed import dist
 from tagscale.runtime.distributed.engine import whole_base_for_inference
 from tagscale.runtime.distributed.zero import full_fp32, set_trainable
 from tagscale.config import RunConfig, TagConfig, TaskConfig
-from tagscale.data.encode import IGNORE, Encoder, Example, collate, encode_task, fill, task_records, to_device
+from tagscale.data.batches import collate, to_device
+from tagscale.data.encode import Encoder, Example, fill
+from tagscale.data.encoded_cache import encode_task
+from tagscale.data.train_data import task_records
 from tagscale.data.records import read_records
 from tagscale.metrics import (PRIMARY, PROBE_START, classification_metrics, next_token_metrics, paired_difference,
                               regression_metrics, start_row, to_json, translation_from_stats, translation_stats,
                               with_intervals)
-from tagscale.core.model import Head, TaggedModel
+from tagscale.core.model import IGNORE, Head, TaggedModel
 from tagscale.core.ridgehead import SupportSet, support_targets
 
 

@@ -203,7 +203,7 @@ def run(cfg: RunConfig) -> int:
     from rdkit import __version__ as rdkit_version
 
     from tagscale.runtime import runs
-    from tagscale.data.encode import task_records
+    from tagscale.data.train_data import task_records
     from tagscale.eval.evaluate import format_table, held_out_data
     from tagscale.runtime.runfolder import FORMAT, check_output_folder
     from tagscale.data.records import read_records
