@@ -69,7 +69,7 @@ def start_training_peak() -> dict[str, int]:
 def peak_slots(loading: dict[str, int], rank: int, world: int) -> tuple[list[str], list[float]]:
     """This rank's training peak (`train_<kind>`) and whole-run peak (`<kind>`, with `loading`) as a vector with a
     slot per (kind, rank), zero in the other ranks' slots: summed over ranks it holds every rank's peaks, so the
-    step's one all-reduce gathers them too (`RunLog.reduce_step`). Every rank has the same kinds."""
+    step's one all-reduce gathers them too (`reduce_step`). Every rank has the same kinds."""
     training = peak_memory()
     mine = {f"train_{k}": v for k, v in training.items()}
     mine.update({k: max(v, loading.get(k, 0)) for k, v in training.items()})
