@@ -27,8 +27,8 @@ from tagscale.runtime import dist
 from tagscale.config import RunConfig, TagConfig, TaskConfig
 from tagscale.data.encode import IGNORE, Encoder, Example, collate, encode_task, fill, task_records, to_device
 from tagscale.data.records import read_records
-from tagscale.metrics import (PRIMARY, PROBE_START, classification_metrics, next_token_metrics, paired_difference,
-                              regression_metrics, start_row, to_json, translation_from_stats, translation_stats,
+from tagscale.metrics import (PRIMARY, PROBE_START, beyond_zero, classification_metrics, next_token_metrics,
+                              paired_difference, regression_metrics, start_row, to_json, translation_from_stats, translation_stats,
                               with_intervals)
 from tagscale.core.model import Head, TaggedModel
 from tagscale.core.ridgehead import SupportSet, support_targets
@@ -617,8 +617,8 @@ def compare_with_start(model: TaggedModel, item: EvalSet, trained: dict, by_mode
     interval = diff["ci95"]
     if interval is None or not math.isfinite(diff["diff"]):
         verdict = "no interval"
-    elif interval[0] > 0 or interval[1] < 0:
-        verdict = "better, beyond the interval" if (interval[0] > 0) == higher else "worse, beyond the interval"
+    elif beyond_zero(interval):
+        verdict = "better, beyond the interval" if (beyond_zero(interval) > 0) == higher else "worse, beyond the interval"
     else:
         verdict = "within the interval (no clear difference)"
     return diff | {"against": against, "verdict": verdict}
