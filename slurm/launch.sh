@@ -68,8 +68,8 @@ fi
 from=""
 for prev in $PREV_RUN; do
   prev=$(abspath "$prev")
-  grep -qs '"status": *"complete"' "$prev/run.json" \
-    || die "stage $STAGE needs the complete run folder $prev (no run.json with status complete):" \
+  PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} python3 -m tagscale.runtime.runfolder --complete "$prev" \
+    || die "stage $STAGE needs the complete run folder $prev (tagscale.runtime.runfolder.complete_run):" \
            "run the earlier stage first (slurm/pipeline.sh runs them in order) or set PREV_RUN"
   from="$from${from:+,}\"$prev\""
 done

