@@ -252,3 +252,84 @@ def test_train_py_has_one_entry_path():
     source = (ROOT / "tagscale/train.py").read_text()
     assert source.count("run_expert(") == 1 and source.count("complete_run(") == 1
     assert source.count('if __name__ == "__main__"') == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# "this base string is a preset, an embedded: name or a folder"
+
+BASES = {"tiny": "preset", "7b": "preset", "embedded:smollm2-135m": "embedded", "./local-model": "folder",
+         "meta-llama/Llama-2-7b-hf": "folder", "tiny/": "folder"}
+
+
+def _launch_sh_overrides(tmp: Path, bases: list[str]) -> list[tuple[str, list[str]]]:
+    """Run slurm/launch.sh for each array task with stand-in scontrol and srun: the run folder and base overrides
+    it would give the trainer."""
+    import shlex
+
+    fake = tmp / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "scontrol").write_text('#!/bin/bash\n[ "$2" = hostnames ] && echo localhost\nexit 0\n')
+    (fake / "srun").write_text(f'#!/bin/bash\nprintf "%s\\n" "${{@: -1}}" > "{tmp}/srun.txt"\nexit 0\n')
+    for tool in ("scontrol", "srun"):
+        (fake / tool).chmod(0o755)
+    found = []
+    for i in range(len(bases)):
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+               "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "localhost",
+               "SLURM_NNODES": "1", "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": str(i),
+               "TAGSCALE_PROCS_PER_NODE": "1", "BASES": " ".join(bases), "STAGE": "1", "PREV_RUN": "",
+               "RECIPE": str(ROOT / RECIPE), "DS_CONFIG": str(ROOT / "ds_configs/zero3_cpu.json"),
+               "RUNS_ROOT": str(tmp / "runs"), "RUN_NAME": "m", "TAGSCALE_HOME": str(ROOT)}
+        proc = subprocess.run(["bash", str(ROOT / "slurm/launch.sh")], cwd=tmp, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        words = shlex.split((tmp / "srun.txt").read_text())
+        out = next(w for w in words if w.startswith("output.dir="))
+        found.append((out.split("=", 1)[1], [w for w in words if w.startswith(("base.path=", "base.preset="))]))
+    return found
+
+
+def test_every_reader_of_a_base_string_follows_one_rule(tmp_path, monkeypatch):
+    """The planner, the sweep (run folder and trainer overrides) and slurm/launch.sh read a base string the same way
+    (launch.sh had its own `case`: a folder in the submit folder given without '/' was a preset there, a folder for
+    the sweep; an embedded base got another run-folder name)."""
+    from tagscale.shapes import base_kind, base_overrides, resolve_shape
+    from tagscale.study.sweep import Job
+
+    (tmp_path / "local-model").mkdir()
+    (tmp_path / "local-model" / "config.json").write_text(json.dumps(
+        {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "vocab_size": 512}))
+    monkeypatch.chdir(tmp_path)
+    assert {base: base_kind(base) for base in BASES} == BASES
+    assert resolve_shape("./local-model").hidden == 64 and resolve_shape("7b").name == "llama-7b"
+    bases = list(BASES)
+    for base, (run_dir, overrides) in zip(bases, _launch_sh_overrides(tmp_path, bases)):
+        job = Job(ROOT / RECIPE, "g", "m", base, 1, tmp_path / "runs", ())
+        assert run_dir == str(tmp_path / "runs" / job.method / job.run_dir.parent.name / "stage1"), base
+        assert overrides == base_overrides(base), base
+        kind = "base.preset" if BASES[base] == "preset" else "base.path"
+        assert overrides[0].startswith(kind + "=") and not overrides[0].endswith("=null"), (base, overrides)
+
+
+def test_a_missing_base_folder_is_said_the_same_everywhere(tmp_path):
+    """The recipe check (before torch), the base loader and the planner name a missing folder with one text, the
+    hub-id hint included; an embedded name is never taken for a folder."""
+    from tagscale.config import load_config
+    from tagscale.errors import UserError
+    from tagscale.runtime.bases import resolve_folder
+    from tagscale.runtime.inputs import base_fingerprint, base_hidden_size
+    from tagscale.shapes import resolve_shape
+
+    for path, hub in (("meta-llama/Llama-2-7b-hf", True), (str(tmp_path / "gone"), False)):
+        cfg = load_config(ROOT / RECIPE, ["base.preset=null", f"base.path={path}"])
+        said = []
+        for check, where in ((lambda: base_hidden_size(cfg), f"{cfg.source}: base.path"),
+                             (lambda: resolve_folder(path), "base.path"), (lambda: resolve_shape(path), "base")):
+            with pytest.raises(UserError) as err:
+                check()
+            assert str(err.value).startswith(f"{where}: {path}: no such local folder")
+            said.append(str(err.value).removeprefix(where))
+        assert len(set(said)) == 1 and ("hub id" in said[0]) == hub
+    cfg = load_config(ROOT / RECIPE, ["base.preset=null", "base.path=embedded:smollm2-135m"])
+    assert base_hidden_size(cfg) is None and base_fingerprint(cfg.base) == "embedded:smollm2-135m"
