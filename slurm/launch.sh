@@ -21,9 +21,9 @@
 #   RUN_DIR                  this stage's run folder, instead of the convention above
 #   PREV_RUN                 earlier stages' run folders (space separated) instead of the convention;
 #                            set but empty: no from_runs override (the recipe's own from_runs)
-#   BASES                    in a job array: the bases, one per array task (a path or embedded:NAME
-#                            -> base.path=, a name -> base.preset=); task i trains base i into
-#                            $RUN_NAME/<base>/
+#   BASES                    in a job array: the bases, one per array task (a path, i.e. a name with
+#                            a '/', or embedded:NAME -> base.path=, a name -> base.preset=:
+#                            tagscale.shapes.base_kind); task i trains base i into $RUN_NAME/<base name>/
 #   TAGSCALE_PROCS_PER_NODE  ranks per node; default $SLURM_GPUS_ON_NODE
 #   TAGSCALE_HOME            the tagscale checkout; default $SLURM_SUBMIT_DIR
 # Arguments are passed through to the trainer (key=value overrides).
@@ -51,12 +51,12 @@ if [ -n "$BASES" ] && [ -n "$SLURM_ARRAY_TASK_ID" ]; then
   read -r -d '' -a bases <<< "$BASES" || true
   BASE=${bases[$SLURM_ARRAY_TASK_ID]}
   [ -n "$BASE" ] || die "array task $SLURM_ARRAY_TASK_ID has no base: BASES lists ${#bases[@]}"
-  case $BASE in
-    embedded:*) overrides+=("base.path=$BASE") ;;
-    */*) overrides+=("base.path=$(abspath "$BASE")") ;;
-    *) overrides+=("base.preset=$BASE") ;;
-  esac
-  RUN_NAME=$RUN_NAME/$(basename "$BASE")
+  # what the base string names and its run-folder name: tagscale.shapes' rule, as a local sweep reads it
+  launch=$(PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} python3 -m tagscale.shapes --launch "$BASE") \
+    || die "BASES: cannot read base '$BASE' (python3 -m tagscale.shapes --launch)"
+  mapfile -t launch <<< "$launch"
+  overrides+=("${launch[@]:1}")
+  RUN_NAME=$RUN_NAME/${launch[0]}
 fi
 
 # run folders: this stage's, and the earlier stages' (from_runs)
@@ -68,8 +68,8 @@ fi
 from=""
 for prev in $PREV_RUN; do
   prev=$(abspath "$prev")
-  grep -qs '"status": *"complete"' "$prev/run.json" \
-    || die "stage $STAGE needs the complete run folder $prev (no run.json with status complete):" \
+  PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} python3 -m tagscale.runtime.runfolder --complete "$prev" \
+    || die "stage $STAGE needs the complete run folder $prev (tagscale.runtime.runfolder.complete_run):" \
            "run the earlier stage first (slurm/pipeline.sh runs them in order) or set PREV_RUN"
   from="$from${from:+,}\"$prev\""
 done

@@ -468,6 +468,13 @@ def _check_method(cfg: RunConfig) -> None:
     if cfg.method == "linear_probe" and any(t.head and t.head.fit != "gradient" for t in cfg.tags):
         raise UserError(f"{src}: method: linear_probe trains only its heads; a closed-form head (head.fit) would leave "
                         f"it nothing to train: its probe start is already that solution (set head.fit: gradient)")
+    for i, task in enumerate(cfg.tasks if cfg.method == "expert" else []):
+        where = f"{src}: tasks[{i}] ({task.name})"  # the features of its fields: data.fields.check_expert_tasks
+        if task.loss != "head":
+            raise UserError(f"{where}: method: expert fits a model to a head task's label; this is a "
+                            f"{'text (target)' if task.loss == 'target' else 'next-token'} task, which it cannot do")
+        if task.train is None:
+            raise UserError(f"{where}: method: expert needs training data; this task is evaluation-only (train: null)")
 
 
 def _check_task(cfg: RunConfig, where: str, task: TaskConfig, names: set[str]) -> None:

@@ -120,9 +120,30 @@ def next_token_metrics(loss_sums: Sequence[float], token_counts: Sequence[int]) 
 # ---------------------------------------------------------------------------------------------
 # which metric decides, and how sure a number is
 
-PRIMARY = {"regression": ("mse", False), "classification": ("accuracy", True), "target": ("chrf", True),
-           "lm": ("loss", False)}
+HIGHER_IS_BETTER = {"mse": False, "mae": False, "loss": False, "perplexity": False, "accuracy": True, "roc_auc": True,
+                    "pearson": True, "spearman": True, "r2": True, "chrf": True, "bleu": True}
+"""Which way each reported metric improves: the one direction every comparison reads (the kept step, the expert's
+choice, the study's verdicts, plots and trends)."""
+
+PRIMARY = {kind: (name, HIGHER_IS_BETTER[name]) for kind, name in
+           (("regression", "mse"), ("classification", "accuracy"), ("target", "chrf"), ("lm", "loss"))}
 """The metric that selects a step and compares models, per kind of task: (name, higher is better)."""
+
+
+def headline(metrics: dict) -> str | None:
+    """The metric a head task's scores are judged by: the primary metric of its kind (MSE for regression, accuracy
+    for classification) that `metrics` holds; None for neither."""
+    return next((name for name, _ in (PRIMARY["regression"], PRIMARY["classification"])
+                 if metrics.get(name) is not None), None)
+
+
+def beyond_zero(interval: Sequence[float] | None) -> int:
+    """Where a 95% interval of a difference (or a slope) lies: +1 wholly above zero, -1 wholly below, 0 when it
+    holds zero or there is none (or a bound is NaN). "Beyond the interval", "clearly better" and "a trend beyond the noise" all mean a
+    non-zero answer here; an interval that touches zero is not beyond it."""
+    if interval is None:
+        return 0
+    return 1 if interval[0] > 0 else -1 if interval[1] < 0 else 0
 
 PROBE_START = "linear probe (start)"
 """The evaluation row (eval.json, eval_baselines.json) of a run's probe start: its heads' closed-form ridge fit at
@@ -264,7 +285,7 @@ def fitted_slope(metric_fn, key: str, x: Sequence[float],
         slopes, intercepts = _line(x[pick], np.take_along_axis(y_draws, pick, axis=1))
         out["ci95_points"] = _percentile_interval(slopes.tolist())
     interval = out["ci95_points"] or out["ci95"]
-    if interval is not None and slope != 0 and (interval[0] > 0 or interval[1] < 0):
+    if slope != 0 and beyond_zero(interval):
         out["crossing"] = -intercept / slope
         with np.errstate(divide="ignore", invalid="ignore"):
             out["crossing_ci95"] = _percentile_interval((-intercepts / slopes).tolist())

@@ -1,5 +1,6 @@
-"""A base's shape, torch-free: the random-init presets (`base.preset`), the embedded pretrained bases' shapes, and
-`resolve_shape` (a preset, an `embedded:` name or a folder's config.json) with the parameter count.
+"""A base's shape, torch-free: the random-init presets (`base.preset`), the embedded pretrained bases' shapes,
+`resolve_shape` (a preset, an `embedded:` name or a folder's config.json) with the parameter count, and the one rule
+for what a base string names (`base_kind`), with the run-folder name and trainer overrides that follow from it.
 
 One owner for every reader: tagscale.runtime.bases builds a LlamaConfig from SHAPES and counts parameters with
 `resolve_shape`, and the planner (tagscale.study.planner) does its arithmetic on `Shape` without importing torch
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from tagscale.errors import UserError, nearest
 
@@ -141,30 +143,108 @@ def _shape_from_hf_config(name: str, config: dict) -> Shape:
         raise UserError(f"{name}: config.json lacks {err.args[0]} (expected a decoder-only LM config)") from None
 
 
-def resolve_shape(base: str) -> Shape:
-    """A preset name or alias, a Hugging Face folder, or ``embedded:<name>``."""
-    key = PRESET_ALIASES.get(base.lower(), base)
-    if key in SHAPES:
+def resolve_shape(base: str, where: str = "base") -> Shape:
+    """A preset name or alias, a Hugging Face folder (or its config.json), or ``embedded:<name>`` (`base_kind`)."""
+    kind = base_kind(base)
+    if kind == "preset":
+        key = preset_key(base)
+        if key is None:
+            raise unknown_preset(base, where)
         spec = SHAPES[key]
         return Shape(name=key, hidden=spec["hidden_size"], intermediate=spec["intermediate_size"],
                      layers=spec["num_hidden_layers"], heads=spec["num_attention_heads"],
                      kv_heads=spec["num_key_value_heads"], head_dim=spec["hidden_size"] // spec["num_attention_heads"],
                      vocab=spec["vocab_size"])
-    if base.startswith("embedded:"):
-        name = base.split(":", 1)[1]
+    if kind == "embedded":
+        name = embedded_name(base)
         if name not in EMBEDDED_SHAPES:
-            raise UserError(f"base {base!r}: unknown embedded base{nearest(name, EMBEDDED_SHAPES)}; known: "
+            raise UserError(f"{where} {base!r}: unknown embedded base{nearest(name, EMBEDDED_SHAPES)}; known: "
                             f"{', '.join(EMBEDDED_SHAPES)}")
         return _shape_from_hf_config(base, EMBEDDED_SHAPES[name])  # no need to dequantize (7 GB for the 1.5B)
-    else:
-        folder = Path(base).expanduser()
-        if not folder.exists():
-            known = sorted(set(SHAPES) | set(PRESET_ALIASES))
-            raise UserError(f"base {base!r}: not a preset{nearest(base, known)} ({', '.join(PRESET_ALIASES)} or "
-                            f"{', '.join(SHAPES)}), an embedded:<name> or a local folder")
+    folder = Path(base).expanduser()
+    if not folder.exists():
+        raise no_such_folder(base, where)
     config_path = folder / "config.json" if folder.is_dir() else folder
     try:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"{config_path}: not a readable config.json ({str(err).splitlines()[0]})") from None
     return _shape_from_hf_config(base, config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a base string names
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+def embedded_name(base: str) -> Optional[str]:
+    """The name in ``embedded:<name>``; None for any other string (a preset name or a folder)."""
+    return base[len(EMBEDDED_PREFIX):] if base.startswith(EMBEDDED_PREFIX) else None
+
+
+def base_kind(base: str) -> str:
+    """What a base string names, the one rule for every place that takes any kind (the planner, the sweep's --bases,
+    slurm's BASES): "embedded" for ``embedded:<name>``, "folder" for a path (a string with a '/': ``./my-model``,
+    ``/data/llama``, ``~/m``, also a hub id such as ``meta-llama/Llama-2-7b-hf``, refused as a missing folder), and
+    "preset" for a bare name (``tiny``, ``llama-7b``, ``7b``). A rule on the string, not on the disk, so the same
+    string names the same base in every process and working folder (a folder in the working folder: ``./name``).
+    `base.path` in a recipe is never a preset: there the rule is `embedded_name`."""
+    if embedded_name(base) is not None:
+        return "embedded"
+    return "folder" if "/" in base else "preset"
+
+
+def preset_key(name: str) -> Optional[str]:
+    """The SHAPES key of a preset name or alias (``7b`` -> ``llama-7b``); None for an unknown name."""
+    key = PRESET_ALIASES.get(name.lower(), name)
+    return key if key in SHAPES else None
+
+
+def base_name(base: str) -> str:
+    """The run-folder name of a base: the preset, the embedded name, or the folder's last component."""
+    name = embedded_name(base)
+    return name if name is not None else Path(base).name
+
+
+def base_overrides(base: str) -> list[str]:
+    """Trainer overrides that select `base` (and clear the recipe's other base field); a folder as an absolute path."""
+    kind = base_kind(base)
+    if kind == "preset":
+        return [f"base.preset={preset_key(base) or base}", "base.path=null"]
+    path = base if kind == "embedded" else str(Path(base).expanduser().resolve())
+    return [f"base.path={path}", "base.preset=null"]
+
+
+HUB_HINT = " (looks like a hub id: tagscale never downloads; fetch it first and give the local folder)"
+
+
+def no_such_folder(path: str, where: str) -> UserError:
+    """The one line for a base folder that is not there; an `org/name` string gets the hint that nothing is
+    downloaded."""
+    hint = HUB_HINT if "/" in path and not path.startswith(("/", ".", "~")) else ""
+    return UserError(f"{where}: {path}: no such local folder{hint}")
+
+
+def unknown_preset(name: str, where: str) -> UserError:
+    known = sorted(set(SHAPES) | set(PRESET_ALIASES))
+    here = f"; a folder here is given as ./{name}" if Path(name).exists() else ""
+    return UserError(f"{where} {name!r}: not a preset{nearest(name, known)} ({', '.join(PRESET_ALIASES)} or "
+                     f"{', '.join(SHAPES)}), an embedded:<name> or a local folder{here}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m tagscale.shapes --launch BASE`: the base's run-folder name, then its trainer overrides, one a line
+    (slurm/launch.sh reads a job array's bases with it, so that Slurm and a local sweep name and select a base by
+    the same rule)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tagscale.shapes", description=main.__doc__)
+    parser.add_argument("--launch", required=True, metavar="BASE", help="a preset, embedded:<name> or a folder")
+    args = parser.parse_args(argv)
+    print("\n".join([base_name(args.launch), *base_overrides(args.launch)]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

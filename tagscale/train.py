@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import signal
 import sys
 import time
@@ -19,9 +18,10 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tagscale.config import RunConfig, load_config
-from tagscale.errors import UserError, fail, run_cli
+from tagscale.errors import UserError, run_cli
 from tagscale.runtime.inputs import check_inputs
-from tagscale.runtime.runfolder import check_output_folder, checkpoint_dirs, find_resume_point, lock_output_folder
+from tagscale.runtime.runfolder import (checkpoint_dirs, complete_run, find_resume_point, mark_running, nothing_to_do,
+                                        take_output_folder)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,19 +44,29 @@ def read_and_check(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfi
     return args, cfg
 
 
-if __name__ == "__main__":  # a bad recipe or file is one line within a second: before the slow imports below
-    try:
-        _args, _cfg = read_and_check(None)
-        if _cfg.method != "expert" and (check_output_folder(_cfg) or {}).get("status") == "complete":
-            if int(os.environ.get("RANK", "0")) == 0:  # a rerun of a finished run: no torch, no process group
-                print(f"{_cfg.output.dir}: this run is already complete; nothing to do")
-            sys.exit(0)
-        if _cfg.method == "expert":  # no LLM, no DeepSpeed: the imports below are not needed
-            from tagscale.study.expert import run as run_expert
+def main(argv: list[str] | None = None) -> int:
+    """The one entry: the inputs checked without torch, then what needs no torch answered at once (a finished run:
+    nothing to do; `method: expert`: no LLM, no DeepSpeed), else the trainer below."""
+    args, cfg = read_and_check(argv)
+    if complete_run(Path(cfg.output.dir)):  # a rerun of a finished run: no torch, no process group
+        return nothing_to_do(cfg)
+    if cfg.method == "expert":
+        from tagscale.study.expert import run as run_expert
 
-            sys.exit(run_expert(_cfg))
-    except UserError as err:
-        fail(str(err), err.exit_code)
+        return run_expert(cfg)
+    # Run as a script (deepspeed tagscale/train.py, python -m tagscale.train) this file is __main__ and stops at
+    # cli() below, before the slow imports: the trainer is imported here, as tagscale.train, only once needed.
+    from tagscale.train import train
+
+    return train(args, cfg)
+
+
+def cli() -> None:
+    run_cli(main)
+
+
+if __name__ == "__main__":  # a bad recipe or file is one line within a second: before the slow imports below
+    cli()
 
 from dataclasses import dataclass  # noqa: E402
 
@@ -193,41 +203,34 @@ def train_steps(s: Session, start: int, stop: StopFlag | None = None) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, cfg = read_and_check(argv)  # checked once: a second call (after the early check) returns at once
-    if cfg.method == "expert":
-        from tagscale.study.expert import run as run_expert
-
-        return run_expert(cfg)
+def train(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """Train in an output folder rank 0 holds for the whole run (`take_output_folder`, as every method)."""
     stop = StopFlag()
     dist.init()
-    lock, previous, refusal = None, None, None
+    lock, done, refusal = None, None, None
     if dist.is_main():  # rank 0 holds the folder before anything is written there, for the whole run
         try:
-            lock = lock_output_folder(cfg)
-            previous = check_output_folder(cfg)  # again, now under the lock
+            lock, done = take_output_folder(cfg)  # checked again, now under the lock
         except UserError as err:
             refusal = str(err)
-    previous, refusal = dist.broadcast_object((previous, refusal))
+    done, refusal = dist.broadcast_object((done, refusal))
     try:
         if refusal is not None:  # every rank stops with it, none waits on rank 0
             raise UserError(refusal)
-        return run(args, cfg, stop, previous)
+        if done:  # finished by another process since the check without the lock
+            return nothing_to_do(cfg)
+        return run(args, cfg, stop)
     finally:
         if lock is not None:
             lock.release()
 
 
-def run(args: argparse.Namespace, cfg: RunConfig, stop: StopFlag, previous: dict | None) -> int:
+def run(args: argparse.Namespace, cfg: RunConfig, stop: StopFlag) -> int:
     """The run itself, in an output folder rank 0 holds."""
-    if previous and previous.get("status") == "complete":
-        if dist.is_main():
-            print(f"{cfg.output.dir}: this run is already complete (step {previous['step']}); nothing to do")
-        return 0
     session = build(cfg, args.ds_config)
     resume_from = find_resume_point(cfg)
     if dist.is_main():  # inputs are good: mark the folder as this config's run (this attempt's steps)
-        runs.mark_running(cfg)
+        mark_running(cfg)
         if resume_from is None:  # a start from step 0: what an attempt killed before its first checkpoint logged goes
             runs.trim_metrics(Path(cfg.output.dir), None)
     # the starting point is scored before any checkpoint is loaded (and kept in the folder for a resumed run)
@@ -300,10 +303,3 @@ def save_outputs(s: Session, step: int) -> Path:
     dist.barrier()
     return out
 
-
-def cli() -> None:
-    run_cli(main)
-
-
-if __name__ == "__main__":
-    cli()

@@ -223,3 +223,25 @@ def test_the_package_carries_no_test_hook():
     """Tests reach inside a run through tests/hooks (a sitecustomize on PYTHONPATH), never through the package."""
     hooks = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py") if "TAGSCALE_TEST" in p.read_text()]
     assert not hooks, hooks
+
+
+OWNED_TEXT = {
+    '"embedded:"': {"shapes.py"},  # shapes.embedded_name / base_kind: what a base string names
+    "looks like a hub id": {"shapes.py"},  # shapes.no_such_folder
+    "submodule_search_locations": {"cache.py"},  # cache.package_dir
+    "interval[0] > 0": {"metrics.py"},  # metrics.beyond_zero
+    '"mse": ': {"metrics.py"},  # metrics.HIGHER_IS_BETTER: a metric's direction
+    '"COMPLETE"': {"runtime/runfolder.py"},  # runfolder.CHECKPOINT_DONE
+}
+"""Text that decides a fact, and the one module allowed to write it (tests/test_one_rule.py checks that the callers
+agree with each owner on inputs a copy would misjudge); slurm/*.sh ask the owners through `python -m`."""
+
+
+def test_each_rule_is_written_in_its_owner_only():
+    copies = [(text, str(path.relative_to(PACKAGE))) for path in PACKAGE.rglob("*.py")
+              for text, owners in OWNED_TEXT.items()
+              if text in path.read_text() and str(path.relative_to(PACKAGE)) not in owners]
+    assert not copies, copies
+    launch = (ROOT / "slurm" / "launch.sh").read_text()
+    assert "tagscale.runtime.runfolder --complete" in launch and '"status"' not in launch
+    assert "tagscale.shapes --launch" in launch and "embedded:*)" not in launch

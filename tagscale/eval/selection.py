@@ -21,7 +21,7 @@ from tagscale.runtime.distributed.engine import trainable_named_params
 from tagscale.runtime.distributed.zero import full_fp32, set_trainable
 from tagscale.config import RunConfig
 from tagscale.eval.evaluate import EvalSet, evaluate, metric_columns, task_kind
-from tagscale.metrics import PRIMARY, gain_interval, relative_gain
+from tagscale.metrics import PRIMARY, beyond_zero, gain_interval, relative_gain
 from tagscale.core.model import TaggedModel
 
 
@@ -82,7 +82,7 @@ class Selector:
         score = self.score(values)
         interval = gain_interval(self.start_columns, columns, self.cfg.evaluation.bootstrap) \
             if step and self.start_columns else None
-        eligible = step == 0 or self.cfg.train.selection == "best" or (interval is not None and interval[0] > 0)
+        eligible = step == 0 or self.cfg.train.selection == "best" or beyond_zero(interval) > 0
         if eligible and score > self.best_score:
             self.best_step, self.best_score = step, score
             self.best_params = {name: full_fp32(p) for name, p in trainable_named_params(engine)}

@@ -18,7 +18,7 @@ from tagscale.cache import cache_dir
 from tagscale.config import BaseConfig
 from tagscale.runtime.inputs import base_fingerprint
 from tagscale.errors import UserError, nearest
-from tagscale.shapes import SHAPES, resolve_shape
+from tagscale.shapes import SHAPES, embedded_name, no_such_folder, resolve_shape
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub, even by accident
 
@@ -92,19 +92,17 @@ def preset_folder(name: str, seed: int) -> Path:
 
 def resolve_folder(path: str) -> Path:
     """A local model folder from ``base.path``; ``embedded:<name>`` is prepared once from its package."""
-    if path.startswith("embedded:"):
+    name = embedded_name(path)
+    if name is not None:
         from tagscale.runtime.embedded import EMBEDDED_BASES
 
-        name = path.split(":", 1)[1]
         if name not in EMBEDDED_BASES:
             raise UserError(f"base.path: unknown embedded base {name!r}{nearest(name, EMBEDDED_BASES)}; "
                             f"known: {', '.join(EMBEDDED_BASES)}")
         return Path(EMBEDDED_BASES[name]())
     folder = Path(path).expanduser()
     if not folder.exists():
-        hint = " (looks like a hub id: tagscale never downloads; fetch it first and give the local folder)" \
-            if "/" in path and not path.startswith(("/", ".", "~")) else ""
-        raise UserError(f"base.path: {path}: no such local folder{hint}")
+        raise no_such_folder(path, "base.path")
     if not (folder / "config.json").is_file():
         raise UserError(f"base.path: {folder}: not a Hugging Face model folder (no config.json)")
     return folder
@@ -117,7 +115,7 @@ def prepare(cfg: BaseConfig) -> None:
     """
     if cfg.preset and preset_params(cfg.preset) <= CACHED_PRESET_LIMIT:
         preset_folder(cfg.preset, cfg.seed)
-    elif cfg.path and cfg.path.startswith("embedded:"):
+    elif cfg.path and embedded_name(cfg.path) is not None:
         resolve_folder(cfg.path)
 
 

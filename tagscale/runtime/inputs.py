@@ -26,6 +26,7 @@ from tagscale.runtime.runfolder import (check_finished_run, check_not_in_use, ch
                                 check_same_base, read_run_json)
 # the built-in sources' own rules for numbers, SMILES and proteins, so a user's file meets the same ones
 from tagscale.data.sources import BUILTINS, check_protein, parse_smiles, resolve_options
+from tagscale.shapes import embedded_name, no_such_folder
 
 BRACED = re.compile(r"\{[^{}\n]*\}|[{}]")
 """Every brace of a template and what it holds: each must be a whole {field}."""
@@ -190,13 +191,11 @@ def base_hidden_size(cfg: RunConfig) -> Optional[int]:
     """The hidden size from a local base folder's config.json (no weights read); None for presets and
     embedded bases, whose size is known once the base is built."""
     path = cfg.base.path
-    if path is None or path.startswith("embedded:"):
+    if path is None or embedded_name(path) is not None:
         return None
     folder = Path(path).expanduser()
     if not folder.exists():
-        hint = " (looks like a hub id: tagscale never downloads; fetch it first and give the local folder)" \
-            if "/" in path and not path.startswith(("/", ".", "~")) else ""
-        raise UserError(f"{cfg.source}: base.path: {path}: no such local folder{hint}")
+        raise no_such_folder(path, f"{cfg.source}: base.path")
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise UserError(f"{cfg.source}: base.path: {folder}: not a Hugging Face model folder (no config.json)")
@@ -215,7 +214,7 @@ def base_fingerprint(base: BaseConfig) -> str:
     training) differ; the same folder moved elsewhere does not."""
     if base.preset is not None:
         return f"preset:{base.preset}:seed:{base.seed}"
-    if base.path.startswith("embedded:"):
+    if embedded_name(base.path) is not None:
         return base.path
     folder = Path(base.path).expanduser()
     digest = hashlib.sha256((folder / "config.json").read_bytes() if (folder / "config.json").is_file() else b"")

@@ -21,6 +21,7 @@ import numpy as np
 
 from tagscale.config import RunConfig
 from tagscale.errors import UserError, read_json
+from tagscale.metrics import to_json
 
 FORMAT = 1
 """The run.json format."""
@@ -32,6 +33,9 @@ LOCK_NAME = ".lock"
 BEFORE_RUN_JSON = {LOCK_NAME, "wandb", ".wandb_id"}
 """What a run writes in its folder before its run.json (the lock, the tracker's files): a folder holding anything
 else but no run.json is not a tagscale run, whatever its names (a user's own `checkpoints/` or `tags.safetensors`)."""
+CHECKPOINT_DONE = "COMPLETE"
+"""The file a checkpoint folder gets last (holding its step): a checkpoint without it was cut short, is never resumed
+from, and is removed by the next write (tagscale.runtime.runs.write_checkpoint)."""
 IDENTITY_KEYS = ("model_type", "hidden_size", "num_layers", "embedding_rows", "num_parameters", "fingerprint")
 """What a base is (not where it lies: a moved base is the same base), as run.json's `base` records it."""
 
@@ -47,6 +51,48 @@ def read_run_json(folder: Path, where: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "tags" not in meta:
         raise UserError(f"{meta_path}: not a tagscale run.json (expected format {FORMAT} with a tags field)")
     return meta
+
+
+def says_complete(meta: dict) -> bool:
+    """A run.json's word that its run finished: status complete (written with the run's last output)."""
+    return meta.get("status") == "complete"
+
+
+def complete_run(folder: Path) -> Optional[dict]:
+    """The run.json of a folder that holds a complete run, None for anything else: no folder or no run.json, one
+    that is unreadable or of another format, a run still running, killed or preempted, and a run killed between
+    its run.json and its eval.json (a rerun finishes it). The one rule for "nothing left to do here": the trainer,
+    `method: expert`, the sweep, the study's readers and slurm/launch.sh (through `python -m
+    tagscale.runtime.runfolder --complete DIR`) all ask it."""
+    try:
+        meta = read_run_json(folder, str(folder))
+    except UserError:
+        return None
+    if not says_complete(meta):
+        return None
+    evaluates = (meta.get("config") or {}).get("evaluation", {}).get("enabled", True)
+    return meta if not evaluates or (folder / "eval.json").is_file() else None
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write a JSON file whole or not at all: a temporary file beside it, renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(to_json(data, indent=2))
+    tmp.replace(path)
+
+
+def write_run_json(folder: Path, meta: dict) -> None:
+    """A run's run.json, the one writer for every method: status running when a run starts (`mark_running`),
+    complete once everything else the run writes is there."""
+    write_json_atomic(folder / "run.json", {"format": FORMAT, **meta})
+
+
+def mark_running(cfg: RunConfig) -> None:
+    """run.json with status 'running' and the config, written when a run starts: a folder killed before its first
+    checkpoint is still recognised as this config's run (and resumed), and never taken for an earlier stage's."""
+    folder = Path(cfg.output.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_run_json(folder, {"status": "running", "stage": cfg.stage, "step": 0, "tags": {}, "config": cfg.to_dict()})
 
 
 def safetensors_shapes(path: Path) -> dict[str, list[int]]:
@@ -95,7 +141,7 @@ def check_finished_run(folder: Path, where: str, hidden_size: Optional[int]) -> 
     """A run folder whose tags can be used: it finished, its tag file is whole and finite, and each tag is as wide
     as the base's hidden size (where already known). Returns its run.json."""
     meta = read_run_json(folder, where)
-    if meta.get("status") != "complete":
+    if not says_complete(meta):
         raise UserError(f"{folder}/run.json: status is {meta.get('status')!r}; the run did not finish "
                         f"(expected 'complete')")
     shapes = safetensors_shapes(folder / "tags.safetensors")
@@ -195,7 +241,7 @@ def checkpoint_dirs(folder: Path) -> list[Path]:
     root = folder / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / "COMPLETE").is_file()]
+    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / CHECKPOINT_DONE).is_file()]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -205,7 +251,7 @@ def find_resume_point(cfg: RunConfig) -> Optional[Path]:
         return None
     if cfg.train.resume != "auto":
         path = Path(cfg.train.resume)
-        if not (path / "COMPLETE").is_file():
+        if not (path / CHECKPOINT_DONE).is_file():
             raise UserError(f"{cfg.source}: train.resume: {path}: not a complete tagscale checkpoint (no COMPLETE "
                             f"marker); expected auto, never or a checkpoints/step-N folder")
         return path
@@ -229,7 +275,7 @@ def check_resume_point(cfg: RunConfig) -> None:
         raise UserError(f"{where}: {point} was written by a run of another config (differs in: {', '.join(diff)}); "
                         f"expected a checkpoint of this config, or train.resume: never")
     try:
-        step = int((point / "COMPLETE").read_text().strip() or point.name.split("-")[1])
+        step = int((point / CHECKPOINT_DONE).read_text().strip() or point.name.split("-")[1])
     except (ValueError, IndexError):
         raise UserError(f"{where}: {point}/COMPLETE: expected the checkpoint's step") from None
     steps = cfg.train.steps
@@ -323,3 +369,37 @@ def lock_output_folder(cfg: RunConfig) -> FolderLock:
     os.ftruncate(fd, 0)
     os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n".encode())
     return FolderLock(path, fd, created)
+
+
+def take_output_folder(cfg: RunConfig) -> tuple[FolderLock, Optional[dict]]:
+    """Hold `output.dir` for a run and check it again under the lock (a run of another config is refused): the
+    lock, and the run.json of the complete run it holds (then there is nothing to do). Every method starts here."""
+    lock = lock_output_folder(cfg)
+    try:
+        check_output_folder(cfg)
+        return lock, complete_run(Path(cfg.output.dir))
+    except BaseException:
+        lock.release()
+        raise
+
+
+def nothing_to_do(cfg: RunConfig) -> int:
+    """A rerun of a complete run ends at once, exit status 0; rank 0 says so."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{cfg.output.dir}: this run is already complete; nothing to do", flush=True)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m tagscale.runtime.runfolder --complete DIR`: exit 0 when DIR holds a complete run, 1 when not (for
+    shell scripts: slurm/launch.sh checks the earlier stages' folders with it, so the rule stays here)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tagscale.runtime.runfolder", description=main.__doc__)
+    parser.add_argument("--complete", required=True, metavar="DIR", help="a run folder")
+    args = parser.parse_args(argv)
+    return 0 if complete_run(Path(args.complete)) is not None else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

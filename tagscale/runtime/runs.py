@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from tagscale.runtime.distributed import dist
 from tagscale.config import RunConfig
 from tagscale.errors import UserError
-from tagscale.metrics import to_json
 from tagscale.runtime.inputs import check_earlier_runs, check_tag_sources, tags_in_tasks
-from tagscale.runtime.runfolder import FORMAT, check_finished_run, check_same_base, checkpoint_dirs, read_run_json
+from tagscale.runtime.runfolder import (CHECKPOINT_DONE, check_finished_run, check_same_base, checkpoint_dirs, read_run_json,
+                                        write_run_json)
 from tagscale.core.model import HeadSpec, TaggedModel
 from tagscale.core.tags import TagBank, TagSpec, init_bank
 
@@ -50,12 +50,6 @@ class RunPlan:
     inherited: dict[str, InheritedTag] = field(default_factory=dict)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(to_json(data, indent=2))
-    tmp.replace(path)
-
-
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file; a missing, truncated or corrupt file is one clear line."""
     if not path.is_file():
@@ -73,11 +67,16 @@ def load_earlier_runs(cfg: RunConfig, hidden_size: int, identity: Optional[dict]
     found: dict[str, InheritedTag] = {}
     for i, path in enumerate(cfg.from_runs):
         folder = Path(path)
-        meta = read_run_json(folder, f"{cfg.source}: from_runs[{i}]")
-        tensors = load_tensors(folder / "tags.safetensors")
-        for name, info in meta["tags"].items():
-            found[name] = InheritedTag(name, info["kind"], tensors[name].float(), str(folder))
+        found.update(read_tags(folder, read_run_json(folder, f"{cfg.source}: from_runs[{i}]")))
     return found
+
+
+def read_tags(folder: Path, meta: dict) -> dict[str, InheritedTag]:
+    """The tags a run folder holds (those its run.json lists), as float32: what a later stage inherits and what
+    prediction loads."""
+    tensors = load_tensors(folder / "tags.safetensors")
+    return {name: InheritedTag(name, info["kind"], tensors[name].float(), str(folder))
+            for name, info in meta["tags"].items()}
 
 
 def plan_tags(cfg: RunConfig, inherited: dict[str, InheritedTag]) -> RunPlan:
@@ -156,7 +155,7 @@ def run_metadata(cfg: RunConfig, model: TaggedModel, plan: RunPlan, identity: di
     heads = {h.spec.tag: {"type": h.spec.type, "outputs": h.spec.outputs, "penalty": h.penalty,
                           "fit": cfg.tag(h.spec.tag).head.fit if cfg.tag(h.spec.tag) else "gradient"}
              for h in model.heads}
-    return {"format": FORMAT, "status": status, "stage": cfg.stage, "step": step, "tags": tags, "heads": heads,
+    return {"status": status, "stage": cfg.stage, "step": step, "tags": tags, "heads": heads,
             "hidden_size": identity["hidden_size"], "base": identity, "config": cfg.to_dict(), **extra}
 
 
@@ -167,7 +166,7 @@ def save_outputs(folder: Path, tag_values: dict[str, torch.Tensor], head_values:
         tmp = folder / f".{name}.tmp"
         save_file({k: v.contiguous() for k, v in values.items()}, str(tmp))
         tmp.replace(folder / name)
-    write_json_atomic(folder / "run.json", meta)
+    write_run_json(folder, meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +186,7 @@ def write_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     tmp.mkdir()
     torch.save(state, tmp / "state.pt")
-    (tmp / "COMPLETE").write_text(str(step))
+    (tmp / CHECKPOINT_DONE).write_text(str(step))
     if final.exists():
         shutil.rmtree(final)
     tmp.replace(final)
@@ -263,9 +262,7 @@ def load_for_inference(folders: list[Path], base_cfg=None, transfer: bool = Fals
     tags: dict[str, InheritedTag] = {}
     heads: dict[str, tuple[dict, dict[str, torch.Tensor]]] = {}
     for folder, meta in reversed(list(zip(folders, metas))):  # earlier folders overwrite later ones
-        tensors = load_tensors(folder / "tags.safetensors")
-        for name, info in meta["tags"].items():
-            tags[name] = InheritedTag(name, info["kind"], tensors[name].float(), str(folder))
+        tags.update(read_tags(folder, meta))
         if meta.get("heads"):
             values = load_tensors(folder / "heads.safetensors")
             for name, spec in meta["heads"].items():
@@ -286,12 +283,3 @@ def load_for_inference(folders: list[Path], base_cfg=None, transfer: bool = Fals
     # base's dtype (the recipe's, as base.dtype resolves here), as the engine casts them in training
     dist.place(model, next(base.model.parameters()).dtype)
     return model.eval(), base
-
-
-def mark_running(cfg: RunConfig) -> None:
-    """run.json with status 'running' and the config, written when a run starts: a folder killed before its first
-    checkpoint is still recognised as this config's run (and resumed), and never taken for an earlier stage's."""
-    folder = Path(cfg.output.dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / "run.json", {"format": FORMAT, "status": "running", "stage": cfg.stage, "step": 0,
-                                            "tags": {}, "config": cfg.to_dict()})

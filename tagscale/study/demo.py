@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tagscale.errors import UserError, run_cli
 from tagscale.launch import trainer_command
+from tagscale.metrics import HIGHER_IS_BETTER
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -133,7 +134,7 @@ def plot(out: Path) -> Path:
                 ax.bar([x + i * width for x in range(len(tasks))], values, width, yerr=errors, capsize=2, label=model)
             ax.set_xticks([x + width * (len(models) - 1) / 2 for x in range(len(tasks))], tasks, fontsize=8)
             ax.legend(fontsize=8)
-        lower = " (lower is better)" if stage == 1 else " (higher is better)"
+        lower = " (higher is better)" if HIGHER_IS_BETTER[headline[stage]] else " (lower is better)"
         ax.set(title=f"stage {stage}: test {headline[stage]}{lower}, 95% intervals", ylabel=headline[stage])
     fig.tight_layout()
     png = out / "demo.png"

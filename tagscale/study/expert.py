@@ -32,6 +32,8 @@ import numpy as np
 from tagscale.config import RunConfig, TaskConfig
 from tagscale.data.fields import field_kinds, label_value
 from tagscale.errors import UserError
+from tagscale.runtime.runfolder import (mark_running, nothing_to_do, take_output_folder, write_json_atomic,
+                                        write_run_json)
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 MORGAN_RADIUS, MORGAN_BITS = 2, 2048
@@ -195,28 +197,34 @@ def _head_of(cfg: RunConfig, task: TaskConfig):
 
 
 def run(cfg: RunConfig) -> int:
-    """An expert run: for each task, features, the validated choice, the test metrics with 95% intervals; writes
+    """An expert run, in a run folder held and written as the trainer's (`take_output_folder`, `mark_running`,
+    `write_run_json`): for each task, features, the validated choice, the test metrics with 95% intervals; writes
     run.json (the choice as `selection`), metrics.jsonl (every candidate's validation score) and eval.json (the
     per-task structure the other methods write: `initial` = the training-label mean, or majority class, and
     `trained` = the chosen model)."""
+    if int(os.environ.get("RANK", "0")) != 0:  # under a multi-rank launcher (Slurm, deepspeed) one process is enough
+        return 0
+    lock, done = take_output_folder(cfg)
+    try:
+        if done:
+            return nothing_to_do(cfg)
+        mark_running(cfg)
+        return fit_and_score(cfg)
+    finally:
+        lock.release()
+
+
+def fit_and_score(cfg: RunConfig) -> int:
+    """The expert run itself, in an output folder it holds: see `run`."""
     import sklearn
     from rdkit import __version__ as rdkit_version
 
-    from tagscale.runtime import runs
     from tagscale.data.train_data import task_records
-    from tagscale.eval.evaluate import format_table, held_out_data
-    from tagscale.runtime.runfolder import FORMAT, check_output_folder
     from tagscale.data.records import read_records
+    from tagscale.eval.evaluate import format_table, held_out_data
     from tagscale.metrics import PRIMARY, to_json, with_intervals
 
-    if int(os.environ.get("RANK", "0")) != 0:  # under a multi-rank launcher (Slurm, deepspeed) one process is enough
-        return 0
     folder = Path(cfg.output.dir)
-    previous = check_output_folder(cfg)
-    if previous and previous.get("status") == "complete":
-        print(f"{folder}: this run is already complete; nothing to do")
-        return 0
-    runs.mark_running(cfg)
     started = time.perf_counter()
     seed, resamples = cfg.train.seed, cfg.evaluation.bootstrap
     lines, results, selection, described = [], {}, {}, {}
@@ -267,16 +275,16 @@ def run(cfg: RunConfig) -> int:
         described[task.name] = {"fields": [list(f) for f in field_kinds(task)], "features": int(x["train"].shape[1])}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.jsonl").write_text("".join(to_json(line) + "\n" for line in lines))
-    (folder / "eval.json").write_text(to_json(results, indent=2))
+    write_json_atomic(folder / "eval.json", results)
     heads = {t.name: {"type": t.head.type, "outputs": t.head.outputs} for t in cfg.tags if t.head is not None}
-    meta = {"format": FORMAT, "status": "complete", "stage": cfg.stage, "step": 0, "tags": {}, "heads": heads,
+    meta = {"status": "complete", "stage": cfg.stage, "step": 0, "tags": {}, "heads": heads,
             "hidden_size": None, "base": {"source": "none (method: expert uses no LLM)", "num_parameters": 0},
             "config": cfg.to_dict(), "trainable_parameters": 0, "world_size": 1,
             "selection": {"tasks": selection, "rule": "per task: the candidate with the best validation "
                                                       + ", ".join(sorted({c["metric"] for c in selection.values()}))},
             "expert": {"tasks": described, "sklearn": sklearn.__version__, "rdkit": rdkit_version,
                        "seconds": round(time.perf_counter() - started, 1)}}
-    runs.write_json_atomic(folder / "run.json", meta)  # last: 'complete' means the rest is there
+    write_run_json(folder, meta)  # last: 'complete' means the rest is there
     shown = {task: {("mean / majority (initial)" if k == "initial" else "expert"): v for k, v in by.items()}
              for task, by in results.items()}
     print(format_table(shown), flush=True)

@@ -146,6 +146,12 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
+def trainable_parameters(shape: Shape, setup: Setup) -> int:
+    """What the optimizer trains: the tag vectors (hidden wide each) and the heads (a hidden-to-outputs linear layer
+    with its bias); the base is frozen."""
+    return setup.tag_vectors * shape.hidden + setup.head_outputs * (shape.hidden + 1)
+
+
 def activation_bytes(shape: Shape, setup: Setup) -> int:
     """Saved activations of one micro-batch (backward to the inputs only: the base is frozen)."""
     tokens = setup.seq * setup.micro_batch
@@ -202,7 +208,7 @@ def cross_node_bytes(shape: Shape, setup: Setup) -> tuple[int, int, int]:
     forward = gathered(shape.embedding_params) + shape.layers * layer + norm + head
     kept = min(shape.layers, int((setup.max_reuse + setup.prefetch_bucket) // (2 * shape.layer_params)) + 1)
     backward = (shape.layers - kept) * layer + (norm + head if kept < shape.layers else 0)
-    trainable = setup.tag_vectors * shape.hidden + setup.head_outputs * (shape.hidden + 1)
+    trainable = trainable_parameters(shape, setup)
     grads = ring * trainable * 4
     plain = ring * b * (forward + backward) * setup.accumulation + grads
     return int(plain), int(grads), int(ring * b * forward + grads)
@@ -229,7 +235,7 @@ def memory_by_part(shape: Shape, setup: Setup) -> tuple[dict[str, int], int]:
     host = 0
     if setup.offload == "param":
         host, weights = weights, 0
-    trainable = setup.tag_vectors * shape.hidden + setup.head_outputs * (shape.hidden + 1)
+    trainable = trainable_parameters(shape, setup)
     on_cpu = setup.gpu == "CPU"
     # ZeRO-3 with contiguous gradients allocates a reduce bucket of reduce_bucket elements up front; on a GPU the
     # caching allocator holds all of it, on a CPU only the pages the (tiny) trainable gradients touch are resident.
@@ -286,7 +292,7 @@ def plan(shape: Shape, setup: Setup) -> Plan:
         notes.append("CPU tokens/s is a rough guide (measured fp32 GEMM rate; no communication model for gloo)")
     return Plan(
         base=shape.name, parameters=shape.total_params, layer_parameters=shape.layer_params,
-        trainable_parameters=setup.tag_vectors * shape.hidden + setup.head_outputs * (shape.hidden + 1),
+        trainable_parameters=trainable_parameters(shape, setup),
         setup=asdict(setup), memory_bytes=parts, peak_bytes=int(peak), device_memory_bytes=capacity,
         fits=peak <= 0.9 * capacity, host_bytes_per_rank=host, flops_per_token=flops_per_token,
         compute_s_per_micro=compute_s, allgather_s_per_micro=allgather_s, tokens_per_s_per_gpu=per_gpu,

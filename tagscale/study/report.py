@@ -10,10 +10,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tagscale.errors import UserError
-from tagscale.metrics import to_json
-from tagscale.study.scaling import (COST_GROUP, FORECAST_GPU, FORMULA_TASKS, LOWER_IS_BETTER, METHODS, RIVALS, RunRow,
+from tagscale.metrics import HIGHER_IS_BETTER, headline, to_json
+from tagscale.study.scaling import (COST_GROUP, FORECAST_GPU, FORMULA_TASKS, METHODS, RIVALS, RunRow,
                               choose_settings, cost_points, curve_lines, curves, data_finding, finding, forecast,
-                              gather, grid_tokens, headline, read_timings, result_rows, shown, sized_runs, table,
+                              gather, grid_tokens, read_timings, result_rows, shown, sized_runs, table,
                               without_outputs)
 
 
@@ -194,7 +194,7 @@ def trend_plot(drawn: list, folder: Path, name: str) -> list[str]:
         if axis.unit == "parameters":
             _size_ticks(ax, [10**x for t in trends.values() for x in t["x"]], matplotlib)
         ax.set_xlabel(axis.unit)
-        better = "below 0: Tag-LLM better" if LOWER_IS_BETTER[metric] else "above 0: Tag-LLM better"
+        better = "above 0: Tag-LLM better" if HIGHER_IS_BETTER[metric] else "below 0: Tag-LLM better"
         ax.set_ylabel(f"Tag-LLM minus rival, test {metric}")
         ax.set_title(f"{title} ({better})", fontsize=9)
         ax.grid(alpha=0.3)

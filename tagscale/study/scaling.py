@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from tagscale.metrics import classification_metrics, fitted_slope, paired_difference, regression_metrics, start_row
+from tagscale.metrics import (HIGHER_IS_BETTER, beyond_zero, classification_metrics, fitted_slope, headline,
+                              paired_difference, regression_metrics, start_row)
+from tagscale.runtime.runfolder import complete_run
 
 METHODS = ("tag_llm", "prompt_tuning", "linear_probe", "expert")
 """`expert` uses no LLM: its run folder sits under each base like the others' (expert/<base name>/), its row has 0
@@ -79,24 +81,6 @@ def _median_after_first(values: list[float]) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
-def complete_meta(run_dir: Path) -> Optional[dict]:
-    """The run.json of a run folder whose status is complete; None for a missing, unreadable or unfinished one."""
-    try:
-        meta = json.loads((run_dir / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return meta if meta.get("status") == "complete" else None
-
-
-def is_complete(run_dir: Path) -> bool:
-    """run.json says complete, and eval.json is there unless the run evaluates nothing (the sweep skips it)."""
-    meta = complete_meta(run_dir)
-    if meta is None:
-        return False
-    evaluates = meta.get("config", {}).get("evaluation", {}).get("enabled", True)
-    return not evaluates or (run_dir / "eval.json").is_file()
-
-
 def train_examples(meta: dict) -> dict[str, int]:
     """Each task's number of training examples (after the validation carve-out and skipped ones) from run.json:
     its `examples` (trainer runs), the expert's `selection.tasks.<task>.train_examples`, or, for trainer runs
@@ -133,7 +117,7 @@ def read_run(run_dir: Path, out: Path, timings: Optional[dict] = None) -> Option
     """A row from a complete run folder (None for one that is not complete). `out` may be the run's sweep root or
     a folder above several (e.g. one sweep root per training-set size): group and base are read from the path's
     <group>/<method>/<base name>/stage<N> end."""
-    meta = complete_meta(run_dir)
+    meta = complete_run(run_dir)
     if meta is None:
         return None
     records = []
@@ -287,15 +271,6 @@ def table(rows: list[RunRow]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Comparing methods
 
-LOWER_IS_BETTER = {"mse": True, "mae": True, "accuracy": False, "r2": False}
-HEADLINE = ("mse", "accuracy")
-"""The metric a task is judged by, the first of these it has."""
-
-
-def headline(metrics: dict) -> Optional[str]:
-    return next((m for m in HEADLINE if metrics.get(m) is not None), None)
-
-
 def gives_bar(run: dict, metric: str) -> bool:
     """Whether a run's `initial` is the bar: the training-label mean (regression) or, for classification, the
     training majority class, which only the expert's `initial` is (an untrained LLM head's argmax is class 0)."""
@@ -378,12 +353,10 @@ def _metric_fn(metric: str):
 def _verdict(diff: Optional[dict], lower_better: bool) -> str:
     if diff is None or diff.get("ci95") is None:
         return "no paired interval"
-    low, high = diff["ci95"]
-    if (high < 0) if lower_better else (low > 0):
-        return "clearly better"
-    if (low > 0) if lower_better else (high < 0):
-        return "clearly worse"
-    return "not distinguishable"
+    side = beyond_zero(diff["ci95"])
+    if side == 0:
+        return "not distinguishable"
+    return "clearly better" if (side < 0) == lower_better else "clearly worse"
 
 
 def _tag_llm_against(here: dict, metric: str, lower: bool) -> list[str]:
@@ -465,7 +438,7 @@ def _crossing(trend: dict, lower: bool, axis: Axis) -> str:
     interval = trend["ci95_points"] or trend["ci95"]
     if interval is None:
         return "no interval, so no crossing can be named"
-    if not (interval[0] > 0 or interval[1] < 0):
+    if not beyond_zero(interval):
         return f"no trend beyond the noise, so no {axis.name} at which the gap would close can be named"
     gains = (trend["slope"] < 0) == lower
     last_gap = trend["gaps"][-1]["diff"] if trend["gaps"][-1] else trend["intercept"] + trend["slope"] * trend["x"][-1]
@@ -504,7 +477,7 @@ def trend_text(trend: dict, metric: str, axis: Axis) -> str:
                f"the test examples alone {_interval(trend['ci95'])}")
         interval = trend["ci95_points"]
     return (f"{head}; slope {_signed(trend['slope'], interval)} per tenfold {axis.unit}, {how}: "
-            f"{_crossing(trend, LOWER_IS_BETTER[metric], axis)}")
+            f"{_crossing(trend, not HIGHER_IS_BETTER[metric], axis)}")
 
 
 def _point_parts(label: str, here: dict, metric: str, lower: bool) -> tuple[list[str], Optional[str]]:
@@ -534,7 +507,7 @@ def answer(points: list[tuple[float, dict]], best: list[str], trends: dict[str, 
     """The task's answer along an axis in words a user can act on: whether tags pay at these sizes (Tag-LLM
     clearly better than both the linear probe and the expert, where they ran), how often trained tags beat their
     own start, the best method at each point, and where the gap to the stronger rival would close, if it would."""
-    lower = LOWER_IS_BETTER[metric]
+    lower = not HIGHER_IS_BETTER[metric]
     with_tags = [(size, here) for size, here in points if "tag_llm" in here]
     if not with_tags:
         return None
@@ -617,7 +590,7 @@ def finding(runs: list[dict], formula_tasks: tuple[str, ...] = (), drawn: Option
             if start is not None and start.get(metric) is not None:
                 here = here | {"mean": start}
             size = SIZE_AXIS.size(math.log10(parameters)) if parameters else "no LLM"
-            parts, best_name = _point_parts(f"{base} ({size})", here, metric, LOWER_IS_BETTER[metric])
+            parts, best_name = _point_parts(f"{base} ({size})", here, metric, not HIGHER_IS_BETTER[metric])
             lines.append("  - " + "; ".join(parts))
             if parameters:
                 points.append((parameters, here | _start_of([r for r in with_base if r["base"] == base], task)))
@@ -652,7 +625,7 @@ def data_finding(runs: list[dict], drawn: Optional[list] = None) -> list[str]:
                 start = bar(at, task, base, metric, n)
                 if start is not None and start.get(metric) is not None:
                     here = here | {"mean": start}
-                parts, best_name = _point_parts(f"{n:,} examples", here, metric, LOWER_IS_BETTER[metric])
+                parts, best_name = _point_parts(f"{n:,} examples", here, metric, not HIGHER_IS_BETTER[metric])
                 lines.append("  - " + "; ".join(parts))
                 points.append((n, here | _start_of(at, task)))
                 best.append(best_name)
@@ -707,7 +680,7 @@ def curve_lines(rows: list[RunRow]) -> list[str]:
         smallest, largest = points[0][1].metrics[task], points[-1][1].metrics[task]
         diff = compare(largest, smallest, metric)
         versus = (f"{diff['diff']:+.4f} [{diff['ci95'][0]:+.4f}, {diff['ci95'][1]:+.4f}]: "
-                  f"{_verdict(diff, LOWER_IS_BETTER[metric])}" if diff and diff.get("ci95") else "no paired interval")
+                  f"{_verdict(diff, not HIGHER_IS_BETTER[metric])}" if diff and diff.get("ci95") else "no paired interval")
         for i, (n, run) in enumerate(points):
             selected = run.metrics[task].get("selected") or {}
             kept = "–" if selected.get("best_step") is None else str(selected["best_step"])

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from tagscale.errors import UserError, nearest
+from tagscale.errors import UserError
 from tagscale.launch import launch_env, trainer_command
-from tagscale.study.scaling import COST_GROUP, is_complete, shown
-from tagscale.shapes import SHAPES
+from tagscale.runtime.runfolder import complete_run
+from tagscale.study.scaling import COST_GROUP, shown
+from tagscale.shapes import base_kind, base_name, base_overrides, resolve_shape
 
 ROOT = Path(__file__).resolve().parents[2]
 """The checkout's root: runs start there (recipes and tagscale.launch.TRAIN_SCRIPT are relative to it), and
@@ -52,35 +53,13 @@ class Job:
         return f"{self.group}/{self.method}/{base_name(self.base)}"
 
 
-def base_name(base: str) -> str:
-    """The folder name of a base: the preset, the embedded name, or the folder's last component."""
-    return base.split(":", 1)[1] if base.startswith("embedded:") else Path(base).name
-
-
-def base_overrides(base: str) -> list[str]:
-    """Trainer overrides that select `base` (and clear the recipe's other base field)."""
-    if base.startswith("embedded:") or "/" in base or Path(base).exists():
-        path = base if base.startswith("embedded:") else str(Path(base).resolve())
-        return [f"base.path={path}", "base.preset=null"]
-    return [f"base.preset={base}", "base.path=null"]
-
-
 def check_base(base: str) -> None:
-    """Fail before anything runs: an unknown preset, embedded name or folder is one clear line."""
-    shapes = SHAPES
-    if base.startswith("embedded:"):
-        from tagscale.runtime.embedded import EMBEDDED_BASES
-
-        name = base.split(":", 1)[1]
-        if name not in EMBEDDED_BASES:
-            raise UserError(f"--bases: unknown embedded base {name!r}{nearest(name, EMBEDDED_BASES)}; "
-                            f"known: {', '.join(EMBEDDED_BASES)}")
-    elif "/" in base or Path(base).exists():
-        if not (Path(base) / "config.json").is_file():
-            raise UserError(f"--bases: {base}: not a Hugging Face model folder (no config.json)")
-    elif base not in shapes:
-        raise UserError(f"--bases: {base!r} is not a preset{nearest(base, shapes)} ({', '.join(shapes)}), "
-                        f"an embedded:<name> or a local folder")
+    """Fail before anything runs: an unknown preset, embedded name or folder is one clear line (the planner's
+    reading of a base string, tagscale.shapes.resolve_shape: the same rule as the runs' overrides)."""
+    if base_kind(base) == "folder" and Path(base).expanduser().is_dir() \
+            and not (Path(base).expanduser() / "config.json").is_file():
+        raise UserError(f"--bases: {base}: not a Hugging Face model folder (no config.json)")
+    resolve_shape(base, "--bases")
 
 
 def read_stage(recipe: Path) -> int:
@@ -138,7 +117,7 @@ def run_local(jobs: list[Job], ds_config: str, ranks: int) -> list[dict]:
     for job in bar:
         bar.set_postfix_str(job.label)
         log = job.out / "logs" / f"{job.label.replace('/', '__')}.log"
-        if is_complete(job.run_dir):
+        if complete_run(job.run_dir):
             results.append({"run": job.label, "status": "skipped (complete)", "seconds": 0.0})
             continue
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +128,7 @@ def run_local(jobs: list[Job], ds_config: str, ranks: int) -> list[dict]:
             handle.flush()
             code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
         seconds = time.perf_counter() - started
-        status = "complete" if code == 0 and is_complete(job.run_dir) else f"failed (exit {code}, see {shown(log)})"
+        status = "complete" if code == 0 and complete_run(job.run_dir) else f"failed (exit {code}, see {shown(log)})"
         if code != 0:
             bar.write(f"{job.label}: {status}")
         results.append({"run": job.label, "status": status, "seconds": round(seconds, 1)})
@@ -172,10 +151,13 @@ def submit_slurm(jobs: list[Job], ds_config: Optional[str], sbatch_args: list[st
     lines = []
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
-        if not is_complete(job.run_dir):
+        if not complete_run(job.run_dir):
             groups.setdefault((job.recipe, job.group, job.method, job.stage, job.overrides), []).append(job)
     for (recipe, group, method, stage, overrides), members in groups.items():
-        bases = [_slurm_base(job.base) for job in members]
+        # slurm/launch.sh reads each by tagscale.shapes' rule (python -m tagscale.shapes --launch); folders absolute,
+        # as the local sweep gives them, whatever folder sbatch starts in
+        bases = [str(Path(job.base).expanduser().resolve()) if base_kind(job.base) == "folder" else job.base
+                 for job in members]
         env = dict(os.environ, BASES=" ".join(bases), STAGES=str(stage), **{f"RECIPE{stage}": str(recipe)},
                    RUNS_ROOT=str(members[0].out / group), RUN_NAME=method, PREV_RUN="")
         if ds_config:
@@ -187,18 +169,3 @@ def submit_slurm(jobs: list[Job], ds_config: Optional[str], sbatch_args: list[st
                             f"{(proc.stderr.strip().splitlines() or ['no message'])[-1]}")
         lines += [f"{group}/{method}: {line}" for line in proc.stdout.strip().splitlines()]
     return lines
-
-
-def _slurm_base(base: str) -> str:
-    """slurm/launch.sh reads a name without '/' as a preset: give embedded bases as their prepared local folder,
-    named as the local sweep names them so that both modes share run folders."""
-    if not base.startswith("embedded:"):
-        return base
-    from tagscale.runtime.bases import resolve_folder
-
-    folder = resolve_folder(base)
-    link = ROOT / ".cache" / "sweep-bases" / base_name(base)
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.exists():
-        link.symlink_to(folder)
-    return str(link)
