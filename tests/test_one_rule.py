@@ -116,7 +116,6 @@ def test_a_missing_package_is_one_line_from_its_one_owner(monkeypatch):
 import json  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -317,7 +316,7 @@ def test_a_missing_base_folder_is_said_the_same_everywhere(tmp_path):
     hub-id hint included; an embedded name is never taken for a folder."""
     from tagscale.config import load_config
     from tagscale.errors import UserError
-    from tagscale.runtime.bases import resolve_folder
+    from tagscale.runtime.embedded import resolve_folder
     from tagscale.runtime.inputs import base_fingerprint, base_hidden_size
     from tagscale.shapes import resolve_shape
 

@@ -189,7 +189,7 @@ def test_count_matches_embedded_bases(name):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tagscale.runtime.bases import resolve_folder
+    from tagscale.runtime.embedded import resolve_folder
 
     folder = resolve_folder(f"embedded:{name}")  # both packages come with `tools/install.sh --tests`
     with torch.device("meta"):

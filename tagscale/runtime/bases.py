@@ -18,7 +18,9 @@ from tagscale.cache import cache_dir
 from tagscale.config import BaseConfig
 from tagscale.runtime.inputs import base_fingerprint
 from tagscale.errors import UserError, nearest
-from tagscale.shapes import SHAPES, embedded_name, no_such_folder, resolve_shape
+from tagscale.runtime.distributed.dist import resolve_dtype
+from tagscale.runtime.embedded import resolve_folder
+from tagscale.shapes import SHAPES, embedded_name, resolve_shape
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub, even by accident
 
@@ -90,24 +92,6 @@ def preset_folder(name: str, seed: int) -> Path:
     return folder
 
 
-def resolve_folder(path: str) -> Path:
-    """A local model folder from ``base.path``; ``embedded:<name>`` is prepared once from its package."""
-    name = embedded_name(path)
-    if name is not None:
-        from tagscale.runtime.embedded import EMBEDDED_BASES
-
-        if name not in EMBEDDED_BASES:
-            raise UserError(f"base.path: unknown embedded base {name!r}{nearest(name, EMBEDDED_BASES)}; "
-                            f"known: {', '.join(EMBEDDED_BASES)}")
-        return Path(EMBEDDED_BASES[name]())
-    folder = Path(path).expanduser()
-    if not folder.exists():
-        raise no_such_folder(path, "base.path")
-    if not (folder / "config.json").is_file():
-        raise UserError(f"base.path: {folder}: not a Hugging Face model folder (no config.json)")
-    return folder
-
-
 def prepare(cfg: BaseConfig) -> None:
     """Make once what `load_base` reads: a small preset's saved folder, the embedded base's dequantized folder.
 
@@ -117,15 +101,6 @@ def prepare(cfg: BaseConfig) -> None:
         preset_folder(cfg.preset, cfg.seed)
     elif cfg.path and embedded_name(cfg.path) is not None:
         resolve_folder(cfg.path)
-
-
-def resolve_dtype(name: str, device_type: str | None = None) -> torch.dtype:
-    """A base.dtype name as a torch dtype; auto: bfloat16 on a GPU, float32 on CPU (`device_type`, default: this
-    machine's: CUDA where there is one)."""
-    if name == "auto":
-        device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.bfloat16 if device_type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def load_base(cfg: BaseConfig) -> LoadedBase:

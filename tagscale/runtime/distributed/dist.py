@@ -107,7 +107,6 @@ class Settings:
 def settings(device_type: str, dtype: str | torch.dtype = "auto") -> Settings:
     """The settings of a run on `device_type` ("cuda" or "cpu") computing in `dtype` (a base.dtype name or a
     torch dtype; auto: bfloat16 on a GPU, float32 on CPU)."""
-    from tagscale.runtime.bases import resolve_dtype  # the one rule for `auto`
 
     gpu = device_type == "cuda"
     dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device_type)
@@ -180,3 +179,12 @@ def shutdown() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
         _remove_shared_memory_buffer()
+
+
+def resolve_dtype(name: str, device_type: str | None = None) -> torch.dtype:
+    """A base.dtype name as a torch dtype; auto: bfloat16 on a GPU, float32 on CPU (`device_type`, default: this
+    machine's: CUDA where there is one)."""
+    if name == "auto":
+        device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
