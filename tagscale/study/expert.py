@@ -61,7 +61,7 @@ def molecule_features(smiles: list[str], where: str = "smiles") -> np.ndarray:
     """(n, descriptors + 2048): every RDKit descriptor (non-finite values as NaN) and the radius-2 Morgan bits."""
     from rdkit.Chem import Descriptors, rdFingerprintGenerator
 
-    from tagscale.data.sources import parse_smiles
+    from tagscale.data.builtin.common import parse_smiles
 
     names = descriptor_names()
     generator = rdFingerprintGenerator.GetMorganGenerator(radius=MORGAN_RADIUS, fpSize=MORGAN_BITS)
