@@ -57,7 +57,7 @@ def saved_bytes(step: Callable[[], torch.Tensor]) -> int:
 def peak_flops() -> tuple[float, str]:
     """Dense matmul FLOP/s this device reaches (the MFU denominator), and how it was obtained."""
     if torch.cuda.is_available():
-        from tagscale.study.planner import card_peak_flops  # the one card -> peak table
+        from tagscale.study.devices import card_peak_flops  # the one card -> peak table
 
         name = torch.cuda.get_device_name()
         if card_peak_flops(name):
