@@ -238,7 +238,7 @@ def test_qm9_gap_learning_curve_sizes_share_validation_and_test(monkeypatch, tmp
     from tagscale.config import load_config
     from tagscale.data.train_data import task_records
     from tagscale.errors import UserError
-    from tagscale.eval.evaluate import held_out_data
+    from tagscale.eval.sets import held_out_data
     from tagscale.data.records import read_records
 
     monkeypatch.setenv("TAGSCALE_CACHE", str(tmp_path))

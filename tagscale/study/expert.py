@@ -204,7 +204,8 @@ def run(cfg: RunConfig) -> int:
 
     from tagscale.runtime import runs
     from tagscale.data.train_data import task_records
-    from tagscale.eval.evaluate import format_table, held_out_data
+    from tagscale.eval.sets import held_out_data
+    from tagscale.eval.tables import format_table
     from tagscale.runtime.runfolder import FORMAT, check_output_folder
     from tagscale.data.records import read_records
     from tagscale.metrics import PRIMARY, to_json, with_intervals
