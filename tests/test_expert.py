@@ -315,7 +315,8 @@ def test_classification_head_trains_evaluates_and_predicts_end_to_end(tmp_path):
 def test_expert_rows_in_the_sweep_results_and_finding():
     """tagscale.study.scaling: the expert (0 parameters, no base) gets its own result row, the mean row comes from the
     LLM run's start, and the expert joins the comparison on the LLM's base."""
-    from tagscale.study.scaling import finding, result_rows
+    from tagscale.study.finding import finding
+    from tagscale.study.results import result_rows
 
     targets = [0.0, 1.0, 2.0, 3.0]
     metrics = lambda outputs: {"mse": float(np.mean((np.array(outputs) - targets) ** 2)), "n": 4,
