@@ -80,6 +80,8 @@ from tagscale.runtime.distributed.zero import (ds_dtype, full_fp32, gathered, lo
 from tagscale.runtime.rng import restore_rng_states, rng_state  # noqa: E402
 
 from tagscale.eval import evaluate
+from tagscale.eval.probe import finish_closed_form_heads, score_closed_form_heads  # noqa: E402
+from tagscale.eval.sets import validation_sets  # noqa: E402
 from tagscale.runtime.bases import load_base, prepare as prepare_base  # noqa: E402
 from tagscale.data.batches import collate, to_device  # noqa: E402
 from tagscale.data.encode import Encoder  # noqa: E402
@@ -162,7 +164,7 @@ def build(cfg: RunConfig, ds_config: str) -> Session:
     engine = build_engine(model, runs.param_groups(model, cfg), ds, runs.lr_lambda(cfg), cfg.train.optimizer,
                           cfg.train.momentum)
     log = RunLog(cfg, model, base.identity, data.skipped, data.counts(cfg.tasks))
-    selector = Selector(cfg, model, encoder, base.tokenizer, evaluate.validation_sets(cfg, encoder, data.validation))
+    selector = Selector(cfg, model, encoder, base.tokenizer, validation_sets(cfg, encoder, data.validation))
     setup = {"config": str(ds_config), "zero_stage": zero_stage(ds),
              "dtype": str(ds_dtype(ds)).removeprefix("torch.")}
     return Session(cfg, recipe, engine, model, data, plan, base.identity, encoder, base.tokenizer, log, selector, setup)
@@ -192,7 +194,7 @@ def train_steps(s: Session, start: int, stop: StopFlag | None = None) -> bool:
                                 f"the data)")
         s.log.step(step + 1, mean_loss, part_means, lr, tokens, time.perf_counter() - started)
         if s.selector.due(step + 1):
-            evaluate.score_closed_form_heads(s.model)  # a closed-form head is scored at its support's solution
+            score_closed_form_heads(s.model)  # a closed-form head is scored at its support's solution
             s.log.write(s.selector.consider(step + 1, engine))
             stopping = stopping or dist.any_rank(stop is not None and stop.raised)  # a signal during validation
         if stopping or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
@@ -260,8 +262,8 @@ def run(args: argparse.Namespace, cfg: RunConfig, stop: StopFlag) -> int:
         return 0
     session.selector.restore_best(session.engine)  # the best step on validation is what the run keeps and tests
     kept = session.selector.best_step if session.selector.enabled else cfg.train.steps
-    evaluate.finish_closed_form_heads(session.cfg, session.model, session.tokenizer, session.data.examples,
-                                      session.selector.sets, kept)
+    finish_closed_form_heads(session.cfg, session.model, session.tokenizer, session.data.examples,
+                             session.selector.sets, kept)
     folder = save_outputs(session, cfg.train.steps)
     if cfg.evaluation.enabled:
         evaluate.final(session.cfg, session.model, session.encoder, session.tokenizer, before,

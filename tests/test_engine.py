@@ -37,7 +37,7 @@ def test_only_tags_and_heads_change_base_bitwise_equal(tmp_path, in_process_worl
 
 def test_generation_with_the_whole_base_gathered_matches_per_layer_gathers(tmp_path, in_process_world):
     """Greedy decoding with the base gathered once == ZeRO-3's per-layer gathers; afterwards ZeRO-3 is as it was."""
-    from tagscale.eval import evaluate
+    from tagscale.eval import inference
     from tagscale.runtime.distributed.engine import whole_base_for_inference
     from tagscale.runtime.distributed.zero import is_partitioned
     from tagscale.config import load_config
@@ -58,7 +58,7 @@ def test_generation_with_the_whole_base_gathered_matches_per_layer_gathers(tmp_p
     def decode(when: str) -> tuple[list[str], set]:
         with whole_base_for_inference(model, when):
             whole = {p.ds_status.name for p in base_params}
-            texts = evaluate.generations(model, session.tokenizer, examples, 3, 8)
+            texts = inference.generations(model, session.tokenizer, examples, 3, 8)
         return texts, whole
 
     per_layer, status_per_layer = decode("never")

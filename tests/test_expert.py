@@ -238,7 +238,7 @@ def test_qm9_gap_learning_curve_sizes_share_validation_and_test(monkeypatch, tmp
     from tagscale.config import load_config
     from tagscale.data.train_data import task_records
     from tagscale.errors import UserError
-    from tagscale.eval.evaluate import held_out_data
+    from tagscale.eval.sets import held_out_data
     from tagscale.data.records import read_records
 
     monkeypatch.setenv("TAGSCALE_CACHE", str(tmp_path))
@@ -315,7 +315,8 @@ def test_classification_head_trains_evaluates_and_predicts_end_to_end(tmp_path):
 def test_expert_rows_in_the_sweep_results_and_finding():
     """tagscale.study.scaling: the expert (0 parameters, no base) gets its own result row, the mean row comes from the
     LLM run's start, and the expert joins the comparison on the LLM's base."""
-    from tagscale.study.scaling import finding, result_rows
+    from tagscale.study.finding import finding
+    from tagscale.study.results import result_rows
 
     targets = [0.0, 1.0, 2.0, 3.0]
     metrics = lambda outputs: {"mse": float(np.mean((np.array(outputs) - targets) ** 2)), "n": 4,

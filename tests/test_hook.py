@@ -111,10 +111,10 @@ def until_eos(tokens: list[int], eos: int) -> list[int]:
 
 def test_left_padded_batched_generate_equals_unpadded_one_at_a_time(tagged, tiny_base):
     """Examples of four lengths, tags at different places: greedy tokens of the left-padded batch (what
-    tagscale.eval.evaluate.generations runs: collate's left padding, positions from the mask) equal each example's
+    tagscale.eval.inference.generations runs: collate's left padding, positions from the mask) equal each example's
     generation alone and unpadded, with its tags spliced by hand into inputs_embeds; and `generations` gives the
     same text batched and one at a time."""
-    from tagscale.eval.evaluate import generations
+    from tagscale.eval.inference import generations
 
     tokenizer, new = tiny_base.tokenizer, 10
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id

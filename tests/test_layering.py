@@ -43,8 +43,10 @@ def test_nothing_imports_train():
 
 ROOT = PACKAGE.parent
 TOOLS = ROOT / "tools"
-TORCH_FREE = ("shapes.py", "study/planner.py", "launch.py", "study/scaling.py", "study/sweep.py", "runtime/inputs.py",
-              "data/records.py", "data/fields.py", "runtime/runfolder.py", "runtime/dsconfig.py")
+TORCH_FREE = ("shapes.py", "study/planner.py", "study/devices.py", "study/plan_text.py", "launch.py", "study/scaling.py",
+              "study/results.py", "study/finding.py", "study/curves.py", "study/forecast.py",
+              "study/sweep.py", "runtime/inputs.py", "data/records.py", "data/fields.py", "runtime/runfolder.py",
+              "runtime/dsconfig.py")
 """Modules that answer at once (the planner's CLI, the sweep's jobs and readers, the checks before a run loads
 torch): no torch, transformers or deepspeed."""
 MOVED = {"Shape", "Setup", "Plan", "Device", "plan", "recommend", "resolve_shape", "preset_shapes", "render",

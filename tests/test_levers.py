@@ -104,9 +104,9 @@ def test_loss_is_the_mean_square_of_the_rows_loo_residuals_and_refreshes_the_cac
 
 
 def test_support_head_at_the_start_is_the_probe_start():
-    """The ridge solution on the start's support set, scaled back to label units, is `evaluate.ridge_fit`'s probe
+    """The ridge solution on the start's support set, scaled back to label units, is `ridge.ridge_fit`'s probe
     (the penalty handed over in Gram units: lambda_MSE * n), so a step-0 head and a scored head agree."""
-    from tagscale.eval.evaluate import ridge_fit
+    from tagscale.eval.ridge import ridge_fit
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(50, 6)) * 4

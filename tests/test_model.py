@@ -167,7 +167,7 @@ def test_classification_head_cross_entropy_and_prediction(tiny_base):
 def test_evaluation_batches_by_length_and_returns_every_output_in_record_order(model, tiny_base):
     """evaluate's loops batch examples by length (less padding) and must put each output back at its record:
     each is checked against the example run alone (micro-batch 1: no padding at all)."""
-    from tagscale.eval import evaluate
+    from tagscale.eval import inference
 
     lengths = [3, 25, 5, 40, 4, 18, 2, 33]  # record order interleaves short and long
     exs = []
@@ -175,22 +175,22 @@ def test_evaluation_batches_by_length_and_returns_every_output_in_record_order(m
         e = head_example(model, [10 + (i * 7 + j) % 200 for j in range(n)], 0.1 * i)
         targets = [IGNORE] * (len(e.ids) - 3) + [7 + i, 9] + [IGNORE]  # two next-token targets per example
         exs.append(Example(e.ids, targets, 0, head_index=0, head_pos=e.head_pos, head_target=e.head_target))
-    batches = list(evaluate.batches_by_length(exs, 3))
+    batches = list(inference.batches_by_length(exs, 3))
     assert sorted(p for positions, _ in batches for p in positions) == list(range(len(exs)))
     padded = sum(len(chunk) * max(len(e.ids) for e in chunk) for _, chunk in batches)
     in_order = sum(len(exs[i:i + 3]) * max(len(e.ids) for e in exs[i:i + 3]) for i in range(0, len(exs), 3))
     assert padded < in_order
 
-    one_by_one = [evaluate.head_predictions(model, [e], 1, 0)[0] for e in exs]
-    assert torch.allclose(torch.tensor(evaluate.head_predictions(model, exs, 3, 0)), torch.tensor(one_by_one),
+    one_by_one = [inference.head_predictions(model, [e], 1, 0)[0] for e in exs]
+    assert torch.allclose(torch.tensor(inference.head_predictions(model, exs, 3, 0)), torch.tensor(one_by_one),
                           atol=1e-5)
-    states = evaluate.last_token_states(model, exs, 3, 0)
+    states = inference.last_token_states(model, exs, 3, 0)
     assert torch.allclose(torch.from_numpy(states),
-                          torch.cat([torch.from_numpy(evaluate.last_token_states(model, [e], 1, 0)) for e in exs]),
+                          torch.cat([torch.from_numpy(inference.last_token_states(model, [e], 1, 0)) for e in exs]),
                           atol=1e-5)
-    losses = evaluate.next_token_loss(model, exs, 3, 0)
-    alone = [evaluate.next_token_loss(model, [e], 1, 0)[0] for e in exs]
+    losses = inference.next_token_loss(model, exs, 3, 0)
+    alone = [inference.next_token_loss(model, [e], 1, 0)[0] for e in exs]
     assert [c for _, c in losses] == [c for _, c in alone] == [2] * len(exs)
     assert all(abs(a - b) < 1e-4 for (a, _), (b, _) in zip(losses, alone))
-    texts = evaluate.generations(model, tiny_base.tokenizer, exs, 3, 4)
-    assert texts == [evaluate.generations(model, tiny_base.tokenizer, [e], 1, 4)[0] for e in exs]
+    texts = inference.generations(model, tiny_base.tokenizer, exs, 3, 4)
+    assert texts == [inference.generations(model, tiny_base.tokenizer, [e], 1, 4)[0] for e in exs]

@@ -18,7 +18,7 @@ from tagscale.data.encode import Encoder
 from tagscale.data.train_data import validation_split
 from tagscale.data.records import read_records
 from tagscale.config import DataConfig
-from tagscale.eval.evaluate import PENALTIES
+from tagscale.eval.ridge import PENALTIES
 
 DATA = "tests/data/fixture_protein_count.jsonl"
 TEMPLATE = "Input: {seq}. Output: <Count>"

@@ -362,7 +362,7 @@ def test_held_out_next_token_examples_are_cut_like_training_ones(tiny_base, tmp_
     from tagscale.config import load_config
     from tagscale.data.encode import Encoder
     from tagscale.data.train_data import build_train_data
-    from tagscale.eval.evaluate import eval_sets, validation_sets
+    from tagscale.eval.sets import eval_sets, validation_sets
 
     cfg = load_config("tests/recipes/tiny_stage1.yaml", [f"output.dir={tmp_path}", "train.max_length=24",
                                                          "train.too_long=truncate", "train.val_fraction=0.25",

@@ -1,4 +1,4 @@
-"""tagscale.data.sources: real builtin data (labels recomputed independently), splits, cache reuse and one-line data errors."""
+"""tagscale.data.sources and the domains in tagscale.data.builtin: real builtin data (labels recomputed independently), splits, cache reuse and one-line data errors."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tagscale.data import sources
+from tagscale.data.builtin import common, language, molecules, proteins
 from tagscale.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -55,19 +56,19 @@ def test_smiles_corpus_parses_and_is_deterministic():
     assert all(Chem.MolFromSmiles(r["smiles"]) is not None for r in first + test)
     assert not {r["smiles"] for r in first} & {r["smiles"] for r in test}
     # same options, fresh preparation (cache bypassed) -> the same rows in the same order
-    assert sources.smiles_corpus("train", n=100, n_test=50, seed=0) == first
+    assert molecules.smiles_corpus("train", n=100, n_test=50, seed=0) == first
 
 
 # ---------------------------------------------------------------------------------------------------- proteins
 
 
 def test_swissprot_extract_is_small_clean_and_credited():
-    records = sources.read_fasta(sources.SWISSPROT_EXTRACT)
+    records = proteins.read_fasta(proteins.SWISSPROT_EXTRACT)
     seqs = [s for _, s in records]
-    assert sources.SWISSPROT_EXTRACT.stat().st_size <= 2 * 1024 * 1024
+    assert proteins.SWISSPROT_EXTRACT.stat().st_size <= 2 * 1024 * 1024
     assert len(records) == 6000 and len(set(seqs)) == 6000
-    assert all(30 <= len(s) <= 512 and set(s) <= sources.STANDARD_RESIDUES for s in seqs)
-    credit = (sources.SWISSPROT_EXTRACT.parent / "SWISSPROT_CREDIT.md").read_text()
+    assert all(30 <= len(s) <= 512 and set(s) <= common.STANDARD_RESIDUES for s in seqs)
+    credit = (proteins.SWISSPROT_EXTRACT.parent / "SWISSPROT_CREDIT.md").read_text()
     assert "CC BY 4.0" in credit and "metastudent-data" in credit
 
 
@@ -108,7 +109,7 @@ def test_translation_holds_out_whole_books_and_pairs_are_aligned():
     test = sources.load_builtin("translation", "test", options)
     train_books = {int(r["ref"].split(":")[0]) for r in train}
     test_books = {int(r["ref"].split(":")[0]) for r in test}
-    assert test_books == set(sources.TEST_BOOKS)
+    assert test_books == set(language.TEST_BOOKS)
     assert not train_books & test_books and len(train) == 2000
     assert 1000 <= len(test) <= 1023  # Ruth + Jonah + Mark + Philippians + James = 1,023 verses, minus empty ones
     with _raw_bible() as db:
@@ -129,7 +130,7 @@ def test_language_corpus_uses_training_books_only_and_rejects_unknown_language()
     for lang in ("en", "fr", "es", "ru", "it", "de", "pt"):
         records = sources.load_builtin("language_corpus", "train", {"lang": lang, "n": 50})
         assert len(records) == 50 and all(r["text"] for r in records)
-        assert not {int(r["ref"].split(":")[0]) for r in records} & set(sources.TEST_BOOKS)
+        assert not {int(r["ref"].split(":")[0]) for r in records} & set(language.TEST_BOOKS)
     assert "Dieu" in " ".join(r["text"] for r in sources.load_builtin("language_corpus", "train", {"lang": "fr", "n": 500}))
     with pytest.raises(UserError, match=r"options.lang: unknown language 'xx'.*en, fr"):
         sources.load_builtin("language_corpus", "train", {"lang": "xx"})
@@ -146,7 +147,7 @@ def test_second_call_reads_the_cache_and_new_options_make_a_new_file(monkeypatch
     assert path.name.startswith("translation-") and path.name.endswith("-train.jsonl")
     mtime = path.stat().st_mtime_ns
 
-    @functools.wraps(sources.translation)  # same options signature, different body
+    @functools.wraps(language.translation)  # same options signature, different body
     def must_not_run(*args, **kwargs):
         raise AssertionError("recomputed instead of reading the cache")
 

@@ -48,7 +48,7 @@ def test_sweep_runs_every_method_and_reports(tmp_path):
     assert sorted(r["trainable"] for r in data["runs"]) == [65, 8 * 64 + 65]
 
     results = json.loads((report / "results.json").read_text())  # strict JSON: the parser would take NaN
-    from tagscale.study.scaling import RESULT_KEYS
+    from tagscale.study.results import RESULT_KEYS
 
     assert all(list(r) == list(RESULT_KEYS) for r in results)
     assert sorted(r["method"] for r in results) == ["linear_probe", "mean", "tag_llm"]
@@ -134,7 +134,7 @@ def test_settings_are_chosen_by_validation_score():
     chosen, _ = choose_settings([[row("tag_llm", 1e-4, None, "a")], [row("tag_llm", 1e-5, -0.1, "b")]])
     assert chosen[0].root == "b"  # a score beats no score
 
-    from tagscale.study.scaling import curves  # the learning curve: at one size, the setting validation scored best
+    from tagscale.study.curves import curves  # the learning curve: at one size, the setting validation scored best
     sized = [row("tag_llm", lr, score, root) for lr, score, root in [(1e-4, 0.0, "a"), (1e-5, 0.04, "b"), (1e-4, 0.0, "c")]]
     for r, n in zip(sized, (1000, 4000, 4000)):
         r.metrics, r.train_examples = {"t": {"mse": 1.0}}, {"t": n}

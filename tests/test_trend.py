@@ -1,4 +1,4 @@
-"""How Tag-LLM's gaps move with log size (metrics.fitted_slope, scaling.gap_trend and the finding's words), the
+"""How Tag-LLM's gaps move with log size (metrics.fitted_slope, finding.gap_trend and the finding's words), the
 report's reading of run folders for it (the start row, nested sweep roots, recorded wall time) and the planner's
 forecast of the grid, each against a computation made another way: numpy's polyfit, paired_contrast, simulated
 test sets with a known slope, the planner's FLOPs written out by hand."""
@@ -124,7 +124,7 @@ def test_the_finding_fits_four_bases_and_names_where_the_gap_to_the_expert_would
     tags equal their start: the finding gives each rival's slope over test examples and bases, names the size
     where the line to the expert reaches zero (beyond the largest base), says tags do not pay, and says the
     gap to its start is zero everywhere."""
-    from tagscale.study.scaling import finding
+    from tagscale.study.finding import finding
 
     rng = np.random.default_rng(4)
     target = rng.normal(size=2000)
@@ -147,7 +147,7 @@ def test_the_finding_fits_four_bases_and_names_where_the_gap_to_the_expert_would
 def test_the_finding_says_a_two_base_slope_is_a_pair_and_follows_the_noise():
     """Two bases: the slope is named a pair; a gap that moves beyond the noise is said to, one that stays does not;
     bases with different test examples are bootstrapped apart (unpaired) rather than refused."""
-    from tagscale.study.scaling import finding
+    from tagscale.study.finding import finding
 
     rng = np.random.default_rng(0)
     target = rng.normal(size=300)
@@ -172,7 +172,7 @@ def test_the_finding_says_a_two_base_slope_is_a_pair_and_follows_the_noise():
 def test_the_data_axis_traces_gaps_against_training_examples_per_base():
     """data_finding: one base at three training-set sizes with the expert beside it at each size (from any base
     folder); the gap to the expert is fitted against log10 training examples over the sizes."""
-    from tagscale.study.scaling import data_finding
+    from tagscale.study.finding import data_finding
 
     rng = np.random.default_rng(5)
     target = rng.normal(size=1000)
@@ -218,10 +218,11 @@ def test_committed_runs_read_back_with_their_start_wall_time_and_nested_roots():
 
 
 def test_the_forecast_is_the_planners_flops_written_out():
-    """scaling.forecast for one recipe's runs on a 7B base, against the FLOPs by hand: training tokens at
+    """forecast.forecast for one recipe's runs on a 7B base, against the FLOPs by hand: training tokens at
     4 x matmul parameters + 6 x L x seq x q_width per token, scored tokens at 2 x matmul + 2 x L x seq x q_width,
     both at 989 TFLOP/s x 45% MFU (an H100, replicated: no all-gathers)."""
-    from tagscale.study.scaling import RunRow, forecast
+    from tagscale.study.forecast import forecast
+    from tagscale.study.scaling import RunRow
 
     row = RunRow(group="scaling_qm9gap", method="tag_llm", base="b", source="", parameters=1, random_init=False,
                  trainable=1, steps=60, tokens_per_s=None, step_s=None, peak_rss_bytes=None, peak_accel_bytes=None,

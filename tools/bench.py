@@ -34,7 +34,7 @@ from tagscale.runtime.bases import load_base  # noqa: E402
 from tagscale.config import BaseConfig  # noqa: E402
 from tagscale.data.batches import collate, micro_batches, to_device  # noqa: E402
 from tagscale.data.encode import Example  # noqa: E402
-from tagscale.eval.evaluate import batches_by_length  # noqa: E402
+from tagscale.eval.inference import batches_by_length  # noqa: E402
 from tagscale.errors import UserError, run_cli  # noqa: E402
 from tagscale.core.model import IGNORE, HeadSpec, TaggedModel  # noqa: E402
 from tagscale.core.tags import TagBank, TagSpec  # noqa: E402
@@ -57,7 +57,7 @@ def saved_bytes(step: Callable[[], torch.Tensor]) -> int:
 def peak_flops() -> tuple[float, str]:
     """Dense matmul FLOP/s this device reaches (the MFU denominator), and how it was obtained."""
     if torch.cuda.is_available():
-        from tagscale.study.planner import card_peak_flops  # the one card -> peak table
+        from tagscale.study.devices import card_peak_flops  # the one card -> peak table
 
         name = torch.cuda.get_device_name()
         if card_peak_flops(name):
@@ -207,7 +207,7 @@ def padding_efficiency(lengths: list[int], micro: int, bucketed: bool, seed: int
 
 def evaluation_padding_efficiency(lengths: list[int], micro: int, by_length: bool) -> float:
     """Real tokens / padded tokens over a held-out set in record order, batched as evaluation batches it
-    (`evaluate.batches_by_length`) or in record order (what it did before)."""
+    (`inference.batches_by_length`) or in record order (what it did before)."""
     examples = [Example([0] * n, [IGNORE] * n, 0) for n in lengths]
     chunks = [chunk for _, chunk in batches_by_length(examples, micro)] if by_length else \
         [examples[i:i + micro] for i in range(0, len(examples), micro)]

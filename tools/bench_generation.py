@@ -26,7 +26,7 @@ from tagscale.runtime.distributed import dist  # noqa: E402
 from tagscale.runtime.distributed.engine import whole_base_for_inference  # noqa: E402
 from tagscale.config import load_config  # noqa: E402
 from tagscale.errors import run_cli  # noqa: E402
-from tagscale.eval.evaluate import generations  # noqa: E402
+from tagscale.eval.inference import generations  # noqa: E402
 from tagscale.train import build  # noqa: E402
 
 

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout's own package, also when another checkout is the installed one
 
 from tagscale.study import planner  # noqa: E402
-from tagscale.study.planner import card_peak_flops, plan_gpu  # noqa: E402,F401  (the one card -> peak table)
+from tagscale.study.devices import card_peak_flops, plan_gpu  # noqa: E402,F401  (the one card -> peak table)
 
 PARTS = ("stages", "hooks", "mfu", "peft")
 GOAL_MFU = 0.50  # issue #14: MFU >= 50% at 7B, seq 2048 (reported as met / not met, never asserted)

@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tagscale.errors import UserError, nearest, run_cli  # noqa: E402
 from tagscale.shapes import resolve_shape  # noqa: E402
-from tagscale.study.planner import DEVICES, DTYPE_BYTES, Setup, ds_buckets, plan, recommend, render  # noqa: E402
+from tagscale.study.devices import DEVICES  # noqa: E402
+from tagscale.study.plan_text import ds_buckets, render  # noqa: E402
+from tagscale.study.planner import DTYPE_BYTES, Setup, plan, recommend  # noqa: E402
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:

@@ -12,9 +12,9 @@ features its records have under the current tags. The tags follow an out-of-samp
 - `crossfit`: K folds of the support; a row of fold k is predicted by the ridge solution on the other folds (no
   gradient through that solve: the head is fixed for the row, as a cross-fitted nuisance is).
 
-The penalty is the probe's (chosen on validation at the start, `evaluate.ridge_fit`), in Gram units. The head a
+The penalty is the probe's (chosen on validation at the start, `eval.ridge.ridge_fit`), in Gram units. The head a
 validation step scores is the solution on the whole support cache; the run's saved head is refitted on every
-training record at the kept step (`evaluate.finish_closed_form_heads`), so run folders, predict and evaluate see
+training record at the kept step (`eval.probe.finish_closed_form_heads`), so run folders, predict and evaluate see
 an ordinary linear head. Pure torch: the collectives come in as callables (`tagscale.runtime.distributed.dist` owns them).
 """
 
@@ -129,7 +129,7 @@ class SupportSet:
         """Task index -> the support row of that task's training example 0 (tasks sharing a head stack up)."""
         self.start_weight, self.start_bias = start_weight.detach().clone(), start_bias.detach().clone()
         self.temperature = float(temperature)
-        """A classifier's logits are temperature * one-hot ridge scores (`evaluate.classifier_start`)."""
+        """A classifier's logits are temperature * one-hot ridge scores (`eval.ridge.classifier_start`)."""
         self.folds = fold_of(len(self.features), folds, seed) if mode == "crossfit" else None
 
     # -- rows -----------------------------------------------------------------------------------

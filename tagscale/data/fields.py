@@ -12,7 +12,7 @@ from typing import Optional
 
 from tagscale.config import RunConfig, TaskConfig
 from tagscale.data.records import record_where
-from tagscale.data.sources import to_float
+from tagscale.data.builtin.common import to_float
 from tagscale.errors import UserError
 
 FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -28,7 +28,7 @@ from tagscale.data.encode import Encoder
 from tagscale.data.fields import field_text
 from tagscale.runtime.inputs import check_template, template_tags
 from tagscale.errors import UserError, run_cli
-from tagscale.eval.evaluate import generations, head_predictions
+from tagscale.eval.inference import generations, head_predictions
 from tagscale.data.records import LINE, SUFFIXES, json_lines, read_records
 
 PLAIN_FIELD = "input"

@@ -20,7 +20,9 @@ import torch
 from tagscale.runtime.distributed.engine import trainable_named_params
 from tagscale.runtime.distributed.zero import full_fp32, set_trainable
 from tagscale.config import RunConfig
-from tagscale.eval.evaluate import EvalSet, evaluate, metric_columns, task_kind
+from tagscale.eval.inference import evaluate
+from tagscale.eval.scoring import metric_columns, task_kind
+from tagscale.eval.sets import EvalSet
 from tagscale.metrics import PRIMARY, beyond_zero, gain_interval, relative_gain
 from tagscale.core.model import TaggedModel
 

@@ -25,7 +25,8 @@ from tagscale.data.records import RecordSet, read_records, record_where
 from tagscale.runtime.runfolder import (check_finished_run, check_not_in_use, check_output_folder, check_resume_point,
                                 check_same_base, read_run_json)
 # the built-in sources' own rules for numbers, SMILES and proteins, so a user's file meets the same ones
-from tagscale.data.sources import BUILTINS, check_protein, parse_smiles, resolve_options
+from tagscale.data.builtin.common import check_protein, parse_smiles
+from tagscale.data.sources import BUILTINS, resolve_options
 from tagscale.shapes import embedded_name, no_such_folder
 
 BRACED = re.compile(r"\{[^{}\n]*\}|[{}]")

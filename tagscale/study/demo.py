@@ -75,7 +75,7 @@ def stage_results(out: Path, stage: int) -> dict[str, dict]:
 def results_table(out: Path) -> str:
     """Every stage's eval.json: each task, its baselines and the trained tags, each metric with its 95% interval,
     and under the trained row its difference from its start and whether that is beyond the interval."""
-    from tagscale.eval.evaluate import format_table
+    from tagscale.eval.tables import format_table
 
     lines = []
     for stage in (1, 2, 3):

@@ -63,7 +63,7 @@ def molecule_features(smiles: list[str], where: str = "smiles") -> np.ndarray:
     """(n, descriptors + 2048): every RDKit descriptor (non-finite values as NaN) and the radius-2 Morgan bits."""
     from rdkit.Chem import Descriptors, rdFingerprintGenerator
 
-    from tagscale.data.sources import parse_smiles
+    from tagscale.data.builtin.common import parse_smiles
 
     names = descriptor_names()
     generator = rdFingerprintGenerator.GetMorganGenerator(radius=MORGAN_RADIUS, fpSize=MORGAN_BITS)
@@ -220,8 +220,9 @@ def fit_and_score(cfg: RunConfig) -> int:
     from rdkit import __version__ as rdkit_version
 
     from tagscale.data.train_data import task_records
+    from tagscale.eval.sets import held_out_data
+    from tagscale.eval.tables import format_table
     from tagscale.data.records import read_records
-    from tagscale.eval.evaluate import format_table, held_out_data
     from tagscale.metrics import PRIMARY, to_json, with_intervals
 
     folder = Path(cfg.output.dir)

@@ -1,6 +1,7 @@
 """The memory and throughput model of a tagscale run: per-GPU memory by part and expected tokens/s for a frozen
 base, before renting the GPUs. Pure arithmetic, torch-free (docs/planner.md has the formulas and the
-measured-vs-predicted check); `tools/plan.py` is its command line, tools/measure_memory.py and the tests call it.
+measured-vs-predicted check); `tools/plan.py` is its command line (its text: plan_text.py), tools/measure_memory.py
+and the tests call it. The accelerators it knows are in devices.py.
 
 The base is a shape preset (7b, 13b, 34b, 70b or any tagscale.shapes.SHAPES name), a Hugging Face folder with a
 config.json, or ``embedded:<name>``.
@@ -8,15 +9,12 @@ config.json, or ``embedded:<name>``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Optional
 
-from tagscale.errors import UserError
 from tagscale.shapes import Shape
+from tagscale.study.devices import DEVICES
 
 GIB = 1024**3
 
@@ -39,53 +37,6 @@ TRAINABLE_BYTES = 16  # per tag/head parameter: fp32 master 4 + Adam m 4 + v 4 +
 # Host process baseline on CPU (Python + torch + transformers + deepspeed + gloo + tokenizer + data) per rank,
 # measured as the peak RSS of the `tiny` preset run (the weights are ~0.1 MB there); see docs/planner.md.
 CPU_RUNTIME_BYTES = {1: int(0.49 * GIB), 2: int(0.62 * GIB)}  # by ranks on the host (the 2-rank launch adds shm/gloo)
-
-
-@dataclass(frozen=True)
-class Device:
-    """An accelerator: dense bf16 peak, memory, and the all-gather bandwidth per GPU within and across nodes."""
-
-    name: str
-    peak_tflops: float
-    memory_gib: float
-    intra_node_gbs: float
-    inter_node_gbs: float
-    note: str = ""
-
-
-DEVICES: dict[str, Device] = {
-    "A100": Device("A100", 312.0, 80.0, 230.0, 25.0, "A100-SXM 80GB; 8x200 Gb/s per node across nodes"),
-    "H100": Device("H100", 989.0, 80.0, 350.0, 45.0, "H100-SXM 80GB; 8x400 Gb/s per node across nodes"),
-    "H200": Device("H200", 989.0, 141.0, 350.0, 45.0, "H200-SXM 141GB; compute as H100"),
-    # A host with no GPU, as in tagscale's CI: memory is the host's RAM shared by all ranks; the peak is the
-    # measured fp32 GEMM rate of 2 AVX2 cores (bf16 GEMMs are ~10x slower there: CPU speed is a rough guide only).
-    "CPU": Device("CPU", 0.04, 0.0, 5.0, 1.0, "host RAM; 2 AVX2 cores, fp32 GEMM ~40 GFLOP/s measured"),
-}
-
-# Dense bf16 peak (no sparsity) by card name, matched in order on torch.cuda.get_device_name(): the PCIe H100
-# before the generic H100 (SXM). Unknown cards get no peak, hence no MFU.
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("A100", 312e12),
-)
-
-
-def card_peak_flops(name: str) -> Optional[float]:
-    """The card's dense bf16 peak FLOP/s, or None for a card not in PEAK_BF16_FLOPS."""
-    for key, value in PEAK_BF16_FLOPS:
-        if key.lower() in name.lower():
-            return value
-    return None
-
-
-def plan_gpu(name: str) -> str:
-    """The planner device closest to this card (its planner has H100, H200 and A100)."""
-    for key in ("H200", "H100", "A100"):
-        if key.lower() in name.lower():
-            return key
-    return "H100"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -360,58 +311,3 @@ def recommend(shape: Shape, setup: Setup) -> tuple[Plan, str]:
     if chosen.bound == "all-gather":
         why += "; all-gather bound: see the note"
     return chosen, why
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading a DeepSpeed config, and the plan as text
-
-def ds_buckets(path: str) -> dict:
-    """The ZeRO-3 sizes the planner uses, from a DeepSpeed JSON (absent keys keep DeepSpeed's defaults)."""
-    try:
-        zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
-    except (OSError, json.JSONDecodeError, AttributeError) as err:
-        raise UserError(f"--ds-config: {path}: not a readable DeepSpeed JSON ({str(err).splitlines()[0]})") from None
-    keys = {"prefetch_bucket": "stage3_prefetch_bucket_size", "max_live": "stage3_max_live_parameters",
-            "max_reuse": "stage3_max_reuse_distance", "reduce_bucket": "reduce_bucket_size",
-            "persistence": "stage3_param_persistence_threshold"}
-    return {mine: float(zero[theirs]) for mine, theirs in keys.items() if isinstance(zero.get(theirs), (int, float))}
-
-
-def _gib(n: float) -> str:
-    return f"{n / GIB:8.2f} GiB"
-
-
-def _rate(tokens_per_s: float) -> str:
-    return f"{tokens_per_s:,.0f}" if tokens_per_s >= 100 else f"{tokens_per_s:.3g}"
-
-
-def render(result: Plan, recommended: Plan, why: str, asked: bool) -> str:
-    """The plan as the command line prints it; `asked`: the user fixed the layout (else `result` is the
-    recommendation), so the recommendation is printed beside it."""
-    s = result.setup
-    lines = [f"base {result.base}: {result.parameters / 1e9:.3f} B parameters ({result.layer_parameters / 1e6:.1f} M "
-             f"per layer), {result.trainable_parameters:,} trainable",
-             f"{s['nodes']} node(s) x {s['gpus_per_node']} {s['gpu']}, seq {s['seq']} x micro-batch {s['micro_batch']},"
-             f" {s['dtype']}, ZeRO {s['zero']}, offload {s['offload']}, checkpointing {s['checkpointing']}"
-             + ("" if asked else "  (recommended)"),
-             "", "per-GPU memory:" if s["gpu"] != "CPU" else "per-rank memory (host RAM):"]
-    for part, value in result.memory_bytes.items():
-        lines.append(f"  {part:<28}{_gib(value)}")
-    lines.append(f"  {'peak':<28}{_gib(result.peak_bytes)}   of {_gib(result.device_memory_bytes).strip()}"
-                 f" -> {'fits' if result.fits else 'DOES NOT FIT (90% rule)'}")
-    if result.host_bytes_per_rank:
-        lines.append(f"  {'offloaded to host per rank':<28}{_gib(result.host_bytes_per_rank)}")
-    lines += ["", f"expected: {_rate(result.tokens_per_s_per_gpu)} tokens/s per GPU, {_rate(result.tokens_per_s)} in all "
-              f"(MFU {s['mfu']:.0%} at {result.flops_per_token / result.parameters:.2f} FLOPs/param/token; "
-              f"{result.bound} bound)"]
-    if result.cross_node_bytes_per_step:
-        lines.append(f"across nodes per step: {result.cross_node_bytes_per_step / 1e9:.3f} GB; with ZeRO++ hpZ "
-                     f"(zero_hpz_partition_size={s['gpus_per_node']}) {result.cross_node_bytes_per_step_hpz / 1e9:.6f} GB"
-                     f" after a first step of {result.cross_node_bytes_first_step_hpz / 1e9:.3f} GB")
-    lines += [f"note: {n}" for n in result.notes]
-    if asked:
-        r = recommended.setup
-        lines += ["", f"recommended: ZeRO {r['zero']}, checkpointing {r['checkpointing']}, offload {r['offload']} "
-                  f"({recommended.peak_bytes / GIB:.1f} GiB, {_rate(recommended.tokens_per_s_per_gpu)} tokens/s/GPU)"]
-    lines.append(f"why: {why}")
-    return "\n".join(lines)

@@ -11,10 +11,12 @@ from pathlib import Path
 
 from tagscale.errors import UserError
 from tagscale.metrics import HIGHER_IS_BETTER, headline, to_json
-from tagscale.study.scaling import (COST_GROUP, FORECAST_GPU, FORMULA_TASKS, METHODS, RIVALS, RunRow,
-                              choose_settings, cost_points, curve_lines, curves, data_finding, finding, forecast,
-                              gather, grid_tokens, read_timings, result_rows, shown, sized_runs, table,
-                              without_outputs)
+from tagscale.study.curves import curve_lines, curves, sized_runs
+from tagscale.study.finding import RIVALS, data_finding, finding
+from tagscale.study.forecast import FORECAST_GPU, cost_points, forecast, grid_tokens
+from tagscale.study.results import result_rows
+from tagscale.study.scaling import (COST_GROUP, FORMULA_TASKS, METHODS, RunRow, choose_settings, gather, read_timings,
+                                    shown, table, without_outputs)
 
 
 def _size_ticks(ax, sizes: list[int], matplotlib) -> None:
@@ -111,10 +113,10 @@ def plots(rows: list[RunRow], folder: Path) -> list[str]:
 
 
 def cost_plot(rows: list[RunRow], folder: Path) -> list[str]:
-    """cost.png: each LLM method's recorded cost per training example against base parameters (scaling.cost_points:
+    """cost.png: each LLM method's recorded cost per training example against base parameters (forecast.cost_points:
     the run's trainer clock and its median training step, each per example, and peak memory per micro-batch
     example; several tasks per base averaged), with the planner's forecast for the same grid on one GPU
-    (scaling.forecast) beside it as stars."""
+    (forecast.forecast) beside it as stars."""
     points = cost_points(rows)
     if not points:
         return []
@@ -165,7 +167,7 @@ _RIVAL_COLORS = {"start": "tab:purple", "linear_probe": "tab:green", "expert": "
 def trend_plot(drawn: list, folder: Path, name: str) -> list[str]:
     """`name` (trend.png or data_trend.png): per task (or task and base), Tag-LLM's gap to its start, the linear
     probe and the expert at each point with its paired 95% interval, the fitted least-squares line through them
-    (scaling.gap_trend) and zero (parity); x is log parameters or log training examples."""
+    (finding.gap_trend) and zero (parity); x is log parameters or log training examples."""
     if not drawn:
         return []
     import matplotlib
