@@ -247,3 +247,26 @@ def test_each_rule_is_written_in_its_owner_only():
     launch = (ROOT / "slurm" / "launch.sh").read_text()
     assert "tagscale.runtime.runfolder --complete" in launch and '"status"' not in launch
     assert "tagscale.shapes --launch" in launch and "embedded:*)" not in launch
+
+
+def test_every_attribute_read_from_a_tagscale_module_exists():
+    """`module.name` where `module` is a tagscale module imported by name (`from tagscale.study import planner`):
+    the name must exist there. A move that left a reader behind (tools run only on a GPU, say) fails here, not on
+    the card."""
+    import importlib
+
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")) + sorted(TOOLS.glob("*.py")) + sorted((ROOT / "tests").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        modules = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tagscale"):
+                for alias in node.names:
+                    try:
+                        modules[alias.asname or alias.name] = importlib.import_module(f"{node.module}.{alias.name}")
+                    except ImportError:
+                        pass  # a name, not a module
+        missing += [f"{path.relative_to(ROOT)}:{node.lineno}: {node.value.id}.{node.attr}" for node in ast.walk(tree)
+                    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in modules and not hasattr(modules[node.value.id], node.attr)]
+    assert not missing, missing

@@ -28,6 +28,7 @@ from typing import Callable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout's own package, also when another checkout is the installed one
 
+from tagscale.shapes import resolve_shape  # noqa: E402
 from tagscale.study import planner  # noqa: E402
 from tagscale.study.devices import card_peak_flops, plan_gpu  # noqa: E402,F401  (the one card -> peak table)
 
@@ -266,7 +267,7 @@ def mfu_row(rows: list[dict], matmul_params: int, peak: Optional[float]) -> dict
 
 
 def part_mfu(out: Path, card: str) -> dict:
-    shape = planner.resolve_shape("llama-7b")
+    shape = resolve_shape("llama-7b")
     peak = card_peak_flops(card)
     _long_data(ROOT / "runs" / "gpu_check" / "long.jsonl")
     rows, micro, oom_at = {}, 1, None
