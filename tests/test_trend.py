@@ -191,6 +191,25 @@ def test_the_data_axis_traces_gaps_against_training_examples_per_base():
     assert "(1,000–16,000 training examples, 3 sizes)" in text
 
 
+def test_the_data_axis_never_mixes_test_sets():
+    """A size scored on other test examples (the main root's 1,008 molecules beside a data-axis pool's 1,000 and
+    4,000) is not a point of that axis: the axis holds the two sizes that share their test set, and the odd one out
+    makes no axis of its own."""
+    from tagscale.study.finding import data_finding
+
+    rng = np.random.default_rng(6)
+    pool, main = rng.normal(size=500), rng.normal(size=500)
+    runs = []
+    for n, target in ((1000, pool), (4000, pool), (1008, main)):
+        ours = _scored(rng, target, 0.5)
+        runs += [_run("smollm2-135m", 134_515_008, "tag_llm", ours, start=ours, examples=n),
+                 _run("elsewhere", 0, "expert", _scored(rng, target, 0.3), examples=n)]
+    text = "\n".join(data_finding(runs))
+    assert text.count("against training examples:") == 1
+    assert "1,000 examples" in text and "4,000 examples" in text and "1,008" not in text
+    assert "(1,000–4,000 training examples, 2 sizes)" in text
+
+
 def test_committed_runs_read_back_with_their_start_wall_time_and_nested_roots():
     """gather: a sweep root's timings.json gives each run its wall time; the probe start is the run's step-0 row;
     a folder of sweep roots (docs/scaling/curve) is read with each run's own group, base and root."""

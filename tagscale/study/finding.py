@@ -3,6 +3,8 @@ slopes with their intervals), and the words the report states them in. Torch-fre
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -240,27 +242,43 @@ def data_finding(runs: list[dict], drawn: Optional[list] = None) -> list[str]:
     lines = []
     for task in sorted({t for r in runs for t in r.get("metrics", {})}):
         entries = [r for r in runs if task in r.get("metrics", {}) and trained_on(r, task)]
-        experts = [r for r in entries if r["method"] == "expert"]
         for parameters, base in sorted({(r["parameters"], r["base"]) for r in entries if r["method"] != "expert"}):
-            mine = [r for r in entries if r["method"] != "expert" and r["base"] == base]
-            sizes = sorted({trained_on(r, task) for r in mine if r["method"] == "tag_llm"})
-            if len(sizes) < 2:
-                continue
-            lines.append(f"- **{task}** on {base} ({SIZE_AXIS.size(math.log10(parameters))}), against training examples:")
-            points, best, metric = [], [], None
-            for n in sizes:
-                at = [r for r in mine + experts if trained_on(r, task) == n]
-                here = {r["method"]: r["metrics"][task] for r in at}
-                metric = headline(here["tag_llm"])
-                if metric is None:
-                    continue
-                start = bar(at, task, base, metric, n)
-                if start is not None and start.get(metric) is not None:
-                    here = here | {"mean": start}
-                parts, best_name = _point_parts(f"{n:,} examples", here, metric, not HIGHER_IS_BETTER[metric])
-                lines.append("  - " + "; ".join(parts))
-                points.append((n, here | _start_of(at, task)))
-                best.append(best_name)
-            if metric is not None:
-                lines += _axis_lines(points, best, metric, DATA_AXIS, f"{task} on {base}", drawn)
+            # an axis only over sizes scored on the same test examples: a sweep root with its own test split (e.g.
+            # qm9_gap's data-axis pool) is another axis, never a point beside the main root's runs
+            for test in sorted({test_set(r, task) for r in entries}, key=str):
+                same = [r for r in entries if test_set(r, task) == test]
+                lines += _data_axis(task, parameters, base, same, drawn)
+    return lines
+
+
+def test_set(run: dict, task: str) -> Optional[str]:
+    """The test examples a run was scored on, as a digest of their targets (None where not recorded)."""
+    targets = run["metrics"][task].get("targets")
+    return None if targets is None else hashlib.sha256(json.dumps(targets).encode()).hexdigest()
+
+
+def _data_axis(task: str, parameters: int, base: str, entries: list[dict], drawn: Optional[list]) -> list[str]:
+    """One base's data axis over runs scored on one test set (see `data_finding`)."""
+    experts = [r for r in entries if r["method"] == "expert"]
+    mine = [r for r in entries if r["method"] != "expert" and r["base"] == base]
+    sizes = sorted({trained_on(r, task) for r in mine if r["method"] == "tag_llm"})
+    if len(sizes) < 2:
+        return []
+    lines = [f"- **{task}** on {base} ({SIZE_AXIS.size(math.log10(parameters))}), against training examples:"]
+    points, best, metric = [], [], None
+    for n in sizes:
+        at = [r for r in mine + experts if trained_on(r, task) == n]
+        here = {r["method"]: r["metrics"][task] for r in at}
+        metric = headline(here["tag_llm"])
+        if metric is None:
+            continue
+        start = bar(at, task, base, metric, n)
+        if start is not None and start.get(metric) is not None:
+            here = here | {"mean": start}
+        parts, best_name = _point_parts(f"{n:,} examples", here, metric, not HIGHER_IS_BETTER[metric])
+        lines.append("  - " + "; ".join(parts))
+        points.append((n, here | _start_of(at, task)))
+        best.append(best_name)
+    if metric is not None:
+        lines += _axis_lines(points, best, metric, DATA_AXIS, f"{task} on {base}", drawn)
     return lines
