@@ -250,9 +250,9 @@ def test_each_rule_is_written_in_its_owner_only():
 
 
 def test_every_attribute_read_from_a_tagscale_module_exists():
-    """`module.name` where `module` is a tagscale module imported by name (`from tagscale.study import planner`):
-    the name must exist there. A move that left a reader behind (tools run only on a GPU, say) fails here, not on
-    the card."""
+    """`from tagscale.x import name` (at the top or inside a function) and `module.name` where `module` is a
+    tagscale module imported by name (`from tagscale.study import planner`): the name must exist there. A move that
+    left a reader behind (a function-local import in a test, a tool run only on a GPU) fails here, not later."""
     import importlib
 
     missing = []
@@ -261,11 +261,13 @@ def test_every_attribute_read_from_a_tagscale_module_exists():
         modules = {}
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tagscale"):
+                owner = importlib.import_module(node.module)
                 for alias in node.names:
                     try:
                         modules[alias.asname or alias.name] = importlib.import_module(f"{node.module}.{alias.name}")
-                    except ImportError:
-                        pass  # a name, not a module
+                    except ImportError:  # a name, not a module
+                        if not hasattr(owner, alias.name):
+                            missing.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.module} has no {alias.name}")
         missing += [f"{path.relative_to(ROOT)}:{node.lineno}: {node.value.id}.{node.attr}" for node in ast.walk(tree)
                     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
                     and node.value.id in modules and not hasattr(modules[node.value.id], node.attr)]

@@ -41,7 +41,7 @@ def test_every_metric_improves_the_way_the_one_table_says():
 
 
 def test_every_shown_or_compared_metric_has_one_direction():
-    from tagscale.eval.evaluate import SHOWN
+    from tagscale.eval.tables import SHOWN
     from tagscale.study import scaling
 
     assert set(SHOWN) <= set(HIGHER_IS_BETTER)
@@ -64,14 +64,14 @@ INTERVALS = [([0.0, 1.0], 0), ([-1.0, 0.0], 0), ([1e-12, 1.0], 1), ([-1.0, -1e-1
 def test_beyond_the_interval_is_decided_once(interval, side):
     """The study's verdict, the evaluation's verdict and the kept step's eligibility all read `beyond_zero`: an
     interval touching zero is not beyond it, in either direction, for either kind of metric."""
-    from tagscale.study.scaling import _verdict
+    from tagscale.study.results import paired_verdict
 
     assert beyond_zero(interval) == side
     for metric in ("mse", "accuracy"):
         lower = not HIGHER_IS_BETTER[metric]
         expected = {0: "not distinguishable", 1: "clearly worse" if lower else "clearly better",
                     -1: "clearly better" if lower else "clearly worse"}[side]
-        assert _verdict({"ci95": interval}, lower) == (expected if interval else "no paired interval")
+        assert paired_verdict({"ci95": interval}, lower) == (expected if interval else "no paired interval")
 
 
 # ----------------------------------------------------------------------------------------------------------------
