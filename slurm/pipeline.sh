@@ -13,6 +13,8 @@
 # $RUNS_ROOT/$RUN_NAME/ by themselves. STAGES="2 3" submits only those stages (stage 1 done).
 # A failed stage cancels the stages after it (--kill-on-invalid-dep=yes).
 # Prints one line per stage:  stage<N> <job id> <log file>
+# slurm/sweep.sh submits through this same loop with TAGSCALE_ARRAY set (an sbatch --array range): each stage is
+# then a job array whose task i waits for task i of the stage before (aftercorr).
 set -eo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -21,15 +23,20 @@ mkdir -p "$LOG_DIR"   # sbatch needs the log folder to exist at submit time
 sbatch_args=()
 while [ $# -gt 0 ] && [ "$1" != -- ]; do sbatch_args+=("$1"); shift; done
 [ "$1" = -- ] && shift
+if [ -n "$TAGSCALE_ARRAY" ]; then
+  per_job=(--array="$TAGSCALE_ARRAY" --output="$LOG_DIR/%x-%A_%a.out") after=aftercorr log_suffix=_'<task>'.out
+else
+  per_job=(--output="$LOG_DIR/%x-%j.out") after=afterok log_suffix=.out
+fi
 dep=()
 for n in ${STAGES:-1 2 3}; do
   recipe_var=RECIPE$n
   out=$(
     unset RECIPE
     [ -n "${!recipe_var}" ] && export RECIPE=${!recipe_var}
-    sbatch --parsable --output="$LOG_DIR/%x-%j.out" "${dep[@]}" "${sbatch_args[@]}" "$HERE/stage$n.sh" "$@"
+    sbatch --parsable "${per_job[@]}" "${dep[@]}" "${sbatch_args[@]}" "$HERE/stage$n.sh" "$@"
   )
   id=${out%%;*}
-  echo "stage$n $id $LOG_DIR/tagscale-stage$n-$id.out"
-  dep=(--dependency=afterok:"$id" --kill-on-invalid-dep=yes)
+  echo "stage$n $id $LOG_DIR/tagscale-stage$n-$id$log_suffix"
+  dep=(--dependency=$after:"$id" --kill-on-invalid-dep=yes)
 done

@@ -26,22 +26,5 @@ dups=$(for b in "${bases[@]}"; do basename "$b"; done | sort | uniq -d)
 [ -z "$dups" ] || die "two bases share the run folder name '$dups': rename one"
 export BASES="${bases[*]}"   # what each array task reads (slurm/launch.sh), fixed at submit time
 
-LOG_DIR=${TAGSCALE_LOG_DIR:-logs}
-mkdir -p "$LOG_DIR"
-sbatch_args=()
-while [ $# -gt 0 ] && [ "$1" != -- ]; do sbatch_args+=("$1"); shift; done
-[ "$1" = -- ] && shift
-array=0-$((${#bases[@]} - 1))${SWEEP_PARALLEL:+%$SWEEP_PARALLEL}
-dep=()
-for n in ${STAGES:-1 2 3}; do
-  recipe_var=RECIPE$n
-  out=$(
-    unset RECIPE
-    [ -n "${!recipe_var}" ] && export RECIPE=${!recipe_var}
-    sbatch --parsable --array="$array" --output="$LOG_DIR/%x-%A_%a.out" "${dep[@]}" "${sbatch_args[@]}" \
-      "$HERE/stage$n.sh" "$@"
-  )
-  id=${out%%;*}
-  echo "stage$n $id $LOG_DIR/tagscale-stage$n-${id}_<task>.out"
-  dep=(--dependency=aftercorr:"$id" --kill-on-invalid-dep=yes)
-done
+# the stages' submission is pipeline.sh's loop, each stage an array over the bases
+TAGSCALE_ARRAY=0-$((${#bases[@]} - 1))${SWEEP_PARALLEL:+%$SWEEP_PARALLEL} exec bash "$HERE/pipeline.sh" "$@"

@@ -163,12 +163,12 @@ def tags_of(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def two_engine_steps(session) -> tuple[dict, list, dict]:
-    """Two steps of a built trainer session (`tagscale.train.build`, one rank, one micro-batch of 4 a step):
+    """Two steps of a built trainer session (`tagscale.trainer.build`, one rank, one micro-batch of 4 a step):
     (every parameter's whole value before, the two collated batches, the trainables' whole values after), for
     tests that redo the steps in plain PyTorch."""
     from tagscale.data.batches import collate
-    from tagscale.runtime.distributed.zero import full_fp32, gathered
-    from tagscale.train import train_steps
+    from tagscale.runtime.distributed.dist import full_fp32, gathered
+    from tagscale.trainer import train_steps
 
     named = list(session.model.named_parameters())
     with gathered([p for _, p in named]):

@@ -9,8 +9,8 @@ from conftest import train
 
 def test_only_tags_and_heads_change_base_bitwise_equal(tmp_path, in_process_world):
     from tagscale.config import load_config
-    from tagscale.runtime.distributed.zero import gathered
-    from tagscale.train import build, train_steps
+    from tagscale.runtime.distributed.dist import gathered
+    from tagscale.trainer import build, train_steps
 
     stage1 = tmp_path / "s1"
     train("tests/recipes/tiny_stage1.yaml", f"output.dir={stage1}", "train.steps=2")
@@ -39,10 +39,10 @@ def test_generation_with_the_whole_base_gathered_matches_per_layer_gathers(tmp_p
     """Greedy decoding with the base gathered once == ZeRO-3's per-layer gathers; afterwards ZeRO-3 is as it was."""
     from tagscale.eval import inference
     from tagscale.runtime.distributed.engine import whole_base_for_inference
-    from tagscale.runtime.distributed.zero import is_partitioned
+    from tagscale.runtime.distributed.dist import is_partitioned
     from tagscale.config import load_config
     from tagscale.data.batches import collate
-    from tagscale.train import build
+    from tagscale.trainer import build
 
     cfg = load_config("tests/recipes/tiny_stage1.yaml", [f"output.dir={tmp_path / 's1'}", "train.steps=1"])
     session = build(cfg, "ds_configs/zero3_cpu.json")

@@ -23,11 +23,16 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_only_the_distributed_room_imports_deepspeed_and_torch_distributed():
-    """One owner: every module that imports deepspeed or torch.distributed lives in tagscale/runtime/distributed/."""
-    owners = {str(path.parent.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+def test_one_module_imports_deepspeed_and_torch_distributed():
+    """One owner: runtime/distributed/dist.py is the only module that imports deepspeed or torch.distributed (the
+    rest of the distributed room composes its primitives), and nothing reaches torch.distributed through `torch.`."""
+    owners = {str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
               if any(m == "deepspeed" or m.startswith(("deepspeed.", "torch.distributed")) for m in imported_modules(path))}
-    assert owners == {"runtime/distributed"}
+    assert owners == {"runtime/distributed/dist.py"}
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "dist.py":
+            code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
+            assert "torch.distributed." not in code.replace('"""', ""), path
 
 
 def test_nothing_resizes_the_vocabulary():
@@ -36,9 +41,11 @@ def test_nothing_resizes_the_vocabulary():
 
 
 def test_nothing_imports_train():
+    """train.py is the entry and nothing imports it; the trainer it loads once the inputs are checked is its alone."""
     for path in PACKAGE.rglob("*.py"):
+        assert "tagscale.train" not in imported_modules(path), path
         if path.name != "train.py":
-            assert "tagscale.train" not in imported_modules(path), path
+            assert "tagscale.trainer" not in imported_modules(path), path
 
 
 ROOT = PACKAGE.parent
@@ -108,6 +115,7 @@ LAYERS = (
     ("data",),  # sources, records, fields, encoding and batches
     ("runtime",),  # process group and engine, bases, run folders, the checks before torch, the log
     ("eval",),  # scoring, the kept step, predict
+    ("trainer",),  # one stage's session, step loop, checkpoints and outputs (loaded by train.py after its checks)
     ("study",),  # the scaling study: planner, sweep, scaling, report, expert, demo
     ("train", "evaluate", "predict", "demo"),  # entry points
 )
@@ -272,3 +280,11 @@ def test_every_attribute_read_from_a_tagscale_module_exists():
                     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
                     and node.value.id in modules and not hasattr(modules[node.value.id], node.attr)]
     assert not missing, missing
+
+
+def test_no_function_is_over_80_lines():
+    """One function, one screen: a function (docstring included) that outgrows 80 lines is split along its jobs."""
+    long = [f"{path.relative_to(PACKAGE)}::{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in PACKAGE.rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80]
+    assert not long, long

@@ -321,7 +321,7 @@ def test_sgd_momentum_steps_match_torch_by_hand_and_resume(tmp_path):
     from tagscale.runtime.distributed import dist
     from tagscale.runtime.bases import load_base
     from tagscale.config import BaseConfig, load_config
-    from tagscale.train import build
+    from tagscale.trainer import build
 
     cfg = load_config(RECIPE, [f"output.dir={tmp_path / 'engine'}", "train.steps=2", "train.micro_batch=4",
                                "train.warmup_ratio=0", "train.schedule=constant", "train.optimizer=sgd",

@@ -114,6 +114,7 @@ def test_a_missing_package_is_one_line_from_its_one_owner(monkeypatch):
 # "this folder holds a complete run"; the run folder's lifecycle (lock, run.json) for every method
 
 import json  # noqa: E402
+import sys  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -201,14 +202,16 @@ def test_launch_sh_asks_the_one_rule_for_the_earlier_stage(tmp_path):
 
 def test_the_trainer_answers_a_complete_folder_without_torch(tmp_path, monkeypatch):
     """`tagscale.train.main` is the one entry: a complete folder is nothing to do, any other folder of this config
-    goes to the trainer (stubbed here); its rule is complete_run's, eval.json included."""
+    goes to the trainer (stubbed here, so torch never loads); its rule is complete_run's, eval.json included."""
+    import types
+
     import tagscale.train as train
 
     config = _config()
     for name, (folder, complete) in _run_folders(tmp_path, config).items():
         if name in ("torn run.json", "another format", "complete, evaluates nothing"):
             continue  # refused by the output-folder check, or a config other than the recipe's
-        monkeypatch.setattr(train, "train", lambda args, cfg: 7)
+        monkeypatch.setitem(sys.modules, "tagscale.trainer", types.SimpleNamespace(train=lambda args, cfg: 7))
         code = train.main(["--config", RECIPE, "--ds_config", "ds_configs/zero3_cpu.json", f"output.dir={folder}"])
         assert code == (0 if complete else 7), name
 

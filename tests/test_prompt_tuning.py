@@ -12,11 +12,11 @@ DATA = "tests/data/fixture_protein_count.jsonl"
 
 
 def test_prompt_tuning_trains_only_the_prompt_and_heads_at_the_start_of_the_input(tmp_path, in_process_world):
-    from tagscale.runtime.distributed.zero import gathered
+    from tagscale.runtime.distributed.dist import gathered
     from tagscale.eval import evaluate
     from tagscale.config import load_config
     from tagscale.methods import PROMPT
-    from tagscale.train import build, train_steps
+    from tagscale.trainer import build, train_steps
 
     out = tmp_path / "run"
     cfg = load_config("tests/recipes/tiny_head.yaml", ["method=prompt_tuning", f"output.dir={out}", "train.steps=2",

@@ -231,8 +231,8 @@ def test_grad_clip_matches_clip_grad_norm_by_hand(tmp_path, in_process_world):
     """Two steps of the real engine with train.grad_clip equal plain PyTorch: loss.backward(),
     torch.nn.utils.clip_grad_norm_, AdamW, on a copy of the same model and batches; and differ from no clipping."""
     from tagscale.config import load_config
-    from tagscale.runtime.distributed.zero import full_fp32
-    from tagscale.train import build, train_steps
+    from tagscale.runtime.distributed.dist import full_fp32
+    from tagscale.trainer import build, train_steps
 
     def session(clip: float):
         cfg = load_config("tests/recipes/tiny_head.yaml", [f"output.dir={tmp_path / str(clip)}", "train.steps=2",

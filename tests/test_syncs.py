@@ -2,7 +2,7 @@
 (`aten._local_scalar_dense` behind `.item()`/`int()`/`float()`, `aten.nonzero` behind boolean-mask indexing,
 `masked_select`). The same ops are dispatched on the CPU, so the count made here is the count a GPU would see.
 
-Counted: the hook (a forward's splice, `generate` with tags) and a training step as `train.train_steps` runs it
+Counted: the hook (a forward's splice, `generate` with tags) and a training step as `trainer.train_steps` runs it
 (forward and backward of its micro-batches, then the step's one reduction of losses, counts, stop flag and peak
 memory). Not counted: collate (host tensors, before the batch moves) and DeepSpeed's own `engine.step`."""
 

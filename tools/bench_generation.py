@@ -3,7 +3,7 @@
     python tools/bench_generation.py                    # the demo's base (SmolLM2-135M), stage-1 data, 1 rank
     deepspeed --num_gpus 2 tools/bench_generation.py    # 2 ranks: each decodes its own prompts
 
-The session is the trainer's own (`tagscale.train.build` on a recipe), so the engine, hooks and tags are those of a
+The session is the trainer's own (`tagscale.trainer.build` on a recipe), so the engine, hooks and tags are those of a
 run's evaluation. The two ways alternate (A B A B ...) so background load hits both alike; the median is reported,
 with the ratio, and both must decode the same tokens.
 """
@@ -27,7 +27,7 @@ from tagscale.runtime.distributed.engine import whole_base_for_inference  # noqa
 from tagscale.config import load_config  # noqa: E402
 from tagscale.errors import run_cli  # noqa: E402
 from tagscale.eval.inference import generations  # noqa: E402
-from tagscale.train import build  # noqa: E402
+from tagscale.trainer import build  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,7 +86,7 @@ class TagBank(nn.Module):
 
     def folded(self, name: str, whole: Callable[[nn.Parameter], torch.Tensor]) -> torch.Tensor:
         """The tag's vectors as plain values, the residual MLP folded in; `whole` gives a parameter's whole value
-        (`zero.full_fp32`: collective under ZeRO-3)."""
+        (`dist.full_fp32`: collective under ZeRO-3)."""
         parts = [whole(p) for p in self.parts(self.index(name))]
         with torch.no_grad():
             return residual_mlp(*parts) if len(parts) > 1 else parts[0]

@@ -17,7 +17,8 @@ from tagscale.eval.inference import all_states, inference
 from tagscale.eval.ridge import classifier_start, ridge_classifier_fit, ridge_fit
 from tagscale.eval.scoring import scored
 from tagscale.eval.sets import EvalSet
-from tagscale.runtime.distributed.zero import full_fp32, set_trainable
+from tagscale.runtime.distributed.dist import full_fp32
+from tagscale.runtime.distributed.zero import set_trainable
 
 
 def head_labels(examples: list[Example]) -> np.ndarray:

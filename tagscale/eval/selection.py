@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 
 from tagscale.runtime.distributed.engine import trainable_named_params
-from tagscale.runtime.distributed.zero import full_fp32, set_trainable
+from tagscale.runtime.distributed.dist import full_fp32
+from tagscale.runtime.distributed.zero import set_trainable
 from tagscale.config import RunConfig
 from tagscale.eval.inference import evaluate
 from tagscale.eval.scoring import metric_columns, task_kind

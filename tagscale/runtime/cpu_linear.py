@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tagscale.runtime.distributed.dist import device, settings
-from tagscale.runtime.distributed.zero import is_partitioned
+from tagscale.runtime.distributed.dist import is_partitioned
 
 
 class CpuLowPrecisionLinear(torch.autograd.Function):

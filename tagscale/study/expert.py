@@ -219,61 +219,15 @@ def fit_and_score(cfg: RunConfig) -> int:
     import sklearn
     from rdkit import __version__ as rdkit_version
 
-    from tagscale.data.train_data import task_records
-    from tagscale.eval.sets import held_out_data
     from tagscale.eval.tables import format_table
-    from tagscale.data.records import read_records
-    from tagscale.metrics import PRIMARY, to_json, with_intervals
+    from tagscale.metrics import to_json
 
     folder = Path(cfg.output.dir)
     started = time.perf_counter()
-    seed, resamples = cfg.train.seed, cfg.evaluation.bootstrap
     lines, results, selection, described = [], {}, {}, {}
     for i, task in enumerate(cfg.tasks):
-        head = _head_of(cfg, task)
-        kind = head.type
-        train_records, val_records = task_records(cfg, i)
-        if not val_records:
-            raise UserError(f"{cfg.source}: tasks[{i}] ({task.name}): method: expert chooses its model on validation "
-                            f"data; set train.val_fraction above 0 or give tasks[{i}].val")
-        test_records = read_records(held_out_data(task), f"{cfg.source}: tasks[{i}].eval", "test")
-        if cfg.evaluation.limit is not None:
-            test_records = test_records[:cfg.evaluation.limit]
-        label = (lambda r: int(label_value(r, task))) if kind == "classification" else (lambda r: label_value(r, task))
-        where = f"{cfg.source}: tasks[{i}]"
-        x = {part: task_features(task, recs, f"{where}.{part}")
-             for part, recs in (("train", train_records), ("val", val_records), ("test", test_records))}
-        y = {part: np.array([label(r) for r in recs]) for part, recs in
-             (("train", train_records), ("val", val_records), ("test", test_records))}
-        choice, model, tried = select(kind, x["train"], y["train"], x["val"], y["val"], seed)
-        for record in tried:
-            metric = PRIMARY[kind][0]
-            lines.append({"task": task.name, **{k: v for k, v in record.items() if k != metric},
-                          f"val/{task.name}/{metric}": record[metric], "chosen": record["candidate"] == choice["candidate"]})
-        outputs, scores = predict(kind, model, x["test"])
-        targets = [label(r) for r in test_records]
-        if kind == "regression":
-            mean = float(np.mean(y["train"]))
-            initial_outputs, initial_scores = [mean] * len(targets), None
-        else:
-            values, counts = np.unique(y["train"], return_counts=True)
-            majority = int(values[np.argmax(counts)])  # ties: the smaller class index
-            rate = float(np.mean(y["train"] == 1))
-            initial_outputs, initial_scores = [majority] * len(targets), ([rate] * len(targets) if scores else None)
-        fn = metric_fn(kind)
-        scored = {}
-        for name, (out, sc) in (("initial", (initial_outputs, initial_scores)), ("trained", (outputs, scores))):
-            columns = (out, targets) + ((sc,) if sc is not None else ())
-            scored[name] = with_intervals(fn, *columns, resamples=resamples) | {"targets": targets, "outputs": out}
-            if sc is not None:
-                scored[name]["scores"] = sc
-        chosen = choice | {"val_examples": len(val_records), "train_examples": len(train_records),
-                           "candidates": len(tried),
-                           "rule": f"validation {choice['metric']} of each candidate fitted on the training part"}
-        scored["trained"]["selected"] = chosen
-        results[task.name] = scored
-        selection[task.name] = chosen
-        described[task.name] = {"fields": [list(f) for f in field_kinds(task)], "features": int(x["train"].shape[1])}
+        results[task.name], selection[task.name], described[task.name], tried = fit_task(cfg, i, task)
+        lines += tried
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.jsonl").write_text("".join(to_json(line) + "\n" for line in lines))
     write_json_atomic(folder / "eval.json", results)
@@ -290,3 +244,63 @@ def fit_and_score(cfg: RunConfig) -> int:
              for task, by in results.items()}
     print(format_table(shown), flush=True)
     return 0
+
+
+def task_splits(cfg: RunConfig, i: int, task: TaskConfig) -> tuple[list[dict], list[dict], list[dict]]:
+    """Task i's training, validation and test records, as the trainer splits them (validation is required: the
+    expert chooses its model on it)."""
+    from tagscale.data.records import read_records
+    from tagscale.data.train_data import task_records
+    from tagscale.eval.sets import held_out_data
+
+    train_records, val_records = task_records(cfg, i)
+    if not val_records:
+        raise UserError(f"{cfg.source}: tasks[{i}] ({task.name}): method: expert chooses its model on validation "
+                        f"data; set train.val_fraction above 0 or give tasks[{i}].val")
+    test_records = read_records(held_out_data(task), f"{cfg.source}: tasks[{i}].eval", "test")
+    if cfg.evaluation.limit is not None:
+        test_records = test_records[:cfg.evaluation.limit]
+    return train_records, val_records, test_records
+
+
+def trivial_predictions(kind: str, y_train: np.ndarray, n: int, with_scores: bool) -> tuple[list, Optional[list]]:
+    """The `initial` row: the training-label mean (regression) or majority class, with the positive rate as the
+    score where the chosen model gives scores."""
+    if kind == "regression":
+        return [float(np.mean(y_train))] * n, None
+    values, counts = np.unique(y_train, return_counts=True)
+    majority = int(values[np.argmax(counts)])  # ties: the smaller class index
+    return [majority] * n, ([float(np.mean(y_train == 1))] * n if with_scores else None)
+
+
+def fit_task(cfg: RunConfig, i: int, task: TaskConfig) -> tuple[dict, dict, dict, list[dict]]:
+    """Task i: features, the model chosen on validation, its test metrics with 95% intervals beside the trivial
+    predictor's. Returns (eval.json's entry, the choice, what was described of the features, metrics.jsonl lines)."""
+    from tagscale.metrics import PRIMARY, with_intervals
+
+    kind = _head_of(cfg, task).type
+    label = (lambda r: int(label_value(r, task))) if kind == "classification" else (lambda r: label_value(r, task))
+    parts = dict(zip(("train", "val", "test"), task_splits(cfg, i, task)))
+    x = {part: task_features(task, recs, f"{cfg.source}: tasks[{i}].{part}") for part, recs in parts.items()}
+    y = {part: np.array([label(r) for r in recs]) for part, recs in parts.items()}
+    choice, model, tried = select(kind, x["train"], y["train"], x["val"], y["val"], cfg.train.seed)
+    metric = PRIMARY[kind][0]
+    lines = [{"task": task.name, **{k: v for k, v in record.items() if k != metric},
+              f"val/{task.name}/{metric}": record[metric], "chosen": record["candidate"] == choice["candidate"]}
+             for record in tried]
+    outputs, scores = predict(kind, model, x["test"])
+    targets = [label(r) for r in parts["test"]]
+    scored = {}
+    for name, (out, sc) in (("initial", trivial_predictions(kind, y["train"], len(targets), scores is not None)),
+                            ("trained", (outputs, scores))):
+        columns = (out, targets) + ((sc,) if sc is not None else ())
+        scored[name] = with_intervals(metric_fn(kind), *columns, resamples=cfg.evaluation.bootstrap) \
+            | {"targets": targets, "outputs": out}
+        if sc is not None:
+            scored[name]["scores"] = sc
+    chosen = choice | {"val_examples": len(parts["val"]), "train_examples": len(parts["train"]),
+                       "candidates": len(tried),
+                       "rule": f"validation {choice['metric']} of each candidate fitted on the training part"}
+    scored["trained"]["selected"] = chosen
+    described = {"fields": [list(f) for f in field_kinds(task)], "features": int(x["train"].shape[1])}
+    return scored, chosen, described, lines

@@ -1,8 +1,8 @@
-"""Everything distributed: the one room of tagscale that imports deepspeed and torch.distributed.
-
-dist (the process group, this rank's device, the collectives), zero (the DeepSpeed config, ZeRO-3's partitioned
-parameters), engine (building the engine, the whole base for inference), portable (optimizer state that resumes at
-any world size). Model, tag, head and data code stay single-device and reach ZeRO-3 only through these.
+"""Everything distributed. dist is the one module of tagscale that imports deepspeed and torch.distributed (the
+process group, this rank's device, the collectives, ZeRO-3's partitioned parameters); zero (the DeepSpeed config, a
+base built partitioned), engine (building the engine, the whole base for inference) and portable (optimizer state
+that resumes at any world size) compose its primitives. Model, tag, head and data code stay single-device and reach
+ZeRO-3 only through these.
 """
 
 import os

@@ -1,23 +1,29 @@
-"""The process group: joining it, this rank's place and device, and the collectives.
+"""The one module that calls deepspeed and torch.distributed: the process group (joining it, this rank's place and
+device, the collectives) and ZeRO-3's partitioned parameters (gathered whole, read and written as fp32 values, the
+engine's initialisation).
 
-Everything else here (ZeRO-3 parameters in `zero`, the engine in `engine`, resumable optimizer state in `portable`)
-builds on these; model, tag, head and data code never call them directly except through the rank numbers they are
-handed.
+Everything else in this room (the DeepSpeed config in `zero`, the engine in `engine`, resumable optimizer state in
+`portable`) composes these primitives; model, tag, head and data code never call them directly except through the
+rank numbers they are handed.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import deepspeed
 import torch
 import torch.distributed as torch_dist
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_local_fp32_param,
+                             safe_set_local_optimizer_state)
 
 from tagscale.errors import UserError
 
@@ -188,3 +194,73 @@ def resolve_dtype(name: str, device_type: str | None = None) -> torch.dtype:
         device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
         return torch.bfloat16 if device_type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# ZeRO-3's partitioned parameters
+
+def precision_support() -> dict[str, bool]:
+    """Whether this rank's accelerator (as DeepSpeed sees it) computes in bf16 and fp16."""
+    accelerator = deepspeed.accelerator.get_accelerator()
+    return {"bf16": bool(accelerator.is_bf16_supported()), "fp16": bool(accelerator.is_fp16_supported())}
+
+
+def initialize_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ds: dict) -> Any:
+    """`deepspeed.initialize` over a model, its optimizer and schedule: the engine."""
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    return engine
+
+
+def is_partitioned(param: torch.nn.Parameter) -> bool:
+    return hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.nn.Parameter], modify: bool = False) -> Iterator[None]:
+    """Gather ZeRO-3 partitioned parameters whole on every rank (a no-op when nothing is partitioned).
+
+    With `modify`, rank 0's edits are broadcast and re-partitioned on exit. Collective: every rank calls it.
+    """
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        yield
+
+
+def full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
+    """The whole fp32 value of a parameter: the optimizer's master copy when it has one. Collective."""
+    if param.requires_grad and is_partitioned(param):
+        return safe_get_full_fp32_param(param).detach().float().cpu()
+    with gathered([param]):
+        return param.detach().float().cpu().clone()
+
+
+def set_partition(param: torch.nn.Parameter, full: torch.Tensor, key: str | None) -> None:
+    """Write this rank's slice of a whole fp32 value into ZeRO-3's partition of `param`: its fp32 master copy
+    (key None) or an Adam moment.
+
+    DeepSpeed's whole-value setter ignores the padding of a partition, so it fails for a parameter whose size
+    is not a multiple of the number of ranks (a 1-element head bias on 2 ranks); slicing the padded value here
+    and writing the local partition works for every size.
+    """
+    group = getattr(param, "ds_process_group", None)  # the ranks `param` is partitioned over, as DeepSpeed has it
+    size = param.ds_tensor.numel()
+    padded = torch.zeros(size * torch_dist.get_world_size(group), dtype=torch.float32)
+    padded[:full.numel()] = full.flatten()
+    local = padded.narrow(0, size * torch_dist.get_rank(group), size).to(device())
+    if key is None:
+        safe_set_local_fp32_param(param, local)
+    else:
+        safe_set_local_optimizer_state(param, local, key)
+
+
+def is_released(param: torch.nn.Parameter) -> bool:
+    """A partitioned parameter whose whole value no rank holds now (ZeRO-3 fetches it at its next use)."""
+    return is_partitioned(param) and param.ds_status == ZeroParamStatus.NOT_AVAILABLE
+
+
+def full_optimizer_state(param: torch.nn.Parameter, key: str) -> torch.Tensor | None:
+    """The whole value of a partitioned parameter's optimizer state `key` (an Adam moment, SGD's momentum). Collective."""
+    return safe_get_full_optimizer_state(param, key)

@@ -9,12 +9,10 @@ import os
 import weakref
 from typing import Any, Iterator
 
-import deepspeed
 import torch
-from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-from tagscale.runtime.distributed.dist import any_rank, device, settings
-from tagscale.runtime.distributed.zero import is_partitioned, zero_stage
+from tagscale.runtime.distributed.dist import any_rank, device, gathered, initialize_engine, is_released, settings
+from tagscale.runtime.distributed.zero import zero_stage
 
 
 _ENGINE_OF: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
@@ -41,7 +39,7 @@ def build_engine(model: torch.nn.Module, param_groups: list[dict], ds: dict, lr_
     else:
         optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    engine = initialize_engine(model, optimizer, scheduler, ds)
     _ENGINE_OF[model] = engine
     return engine
 
@@ -68,7 +66,7 @@ def whole_base_for_inference(module: torch.nn.Module, when: str = "auto") -> Ite
     offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
     # what is not whole now: the base, and before the first forward also the persistent tags and heads (ZeRO-3
     # fetches those once, at their first use, and keeps them)
-    params = [p for p in module.parameters() if is_partitioned(p) and p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    params = [p for p in module.parameters() if is_released(p)]
     if offload is None or not params or when == "never":
         yield
         return
@@ -76,7 +74,7 @@ def whole_base_for_inference(module: torch.nn.Module, when: str = "auto") -> Ite
     if when == "auto" and any_rank(2 * missing > _free_memory_bytes()):
         yield
         return
-    with deepspeed.zero.GatheredParameters(params):
+    with gathered(params):
         for param in params:  # no module holds them now: the hooks' bookkeeping starts clean when they come back
             param.ds_active_sub_modules.clear()
         for hook in offload.forward_hooks + offload.backward_hooks:

@@ -7,11 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from deepspeed.utils import safe_get_full_optimizer_state
 
 from tagscale.errors import UserError
+from tagscale.runtime.distributed.dist import full_fp32, full_optimizer_state, is_partitioned, set_partition
 from tagscale.runtime.distributed.engine import trainable_named_params
-from tagscale.runtime.distributed.zero import full_fp32, is_partitioned, set_partition, set_trainable
+from tagscale.runtime.distributed.zero import set_trainable
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 OPTIMIZER_STATES = {"adamw": ADAM_STATES, "sgd": ("momentum_buffer",)}
@@ -31,7 +31,7 @@ def portable_state(engine: Any) -> dict:
     for name, param in trainable_named_params(engine):
         state["params"][name] = full_fp32(param)
         for key in keys:
-            value = safe_get_full_optimizer_state(param, key) if is_partitioned(param) else \
+            value = full_optimizer_state(param, key) if is_partitioned(param) else \
                 _inner_optimizer(engine).state.get(param, {}).get(key)
             state[key][name] = None if value is None else value.detach().float().cpu().clone()
     steps = [s.get("step") for s in _inner_optimizer(engine).state.values() if "step" in s]
