@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tagscale.runtime.distributed.dist import device, settings
-from tagscale.runtime.distributed.dist import is_partitioned
+from tagscale.runtime.distributed.dist import device, is_partitioned, settings
 
 
 class CpuLowPrecisionLinear(torch.autograd.Function):

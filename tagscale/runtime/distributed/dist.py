@@ -3,8 +3,8 @@ device, the collectives) and ZeRO-3's partitioned parameters (gathered whole, re
 engine's initialisation).
 
 Everything else in this room (the DeepSpeed config in `zero`, the engine in `engine`, resumable optimizer state in
-`portable`) composes these primitives; model, tag, head and data code never call them directly except through the
-rank numbers they are handed.
+`portable`) composes these primitives. Model, tag, head and data code stay single-device: they get rank numbers and,
+where a value must be read whole, `full_fp32` handed to them; evaluation and the trainer call the primitives.
 """
 
 from __future__ import annotations
